@@ -1,0 +1,356 @@
+"""Websocket protocol of the real-time server: every event, in one place.
+
+Transport: one websocket per user at ``/ws``. Text frames carry JSON objects with a
+``"type"`` field; binary frames carry audio.
+
+Client -> server
+    ``session.start``   must come first: input ``sample_rate`` (8000-48000 Hz), ``channels``
+                        (1 or 2), ``format`` ("pcm16"); optional ``system_prompt``, ``vad`` and
+                        ``generation`` settings. Answered by ``session.ready``.
+    binary frame        raw little-endian PCM16 at the declared rate, channels interleaved.
+                        Must hold a whole number of samples (frame length multiple of
+                        2 * channels) and be at most ``MAX_AUDIO_FRAME_BYTES``.
+    ``input_audio``     the same audio as base64 in JSON (``audio`` field).
+    ``video.frame``     one camera image, JPEG or PNG, base64 (``image`` field). Frames of the
+                        last second (at most 4) are attached to the next user turn as video.
+    ``session.update``  change ``system_prompt``, ``vad`` and/or ``generation`` settings; only
+                        the fields present change, the others keep their value. Answered by
+                        ``session.updated`` with the effective settings.
+    ``response.cancel`` stop the current reply (answered by ``response.interrupted``).
+    ``session.reset``   cancel any reply and forget the conversation history; answered by
+                        ``session.cleared``.
+
+Server -> client
+    ``session.ready``          session accepted; echoes the effective settings.
+    ``vad.speech_started``     the VAD heard the start of an utterance (``audio_ms`` = position
+                               in the session's input stream).
+    ``vad.speech_stopped``     the utterance ended (after the silence hangover) and becomes
+                               a user turn (``duration_ms``). Too-short utterances are dropped
+                               with ``vad.speech_discarded`` instead; overlong ones are cut at
+                               ``vad.max_speech_ms`` (``truncated`` = true).
+    ``response.started``       a reply to the turn begins (``response_id`` counts from 1 per
+                               session).
+    ``response.text.delta``    a piece of the reply text.
+    binary frame               one reply audio segment: an 8-byte header (uint32 LE
+                               ``response_id``, uint32 LE ``segment`` index from 0) followed by
+                               PCM16 LE mono samples at 24 kHz (``OUTPUT_SAMPLE_RATE``). Every
+                               segment is sent as soon as it is synthesised.
+    ``response.audio.dropped`` the client read too slowly: this many segments of that reply were
+                               not sent (the per-session outgoing queue is bounded).
+    ``response.done``          the reply is complete: full ``text``, ``state`` ("answer" or
+                               "not_addressed": VITA's ☟ token, nothing is spoken) and measured
+                               ``timings``.
+    ``response.interrupted``   the reply was stopped (``reason``: "barge_in", "cancel",
+                               "reset"); the client must drop any queued audio of it. No further
+                               audio of that ``response_id`` follows.
+    ``error``                  ``code`` (one of ``ErrorCode``) and a human ``message``. Errors
+                               are not fatal unless said so; fatal ones (``server_full``,
+                               ``idle_timeout``, ``shutting_down``) are followed by a close.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import struct
+from enum import Enum
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+OUTPUT_SAMPLE_RATE = 24_000
+MIN_INPUT_SAMPLE_RATE = 8_000
+MAX_INPUT_SAMPLE_RATE = 48_000
+MAX_AUDIO_FRAME_BYTES = 1 << 20  # 1 MiB: about 5.5 s of 48 kHz stereo PCM16
+MAX_IMAGE_BYTES = 4 << 20  # decoded JPEG/PNG size
+MAX_TEXT_FRAME_BYTES = 8 << 20  # whole JSON message (base64 image or audio included)
+AUDIO_HEADER = struct.Struct("<II")  # response_id, segment index
+
+
+class ErrorCode(str, Enum):
+    """Machine-readable error codes of the ``error`` event."""
+
+    INVALID_JSON = "invalid_json"
+    UNKNOWN_EVENT = "unknown_event"
+    INVALID_EVENT = "invalid_event"
+    SESSION_NOT_STARTED = "session_not_started"
+    SESSION_ALREADY_STARTED = "session_already_started"
+    INVALID_AUDIO = "invalid_audio"
+    FRAME_TOO_LARGE = "frame_too_large"
+    INVALID_IMAGE = "invalid_image"
+    NO_RESPONSE = "no_response"
+    SERVER_FULL = "server_full"
+    IDLE_TIMEOUT = "idle_timeout"
+    SHUTTING_DOWN = "shutting_down"
+    INTERNAL_ERROR = "internal_error"
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------- settings carried by events
+
+
+class VadSettings(_Event):
+    """Turn detection with webrtcvad on 16 kHz mono audio."""
+
+    aggressiveness: int = Field(2, ge=0, le=3, description="webrtcvad mode, 3 = most aggressive")
+    frame_ms: Literal[10, 20, 30] = 30
+    start_ms: int = Field(150, ge=10, le=2_000, description="voiced audio needed to start")
+    hangover_ms: int = Field(500, ge=50, le=5_000, description="silence that ends an utterance")
+    min_speech_ms: int = Field(300, ge=0, le=10_000, description="shorter utterances are ignored")
+    max_speech_ms: int = Field(20_000, ge=1_000, le=60_000, description="longer ones are cut")
+    preroll_ms: int = Field(300, ge=0, le=1_000, description="audio kept before the start")
+
+
+class GenerationSettings(_Event):
+    """Sampling of the reply and what to do with VITA's state token."""
+
+    temperature: float = Field(0.7, ge=0.0, le=2.0, description="0 = greedy")
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 = off")
+    max_new_tokens: int = Field(256, ge=1, le=2_048)
+    seed: int | None = Field(None, description="fixed seed for reproducible replies")
+    speak: bool = Field(True, description="synthesise reply audio")
+    respect_not_addressed: bool = Field(
+        True, description="stay silent when VITA answers ☟ (speech not addressed to it)"
+    )
+
+
+# ---------------------------------------------------------------- client -> server
+
+
+class SessionStart(_Event):
+    type: Literal["session.start"] = "session.start"
+    sample_rate: int = Field(ge=MIN_INPUT_SAMPLE_RATE, le=MAX_INPUT_SAMPLE_RATE)
+    channels: int = Field(1, ge=1, le=2)
+    format: Literal["pcm16"] = "pcm16"
+    system_prompt: str | None = Field(None, max_length=8_000)
+    vad: VadSettings | None = None
+    generation: GenerationSettings | None = None
+
+
+class InputAudio(_Event):
+    type: Literal["input_audio"] = "input_audio"
+    audio: bytes = Field(description="base64 PCM16 LE at the session's rate and channels")
+
+    @field_validator("audio", mode="before")
+    @classmethod
+    def _decode(cls, value: Any) -> bytes:
+        return decode_base64(value, MAX_AUDIO_FRAME_BYTES)
+
+
+class VideoFrame(_Event):
+    type: Literal["video.frame"] = "video.frame"
+    image: bytes = Field(description="base64 JPEG or PNG")
+
+    @field_validator("image", mode="before")
+    @classmethod
+    def _decode(cls, value: Any) -> bytes:
+        return decode_base64(value, MAX_IMAGE_BYTES)
+
+
+class SessionUpdate(_Event):
+    type: Literal["session.update"] = "session.update"
+    system_prompt: str | None = Field(None, max_length=8_000)
+    vad: VadSettings | None = None
+    generation: GenerationSettings | None = None
+
+
+class ResponseCancel(_Event):
+    type: Literal["response.cancel"] = "response.cancel"
+
+
+class SessionReset(_Event):
+    type: Literal["session.reset"] = "session.reset"
+
+
+ClientEvent = Annotated[
+    Union[SessionStart, InputAudio, VideoFrame, SessionUpdate, ResponseCancel, SessionReset],
+    Field(discriminator="type"),
+]
+CLIENT_EVENT_TYPES = frozenset(
+    ["session.start", "input_audio", "video.frame", "session.update", "response.cancel", "session.reset"]
+)
+_client_event_adapter: TypeAdapter[ClientEvent] = TypeAdapter(ClientEvent)
+
+
+# ---------------------------------------------------------------- server -> client
+
+
+class SessionReady(_Event):
+    type: Literal["session.ready"] = "session.ready"
+    session_id: str
+    input_sample_rate: int
+    input_channels: int
+    output_sample_rate: int = OUTPUT_SAMPLE_RATE
+    system_prompt: str | None
+    vad: VadSettings
+    generation: GenerationSettings
+    model: str = Field(description="checkpoint the server runs (tiny = random noise replies)")
+
+
+class SessionUpdated(_Event):
+    type: Literal["session.updated"] = "session.updated"
+    system_prompt: str | None
+    vad: VadSettings
+    generation: GenerationSettings
+
+
+class SessionCleared(_Event):
+    type: Literal["session.cleared"] = "session.cleared"
+
+
+class SpeechStarted(_Event):
+    type: Literal["vad.speech_started"] = "vad.speech_started"
+    audio_ms: int = Field(description="utterance start in the session's input stream")
+
+
+class SpeechStopped(_Event):
+    type: Literal["vad.speech_stopped"] = "vad.speech_stopped"
+    audio_ms: int = Field(description="utterance end in the session's input stream")
+    duration_ms: int
+    truncated: bool = Field(False, description="cut at vad.max_speech_ms")
+
+
+class SpeechDiscarded(_Event):
+    type: Literal["vad.speech_discarded"] = "vad.speech_discarded"
+    audio_ms: int
+    duration_ms: int = Field(description="shorter than vad.min_speech_ms")
+
+
+class ResponseStarted(_Event):
+    type: Literal["response.started"] = "response.started"
+    response_id: int
+    video_frames: int = Field(0, description="camera frames attached to the turn")
+
+
+class ResponseTextDelta(_Event):
+    type: Literal["response.text.delta"] = "response.text.delta"
+    response_id: int
+    delta: str
+
+
+class ResponseAudioDropped(_Event):
+    type: Literal["response.audio.dropped"] = "response.audio.dropped"
+    response_id: int
+    segments: int
+    samples: int
+
+
+class ResponseTimings(_Event):
+    """Milliseconds measured by the server; ``None`` where the event never happened."""
+
+    end_of_speech_to_first_text_ms: float | None = None
+    end_of_speech_to_first_audio_ms: float | None = None
+    total_ms: float
+    audio_ms: float = Field(description="duration of the reply audio")
+    real_time_factor: float | None = Field(None, description="synthesis time / audio duration")
+
+
+class ResponseDone(_Event):
+    type: Literal["response.done"] = "response.done"
+    response_id: int
+    text: str
+    state: Literal["answer", "not_addressed"]
+    audio_segments: int
+    timings: ResponseTimings
+
+
+class ResponseInterrupted(_Event):
+    type: Literal["response.interrupted"] = "response.interrupted"
+    response_id: int
+    reason: Literal["barge_in", "cancel", "reset"]
+
+
+class ErrorEvent(_Event):
+    type: Literal["error"] = "error"
+    code: ErrorCode
+    message: str
+    fatal: bool = False
+
+
+ServerEvent = Union[
+    SessionReady,
+    SessionUpdated,
+    SessionCleared,
+    SpeechStarted,
+    SpeechStopped,
+    SpeechDiscarded,
+    ResponseStarted,
+    ResponseTextDelta,
+    ResponseAudioDropped,
+    ResponseDone,
+    ResponseInterrupted,
+    ErrorEvent,
+]
+
+
+# ---------------------------------------------------------------- encoding helpers
+
+
+class ProtocolError(Exception):
+    """A client message that cannot be accepted; carries the ``error`` event to send."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def to_event(self) -> ErrorEvent:
+        return ErrorEvent(code=self.code, message=self.message)
+
+
+def decode_base64(value: Any, max_bytes: int) -> bytes:
+    """Strict base64 decoding with a size cap (raises ``ValueError`` for pydantic)."""
+    if not isinstance(value, str):
+        raise ValueError("must be a base64 string")
+    if len(value) > (max_bytes * 4) // 3 + 4:
+        raise ValueError(f"larger than {max_bytes} bytes")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"not valid base64: {exc}") from None
+
+
+def parse_client_event(text: str) -> ClientEvent:
+    """Parse one JSON text frame into a client event or raise ``ProtocolError``."""
+    if len(text) > MAX_TEXT_FRAME_BYTES:
+        raise ProtocolError(ErrorCode.FRAME_TOO_LARGE, f"text frame over {MAX_TEXT_FRAME_BYTES} bytes")
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ProtocolError(ErrorCode.INVALID_JSON, f"not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(ErrorCode.INVALID_JSON, "a JSON object with a 'type' field is expected")
+    event_type = data.get("type")
+    if event_type not in CLIENT_EVENT_TYPES:
+        known = ", ".join(sorted(CLIENT_EVENT_TYPES))
+        raise ProtocolError(ErrorCode.UNKNOWN_EVENT, f"unknown event type {event_type!r}; known: {known}")
+    try:
+        return _client_event_adapter.validate_python(data)
+    except ValidationError as exc:
+        details = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'][1:]) or 'event'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ProtocolError(ErrorCode.INVALID_EVENT, f"invalid {event_type}: {details}") from None
+
+
+def encode_event(event: ServerEvent) -> str:
+    """JSON text of a server event."""
+    return event.model_dump_json()
+
+
+def encode_audio_segment(response_id: int, segment: int, pcm16: bytes) -> bytes:
+    """Binary frame of one reply audio segment: 8-byte header + PCM16 LE 24 kHz mono."""
+    return AUDIO_HEADER.pack(response_id, segment) + pcm16
+
+
+def decode_audio_segment(frame: bytes) -> tuple[int, int, bytes]:
+    """Inverse of ``encode_audio_segment``: (response_id, segment, pcm16 bytes)."""
+    if len(frame) < AUDIO_HEADER.size:
+        raise ValueError("audio frame shorter than its header")
+    response_id, segment = AUDIO_HEADER.unpack_from(frame)
+    return response_id, segment, frame[AUDIO_HEADER.size :]
