@@ -1,0 +1,34 @@
+"""Server settings from environment (prefix ``VITA_``) and command-line overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ServerSettings(BaseSettings):
+    """Everything the gateway and the worker need to start; ``VITA_PORT=9000`` etc."""
+
+    model_config = SettingsConfigDict(env_prefix="VITA_", extra="ignore")
+
+    checkpoint: Path | None = Field(None, description="VITA-1.5 folder; None = tiny random checkpoint")
+    cache_dir: Path = Field(Path.home() / ".cache" / "vita-realtime", description="tiny checkpoint cache")
+    device: str = "cpu"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65_535)
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    max_sessions: int = Field(32, ge=1)
+    idle_timeout_s: float = Field(300.0, gt=0, description="close sessions silent for this long")
+    outgoing_audio_limit_s: float = Field(
+        20.0, gt=0, description="reply audio a slow client may have queued before segments are dropped"
+    )
+    web_dir: Path = REPO_ROOT / "web"
+    log_format: Literal["json", "kv"] = "kv"
+    log_level: str = "INFO"
+    shutdown_grace_s: float = Field(5.0, ge=0, description="time given to open sessions on shutdown")
