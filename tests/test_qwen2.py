@@ -1,0 +1,136 @@
+"""Qwen2Model against transformers' Qwen2ForCausalLM with identical random weights."""
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from vita.qwen2 import KVCache, LLMConfig, Qwen2Model
+
+VOCAB = 300
+
+
+def hf_config(config: LLMConfig) -> Qwen2Config:
+    return Qwen2Config(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        rms_norm_eps=config.rms_norm_eps,
+        rope_theta=config.rope_theta,
+        max_position_embeddings=config.max_position_embeddings,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
+
+
+def randomize(module: torch.nn.Module, seed: int) -> None:
+    """Random weights everywhere, norms included, so every parameter matters."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+            if param.ndim == 1 and param.shape[0] == module.config.hidden_size:
+                param.add_(1.0)
+
+
+def make_pair(dtype: torch.dtype) -> tuple[Qwen2Model, torch.nn.Linear, Qwen2ForCausalLM]:
+    config = LLMConfig.tiny(vocab_size=VOCAB)
+    ours = Qwen2Model(config)
+    randomize(ours, seed=0)
+    lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+    torch.nn.init.normal_(lm_head.weight, std=0.2, generator=torch.Generator().manual_seed(1))
+    reference = Qwen2ForCausalLM(hf_config(config)).eval()
+    state = {f"model.{name}": tensor for name, tensor in ours.state_dict().items()}
+    state["lm_head.weight"] = lm_head.weight.detach()
+    missing, unexpected = reference.load_state_dict(state, strict=True)
+    assert not missing and not unexpected
+    return ours.to(dtype).eval(), lm_head.to(dtype), reference.to(dtype)
+
+
+TOLERANCE = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=0.15, rtol=0.05)}
+
+
+def test_state_dict_names_match_checkpoint_layout():
+    config = LLMConfig.tiny(vocab_size=VOCAB)
+    names = set(Qwen2Model(config).state_dict())
+    expected = {"embed_tokens.weight", "norm.weight"}
+    for i in range(config.num_hidden_layers):
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            expected |= {f"layers.{i}.self_attn.{proj}.weight", f"layers.{i}.self_attn.{proj}.bias"}
+        expected.add(f"layers.{i}.self_attn.o_proj.weight")
+        expected |= {f"layers.{i}.mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")}
+        expected |= {f"layers.{i}.input_layernorm.weight", f"layers.{i}.post_attention_layernorm.weight"}
+    assert names == expected
+
+
+def test_full_config_matches_reference_checkpoint_shapes():
+    config = LLMConfig.full()
+    assert config.num_key_value_heads * config.head_dim == 512  # k_proj [512, 3584]
+    assert (config.vocab_size, config.hidden_size, config.intermediate_size) == (152064, 3584, 18944)
+
+
+def test_from_hf_config_round_trips_both_rope_styles():
+    config = LLMConfig.tiny(vocab_size=VOCAB)
+    as_dict = hf_config(config).to_dict()
+    assert LLMConfig.from_hf_config(as_dict) == config
+    legacy = {k: v for k, v in as_dict.items() if k != "rope_parameters"} | {"rope_theta": config.rope_theta}
+    assert LLMConfig.from_hf_config(legacy) == config
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_logits_match_transformers(dtype):
+    ours, lm_head, reference = make_pair(dtype)
+    ids = torch.randint(0, VOCAB, (2, 23), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits.float()
+        embeds = ours.embed_tokens(ids)
+        no_cache = lm_head(ours.forward_reference(embeds)).float()
+        cache = KVCache(ours.config, slots=3, max_len=64, device="cpu", dtype=dtype)
+        positions = torch.arange(ids.shape[1]).expand_as(ids)
+        cached = lm_head(ours(embeds, positions, cache, torch.tensor([2, 0]), kv_len=32)).float()
+    torch.testing.assert_close(no_cache, expected, **TOLERANCE[dtype])
+    torch.testing.assert_close(cached, expected, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_decode_over_slots_matches_transformers(dtype):
+    """Two sequences of different lengths in arbitrary slots, prefilled in chunks, then decoded together."""
+    ours, lm_head, reference = make_pair(dtype)
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=generator) for n in (9, 17)]
+    slots = torch.tensor([3, 1])
+    steps = 6
+    cache = KVCache(ours.config, slots=4, max_len=48, device="cpu", dtype=dtype)
+    sequences = [p.tolist() for p in prompts]
+    with torch.no_grad():
+        for slot, prompt in zip(slots.tolist(), prompts):
+            for start in range(0, len(prompt), 5):  # chunked prefill
+                chunk = prompt[start : start + 5]
+                positions = torch.arange(start, start + len(chunk))[None]
+                ours(ours.embed_tokens(chunk)[None], positions, cache, torch.tensor([slot]), kv_len=48)
+        for _ in range(steps):
+            next_ids = [(sum(s) * 7 + len(s)) % VOCAB for s in sequences]  # arbitrary deterministic tokens
+            positions = torch.tensor([[len(s)] for s in sequences])
+            for s, token in zip(sequences, next_ids):
+                s.append(token)
+            hidden = ours(ours.embed_tokens(torch.tensor(next_ids))[:, None], positions, cache, slots, kv_len=32)
+            logits = lm_head(hidden[:, 0]).float()
+            for row, seq in enumerate(sequences):
+                expected = reference(input_ids=torch.tensor([seq])).logits[0, -1].float()
+                torch.testing.assert_close(logits[row], expected, **TOLERANCE[dtype])
+
+
+def test_cached_step_decode_matches_transformers_cache():
+    """Token-by-token decode: our slot cache against transformers' own KV cache."""
+    ours, lm_head, reference = make_pair(torch.float32)
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(4))
+    cache = KVCache(ours.config, slots=1, max_len=16, device="cpu", dtype=torch.float32)
+    past = None
+    with torch.no_grad():
+        for t in range(ids.shape[1]):
+            out = reference(input_ids=ids[:, t : t + 1], past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            hidden = ours(ours.embed_tokens(ids[:, t : t + 1]), torch.tensor([[t]]), cache, torch.tensor([0]), 16)
+            torch.testing.assert_close(lm_head(hidden)[0, 0], out.logits[0, -1], atol=1e-4, rtol=1e-4)
