@@ -1,0 +1,86 @@
+// Gapless playback of PCM16 reply segments on one AudioContext.
+// Each segment becomes an AudioBuffer (at the segment's own rate, the context resamples)
+// scheduled right after the previous one. When the queue has run dry, the next segment
+// starts `jitterSeconds` in the future so that following segments can arrive in time.
+
+export class Player {
+  /**
+   * @param {AudioContext} audioContext
+   * @param {{sampleRate?: number, jitterSeconds?: number}} options
+   */
+  constructor(audioContext, { sampleRate = 24000, jitterSeconds = 0.08 } = {}) {
+    this.audioContext = audioContext;
+    this.sampleRate = sampleRate;
+    this.jitterSeconds = jitterSeconds;
+    this.output = audioContext.createGain();
+    this.output.connect(audioContext.destination);
+    this.scheduled = new Set(); // {source, startAt, duration}
+    this.nextStartAt = 0;
+    this.playedSeconds = 0; // audio heard from segments that have finished
+    this.onIdle = null; // called when the last scheduled segment has finished
+  }
+
+  /** True while any segment is scheduled or playing. */
+  get busy() {
+    return this.scheduled.size > 0;
+  }
+
+  /** Queues one segment of little-endian PCM16 mono samples; returns its start (context time). */
+  enqueue(pcmBytes) {
+    const samples = int16FromLittleEndian(pcmBytes);
+    if (samples.length === 0) return null;
+    const buffer = this.audioContext.createBuffer(1, samples.length, this.sampleRate);
+    const channel = buffer.getChannelData(0);
+    for (let i = 0; i < samples.length; i++) channel[i] = samples[i] / 0x8000;
+
+    const now = this.audioContext.currentTime;
+    const startsFresh = this.scheduled.size === 0;
+    const startAt = Math.max(this.nextStartAt, now + (startsFresh ? this.jitterSeconds : 0.005));
+    const source = this.audioContext.createBufferSource();
+    source.buffer = buffer;
+    source.connect(this.output);
+    const entry = { source, startAt, duration: buffer.duration };
+    source.onended = () => this.finish(entry);
+    source.start(startAt);
+    this.scheduled.add(entry);
+    this.nextStartAt = startAt + buffer.duration;
+    return startAt;
+  }
+
+  /** Silences everything at once (interruption); queued segments are dropped. */
+  stop() {
+    for (const entry of [...this.scheduled]) {
+      entry.source.onended = null;
+      entry.source.stop();
+      this.finish(entry);
+    }
+    this.nextStartAt = 0;
+  }
+
+  /** Seconds of audio heard so far, the segments playing now included. */
+  get heardSeconds() {
+    let playing = 0;
+    for (const entry of this.scheduled) playing += this.heardOf(entry);
+    return this.playedSeconds + playing;
+  }
+
+  heardOf(entry) {
+    const elapsed = this.audioContext.currentTime - entry.startAt;
+    return Math.max(0, Math.min(entry.duration, elapsed));
+  }
+
+  finish(entry) {
+    if (!this.scheduled.delete(entry)) return;
+    this.playedSeconds += this.heardOf(entry);
+    entry.source.disconnect();
+    if (this.scheduled.size === 0) this.onIdle?.();
+  }
+}
+
+/** Reads little-endian int16 samples regardless of the host's byte order. */
+function int16FromLittleEndian(bytes) {
+  const view = new DataView(bytes);
+  const samples = new Int16Array(bytes.byteLength >> 1);
+  for (let i = 0; i < samples.length; i++) samples[i] = view.getInt16(2 * i, true);
+  return samples;
+}
