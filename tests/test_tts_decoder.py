@@ -1,0 +1,165 @@
+"""LLM2TTSCodecAR against transformers' Llama modules (independent reference of the upstream math)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.cache_utils import DynamicCache
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+
+from tts.config import DecoderConfig
+from tts.decoder import DecoderLayer, KVCache, LLM2TTSCodecAR, rotary_cos_sin
+from tts.tiny_checkpoint import write_tiny_tts_checkpoint
+from tts.weights import WeightMismatchError
+
+
+@pytest.fixture(scope="module")
+def tts_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tts")
+    write_tiny_tts_checkpoint(path)
+    return path
+
+
+def llama_config(config: DecoderConfig) -> LlamaConfig:
+    """The LlamaConfig upstream builds for these shapes, with its eager attention."""
+    llama = LlamaConfig(
+        vocab_size=config.odim + 4,
+        hidden_size=config.transformer_attention_dim,
+        intermediate_size=config.transformer_linear_units,
+        num_hidden_layers=config.transformer_num_blocks,
+        num_attention_heads=config.transformer_attention_heads,
+        max_position_embeddings=2048,
+    )
+    llama._attn_implementation = "eager"
+    return llama
+
+
+def test_decoder_layer_matches_transformers_llama_layer_with_cache():
+    config = DecoderConfig(
+        idim=32, odim=10, transformer_attention_dim=32, transformer_linear_units=48,
+        transformer_attention_heads=4, transformer_num_blocks=1, encoder_output_dim=32,
+    )
+    torch.manual_seed(0)
+    ours = DecoderLayer(config)
+    for p in ours.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    reference = LlamaDecoderLayer(llama_config(config), layer_idx=0)
+    reference.load_state_dict(ours.state_dict(), strict=True)
+    rotary = LlamaRotaryEmbedding(llama_config(config))
+
+    prompt, step = torch.randn(1, 7, 32), torch.randn(1, 1, 32)
+    ref_cache = DynamicCache()
+    ref_prompt = reference(prompt, position_embeddings=rotary(prompt, torch.arange(7)[None]),
+                           past_key_values=ref_cache, use_cache=True)
+    ref_step = reference(step, position_embeddings=rotary(step, torch.tensor([[7]])),
+                         past_key_values=ref_cache, use_cache=True)
+
+    cache = KVCache(config, capacity=8, device=torch.device("cpu"), dtype=torch.float32)
+    cos, sin = rotary_cos_sin(torch.arange(7), config.head_dim, config.rope_theta, torch.float32)
+    out_prompt = ours(prompt, cos, sin, cache)
+    cache.length = 7
+    cos, sin = rotary_cos_sin(torch.tensor([7]), config.head_dim, config.rope_theta, torch.float32)
+    out_step = ours(step, cos, sin, cache)
+
+    torch.testing.assert_close(out_prompt, ref_prompt, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_step, ref_step, atol=1e-5, rtol=1e-5)
+
+
+def reference_logits(state: dict, config: DecoderConfig, text: torch.Tensor, fed: list[int]) -> list[torch.Tensor]:
+    """Upstream `infer` rebuilt from transformers modules: logits after feeding sos then `fed`."""
+    llama = llama_config(config)
+
+    def layers(prefix: str, count: int) -> list[LlamaDecoderLayer]:
+        built = []
+        for i in range(count):
+            layer = LlamaDecoderLayer(llama, layer_idx=i)
+            layer.load_state_dict({k[len(f"{prefix}.{i}."):]: v for k, v in state.items()
+                                   if k.startswith(f"{prefix}.{i}.")})
+            built.append(layer)
+        return built
+
+    pre_nn, main = layers("layers_pre_nn", config.transformer_num_blocks // 2), layers("layers", config.transformer_num_blocks)
+    norm = LlamaRMSNorm(config.transformer_attention_dim, eps=1e-6)
+    norm.load_state_dict({"weight": state["norm.weight"]})
+    rotary = LlamaRotaryEmbedding(llama)
+    embedding = state["embedding.weight"]
+
+    x = text[None]
+    pos = rotary(x, torch.arange(x.shape[1])[None])
+    for layer in pre_nn:
+        x = layer(x, position_embeddings=pos)
+    x = torch.cat([embedding[config.bos_id][None, None], x], dim=1)
+    cache = DynamicCache()
+    pos = rotary(x, torch.arange(x.shape[1])[None])
+    for layer in main:
+        x = layer(x, position_embeddings=pos, past_key_values=cache, use_cache=True)
+    logits = []
+    for token in [config.sos_id, *fed]:
+        x = embedding[token][None, None]
+        pos = rotary(x, torch.tensor([[cache.get_seq_length()]]))
+        for layer in main:
+            x = layer(x, position_embeddings=pos, past_key_values=cache, use_cache=True)
+        logits.append(torch.nn.functional.linear(norm(x), state["out_fnn.weight"], state["out_fnn.bias"])[0, 0])
+    return logits
+
+
+def test_decoder_logits_match_transformers_reference(tts_dir):
+    decoder = LLM2TTSCodecAR.load(tts_dir / "decoder")
+    state = torch.load(tts_dir / "decoder" / "final.pt")["model"]
+    text = torch.randn(9, decoder.config.idim, generator=torch.Generator().manual_seed(1))
+    fed = [5, 17, 63, 0]
+    expected = reference_logits(state, decoder.config, text, fed)
+
+    cache = decoder.prefill(text, capacity=len(fed) + 1)
+    got = [decoder.next_token_logits(token, cache) for token in [decoder.config.sos_id, *fed]]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+
+def test_top_k_sampling_frequencies_follow_softmax_of_the_k_best(tts_dir):
+    decoder = LLM2TTSCodecAR.load(tts_dir / "decoder")
+    logits = torch.full((decoder.config.odim + 4,), -5.0)
+    logits[[3, 7, 11]] = torch.tensor([2.0, 1.0, 0.5])
+    logits[decoder.config.sos_id] = 10.0  # never a codec code: must be skipped
+    generator = torch.Generator().manual_seed(0)
+    draws = [decoder.sample(logits, top_k=2, generator=generator) for _ in range(4000)]
+    assert set(draws) == {3, 7}
+    p3 = 1 / (1 + torch.exp(torch.tensor(-1.0))).item()
+    assert abs(draws.count(3) / len(draws) - p3) < 0.03
+    assert {decoder.sample(logits, top_k=1, generator=generator) for _ in range(20)} == {3}
+
+
+def test_generation_ends_at_eos_and_at_max_tokens(tts_dir):
+    decoder = LLM2TTSCodecAR.load(tts_dir / "decoder")
+    text = torch.randn(4, decoder.config.idim)
+    with torch.no_grad():
+        decoder.out_fnn.weight.zero_()
+        decoder.out_fnn.bias.zero_()
+        decoder.out_fnn.bias[9] = 5.0
+        assert list(decoder.generate(text, top_k=1, max_tokens=6)) == [9] * 6
+        decoder.out_fnn.bias[decoder.config.eos_id] = 6.0
+        assert list(decoder.generate(text, top_k=1, max_tokens=6)) == []
+
+
+def test_mismatched_decoder_shape_names_the_tensor(tts_dir, tmp_path):
+    (tmp_path / "decoder").mkdir()
+    (tmp_path / "decoder" / "final.pt").write_bytes((tts_dir / "decoder" / "final.pt").read_bytes())
+    idim, odim, args = json.loads((tts_dir / "decoder" / "model.json").read_text())
+    args["transformer_linear_units"] += 1
+    (tmp_path / "decoder" / "model.json").write_text(json.dumps([idim, odim, args]))
+    with pytest.raises(WeightMismatchError, match=r"layers_pre_nn\.0\.mlp\.gate_proj\.weight has shape \(32, 16\)"):
+        LLM2TTSCodecAR.load(tmp_path / "decoder")
+
+
+def test_missing_and_unexpected_decoder_tensors_are_named(tts_dir, tmp_path):
+    (tmp_path / "decoder").mkdir()
+    (tmp_path / "decoder" / "model.json").write_text((tts_dir / "decoder" / "model.json").read_text())
+    state = torch.load(tts_dir / "decoder" / "final.pt")["model"]
+    torch.save({k: v for k, v in state.items() if k != "norm.weight"}, tmp_path / "decoder" / "final.pt")
+    with pytest.raises(WeightMismatchError, match=r"norm\.weight .* is missing"):
+        LLM2TTSCodecAR.load(tmp_path / "decoder")
+    torch.save({**state, "layers.2.mlp.up_proj.weight": torch.zeros(1)}, tmp_path / "decoder" / "final.pt")
+    with pytest.raises(WeightMismatchError, match=r"unexpected tensor layers\.2\.mlp\.up_proj\.weight"):
+        LLM2TTSCodecAR.load(tmp_path / "decoder")

@@ -1,0 +1,187 @@
+"""TiCodec decoder side: quantizer codebooks + HiFi-GAN style generator, 40 Hz codes -> 24 kHz audio.
+
+Upstream (`ticodec/models.py`, `vqvae.py`): codes index the codebooks (`quantizer.embed`), the
+fixed `global_tokens` index the global codebooks (`embed_gst`, a 128-d style vector) and the
+generator upsamples by 600 with the style vector added after the stage that has 128 channels.
+The checkpoint stores weight-normed convolutions (`weight_g`, `weight_v`); they are folded into
+plain weights at load time, as upstream does with `remove_weight_norm()` before inference.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tts.config import CODEC_FRAME_SAMPLES, CODEC_LATENT_DIM, GLOBAL_FEATURE_DIM, CodecConfig
+from tts.weights import fold_weight_norm, load_strict, read_checkpoint
+
+LRELU_SLOPE = 0.1
+
+
+def same_padding(kernel_size: int, dilation: int = 1) -> int:
+    return (kernel_size * dilation - dilation) // 2
+
+
+class ResBlock1(nn.Module):
+    """Three (dilated conv, conv) pairs, each a residual branch behind leaky ReLUs."""
+
+    def __init__(self, channels: int, kernel_size: int, dilations: tuple[int, ...]) -> None:
+        super().__init__()
+        self.convs1 = nn.ModuleList(
+            nn.Conv1d(channels, channels, kernel_size, dilation=d, padding=same_padding(kernel_size, d))
+            for d in dilations
+        )
+        self.convs2 = nn.ModuleList(
+            nn.Conv1d(channels, channels, kernel_size, padding=same_padding(kernel_size)) for _ in dilations
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv1, conv2 in zip(self.convs1, self.convs2):
+            x = x + conv2(F.leaky_relu(conv1(F.leaky_relu(x, LRELU_SLOPE)), LRELU_SLOPE))
+        return x
+
+    def reach(self) -> int:
+        """Samples on each side that can influence one output sample."""
+        return sum(c1.padding[0] + c2.padding[0] for c1, c2 in zip(self.convs1, self.convs2))
+
+
+class ResBlock2(nn.Module):
+    """Dilated convs, each a residual branch behind a leaky ReLU."""
+
+    def __init__(self, channels: int, kernel_size: int, dilations: tuple[int, ...]) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(
+            nn.Conv1d(channels, channels, kernel_size, dilation=d, padding=same_padding(kernel_size, d))
+            for d in dilations
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs:
+            x = x + conv(F.leaky_relu(x, LRELU_SLOPE))
+        return x
+
+    def reach(self) -> int:
+        return sum(conv.padding[0] for conv in self.convs)
+
+
+class Generator(nn.Module):
+    """Latent [B, 512, T] + style [B, 128] -> waveform [B, T * 600] in [-1, 1]."""
+
+    def __init__(self, config: CodecConfig) -> None:
+        super().__init__()
+        channels = config.upsample_initial_channel
+        self.num_kernels = len(config.resblock_kernel_sizes)
+        self.conv_pre = nn.Conv1d(CODEC_LATENT_DIM, channels, 7, padding=3)
+        self.ups = nn.ModuleList()
+        self.resblocks = nn.ModuleList()
+        resblock = ResBlock1 if config.resblock == "1" else ResBlock2
+        for rate, kernel in zip(config.upsample_rates, config.upsample_kernel_sizes):
+            self.ups.append(nn.ConvTranspose1d(channels, channels // 2, kernel, rate, padding=(kernel - rate) // 2))
+            channels //= 2
+            for size, dilations in zip(config.resblock_kernel_sizes, config.resblock_dilation_sizes):
+                self.resblocks.append(resblock(channels, size, dilations))
+        self.conv_post = nn.Conv1d(channels, 1, 7, padding=3)
+
+    def forward(self, latent: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        x = self.conv_pre(latent)
+        for stage, up in enumerate(self.ups):
+            x = up(F.leaky_relu(x, LRELU_SLOPE))
+            blocks = self.resblocks[stage * self.num_kernels : (stage + 1) * self.num_kernels]
+            x = sum(block(x) for block in blocks) / self.num_kernels
+            if x.shape[1] == style.shape[-1]:
+                x = x + style.unsqueeze(-1)
+        x = self.conv_post(F.leaky_relu(x, LRELU_SLOPE))
+        return torch.tanh(x).squeeze(1)
+
+    def receptive_field_frames(self) -> int:
+        """Upper bound on the codec frames, each side, that can change one frame's audio."""
+        reach = self.conv_pre.padding[0]  # in frames
+        for stage, up in enumerate(self.ups):
+            reach = (reach + 1) * up.stride[0] + up.kernel_size[0]  # now in this stage's samples
+            blocks = self.resblocks[stage * self.num_kernels : (stage + 1) * self.num_kernels]
+            reach += max(block.reach() for block in blocks)
+        reach += self.conv_post.padding[0]
+        return math.ceil(reach / CODEC_FRAME_SAMPLES)
+
+
+class Codebook(nn.Module):
+    """One VQ codebook (upstream `Quantizer_module`); decoding is a table lookup."""
+
+    def __init__(self, n_codes: int, dim: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(n_codes, dim)
+
+
+class Quantizer(nn.Module):
+    """Code groups x residual layers of local codebooks, plus the global (style) codebooks."""
+
+    def __init__(self, config: CodecConfig) -> None:
+        super().__init__()
+        group_dim = CODEC_LATENT_DIM // config.n_code_groups
+        for layer in range(config.residul_layer):
+            name = "quantizer_modules" if layer == 0 else f"quantizer_modules{layer + 1}"
+            self.add_module(name, nn.ModuleList(Codebook(config.n_codes, group_dim) for _ in range(config.n_code_groups)))
+        global_dim = GLOBAL_FEATURE_DIM // config.global_code_num
+        self.quantizer_modules_globaltokens = nn.ModuleList(
+            Codebook(config.n_codes, global_dim) for _ in range(config.global_code_num)
+        )
+        self.n_code_groups = config.n_code_groups
+        self.residul_layer = config.residul_layer
+
+    def embed(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [B, T, groups * layers] (layer-major) -> latent [B, 512, T], summed over layers."""
+        latent = 0
+        for layer in range(self.residul_layer):
+            name = "quantizer_modules" if layer == 0 else f"quantizer_modules{layer + 1}"
+            codebooks = getattr(self, name)
+            columns = codes[..., layer * self.n_code_groups : (layer + 1) * self.n_code_groups]
+            latent = latent + torch.cat(
+                [book.embedding(columns[..., g]) for g, book in enumerate(codebooks)], dim=-1
+            )
+        return latent.transpose(1, 2)
+
+    def embed_global(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Global tokens [B, global_code_num] -> style vector [B, 128]."""
+        books = self.quantizer_modules_globaltokens
+        return torch.cat([book.embedding(tokens[:, j]) for j, book in enumerate(books)], dim=-1)
+
+
+class TiCodec(nn.Module):
+    """Codec decoder: codec tokens -> 24 kHz float audio, with the checkpoint's fixed global tokens."""
+
+    def __init__(self, config: CodecConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.generator = Generator(config)
+        self.quantizer = Quantizer(config)
+        self.register_buffer("global_tokens", torch.tensor([config.global_tokens]), persistent=False)
+
+    @classmethod
+    def load(cls, codec_dir: Path, device: str | torch.device = "cpu") -> "TiCodec":
+        """Build from `codec/model.json`; load `generator` and `quantizer` of `codec/final.pt` strictly.
+
+        The checkpoint's `encoder` (audio -> codes) is not needed to synthesise and is not loaded.
+        """
+        codec_dir = Path(codec_dir)
+        config = CodecConfig.from_model_json(codec_dir / "model.json")
+        checkpoint = read_checkpoint(codec_dir / "final.pt")
+        model = cls(config)
+        where = codec_dir / "final.pt"
+        load_strict(model.generator, fold_weight_norm(checkpoint["generator"]), where=f"{where} [generator]")
+        load_strict(model.quantizer, checkpoint["quantizer"], where=f"{where} [quantizer]")
+        return model.to(device=device, dtype=torch.float32).eval()
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [B, T] (one code per frame) or [B, T, codes_per_frame] -> audio [B, T * 600]."""
+        if codes.dim() == 2:
+            codes = codes.unsqueeze(-1)
+        if codes.shape[-1] != self.config.codes_per_frame:
+            raise ValueError(f"expected {self.config.codes_per_frame} codes per frame, got {codes.shape[-1]}")
+        codes = codes.to(self.global_tokens.device)
+        style = self.quantizer.embed_global(self.global_tokens.expand(codes.shape[0], -1))
+        return self.generator(self.quantizer.embed(codes), style)

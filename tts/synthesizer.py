@@ -1,0 +1,94 @@
+"""Streaming speech synthesis: LLM embeddings -> codec tokens -> 24 kHz int16 segments.
+
+Chunking follows upstream `llm2TTS.run`: once `codec_chunk_size` new tokens plus `padding`
+look-ahead tokens exist, the codec decodes them together with up to `padding` earlier tokens
+and only the audio of the new chunk is kept; the rest is decoded when the decoder stops.
+Concatenated segments equal a one-shot decode of all tokens exactly when `padding` covers the
+codec's receptive field (`TiCodec.generator.receptive_field_frames()`); with less, samples
+near chunk boundaries differ slightly, which upstream accepts for latency.
+
+Upstream also re-cuts the audio at quiet points (`find_min_sum_index`) because its web demo
+plays each segment as a separate clip; the samples are the same, so this streams plain chunks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tts.codec import TiCodec
+from tts.config import CODEC_FRAME_SAMPLES, SAMPLE_RATE
+from tts.decoder import LLM2TTSCodecAR
+
+FIRST_SENTENCE_CHUNK_SIZE = 20  # upstream: codec chunk of a reply's first sentence
+CHUNK_SIZE = 40  # upstream: codec chunk of later sentences
+PADDING = 10  # upstream codec_padding_size
+TOP_K = 2  # upstream decoder_topk
+
+
+def to_int16(audio: torch.Tensor) -> np.ndarray:
+    """Float audio in [-1, 1] -> int16 (scaled by 32767, rounded, clipped)."""
+    scaled = (audio.float().cpu().numpy() * 32767.0).round()
+    return np.clip(scaled, -32768, 32767).astype(np.int16)
+
+
+class Synthesizer:
+    """VITA-1.5 TTS; stateless between calls, so one thread can interleave many `synthesize` streams."""
+
+    sample_rate = SAMPLE_RATE
+
+    def __init__(self, decoder: LLM2TTSCodecAR, codec: TiCodec) -> None:
+        self.decoder = decoder
+        self.codec = codec
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.decoder.config.idim
+
+    @classmethod
+    def load(cls, tts_dir: Path, device: str = "cpu", dtype: torch.dtype | None = None) -> "Synthesizer":
+        """Load `tts_dir/{decoder,codec}`; the decoder runs in `dtype` (default bf16 on CUDA, else
+        float32), the codec in float32."""
+        if dtype is None:
+            dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        tts_dir = Path(tts_dir)
+        decoder = LLM2TTSCodecAR.load(tts_dir / "decoder", device=device, dtype=dtype)
+        codec = TiCodec.load(tts_dir / "codec", device=device)
+        return cls(decoder, codec)
+
+    def synthesize(
+        self,
+        embeddings: torch.Tensor,
+        *,
+        codec_chunk_size: int = CHUNK_SIZE,
+        padding: int = PADDING,
+        top_k: int = TOP_K,
+        max_tokens: int = 1000,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Yield int16 24 kHz segments of `codec_chunk_size * 600` samples (the last one shorter)
+        for `embeddings` [N, embedding_dim]. Stopping the iteration cancels the synthesis.
+        `generator` (on the model's device) makes the token sampling reproducible."""
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_dim:
+            raise ValueError(f"embeddings must be [N, {self.embedding_dim}], got {tuple(embeddings.shape)}")
+        if codec_chunk_size < 1 or padding < 0:
+            raise ValueError("codec_chunk_size must be >= 1 and padding >= 0")
+        codes: list[int] = []
+        emitted = 0
+        for token in self.decoder.generate(embeddings, top_k=top_k, max_tokens=max_tokens, generator=generator):
+            codes.append(token)
+            if len(codes) - emitted == codec_chunk_size + padding:
+                yield self._decode_frames(codes, emitted, emitted + codec_chunk_size, padding)
+                emitted += codec_chunk_size
+        if len(codes) > emitted:
+            yield self._decode_frames(codes, emitted, len(codes), padding)
+
+    def _decode_frames(self, codes: list[int], first: int, end: int, padding: int) -> np.ndarray:
+        """Audio of frames [first, end), decoded with up to `padding` frames of context each side."""
+        start = max(0, first - padding)
+        window = torch.tensor([codes[start : end + padding]])
+        audio = self.codec.decode(window)[0]
+        return to_int16(audio[(first - start) * CODEC_FRAME_SAMPLES : (end - start) * CODEC_FRAME_SAMPLES])

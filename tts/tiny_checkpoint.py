@@ -1,0 +1,107 @@
+"""Deterministic tiny random TTS checkpoint in the upstream `vita_tts_ckpt/` layout.
+
+The decoder width is llm_hidden // 4, as in VITA-1.5 (3584 -> 896), so the tiny LLM's token
+embeddings reshape to (-1, llm_hidden // 4). The codec keeps the real upsampling product 600
+(24 kHz audio from 40 Hz codes) with small channels; one stage has 128 channels so the global
+style vector is used. Codec convolutions are stored weight-normed (`weight_g`, `weight_v`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tts.codec import TiCodec
+from tts.config import CodecConfig, DecoderConfig
+from tts.decoder import LLM2TTSCodecAR
+
+TINY_CODEC_VOCAB = 64
+
+
+def tiny_decoder_config(llm_hidden: int = 64) -> DecoderConfig:
+    if llm_hidden % 4:
+        raise ValueError("llm_hidden must be a multiple of 4")
+    dim = llm_hidden // 4
+    return DecoderConfig(
+        idim=dim,
+        odim=TINY_CODEC_VOCAB,
+        transformer_attention_dim=dim,
+        transformer_linear_units=2 * dim,
+        transformer_attention_heads=2,
+        transformer_num_blocks=2,
+        encoder_output_dim=dim,
+    )
+
+
+def tiny_codec_config() -> CodecConfig:
+    return CodecConfig(
+        upsample_rates=(8, 5, 5, 3),
+        upsample_kernel_sizes=(16, 11, 11, 5),
+        upsample_initial_channel=256,
+        resblock="1",
+        resblock_kernel_sizes=(3, 5),
+        resblock_dilation_sizes=((1, 3, 5), (1, 3, 5)),
+        n_codes=TINY_CODEC_VOCAB,
+        n_code_groups=1,
+        residul_layer=1,
+        global_code_num=8,
+        global_tokens=(3, 14, 15, 9, 26, 5, 35, 8),
+    )
+
+
+def _randomise(module: nn.Module, generator: torch.Generator) -> None:
+    """Every tensor random (norm gains around 1) so that tests exercise each weight."""
+    for name, param in module.named_parameters():
+        with torch.no_grad():
+            noise = torch.randn(param.shape, generator=generator)
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.1 * noise)
+            elif "embedding" in name:
+                param.copy_(noise)
+            elif name.endswith("bias"):
+                param.copy_(0.1 * noise)
+            else:
+                param.copy_(noise / max(1, param[0].numel()) ** 0.5)
+
+
+def _weight_normed(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Store each conv weight as (weight_g, weight_v) with v = weight, g = per-row norm."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state_dict.items():
+        if name.endswith(".weight"):
+            stem = name[: -len(".weight")]
+            out[f"{stem}.weight_v"] = tensor
+            out[f"{stem}.weight_g"] = tensor.flatten(1).norm(dim=1).view(-1, *([1] * (tensor.dim() - 1)))
+        else:
+            out[name] = tensor
+    return out
+
+
+def write_tiny_tts_checkpoint(dir: Path, llm_hidden: int = 64, seed: int = 0) -> None:
+    """Write `dir/decoder/{model.json,final.pt}` and `dir/codec/{model.json,final.pt}`."""
+    dir = Path(dir)
+    generator = torch.Generator().manual_seed(seed)
+    decoder_config = tiny_decoder_config(llm_hidden)
+    codec_config = tiny_codec_config()
+    decoder = LLM2TTSCodecAR(decoder_config)
+    codec = TiCodec(codec_config)
+    _randomise(decoder, generator)
+    _randomise(codec, generator)
+
+    (dir / "decoder").mkdir(parents=True, exist_ok=True)
+    (dir / "decoder" / "model.json").write_text(json.dumps(decoder_config.to_model_json(), indent=2))
+    torch.save({"model": decoder.state_dict()}, dir / "decoder" / "final.pt")
+
+    (dir / "codec").mkdir(parents=True, exist_ok=True)
+    (dir / "codec" / "model.json").write_text(json.dumps(codec_config.to_model_json(), indent=2))
+    torch.save(
+        {
+            "generator": _weight_normed(codec.generator.state_dict()),
+            "quantizer": codec.quantizer.state_dict(),
+            "encoder": {},  # the audio -> codes encoder is never used for synthesis
+        },
+        dir / "codec" / "final.pt",
+    )
