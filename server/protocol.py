@@ -44,8 +44,10 @@ Server -> client
                                "reset"); the client must drop any queued audio of it. No further
                                audio of that ``response_id`` follows.
     ``error``                  ``code`` (one of ``ErrorCode``) and a human ``message``. Errors
-                               are not fatal unless said so; fatal ones (``server_full``,
-                               ``idle_timeout``, ``shutting_down``) are followed by a close.
+                               are not fatal unless said so; fatal ones (``not_ready``,
+                               ``server_full``, ``idle_timeout``) are followed by a close of
+                               the websocket. On server shutdown the websocket is closed with
+                               code 1012.
 """
 
 from __future__ import annotations
@@ -80,9 +82,9 @@ class ErrorCode(str, Enum):
     FRAME_TOO_LARGE = "frame_too_large"
     INVALID_IMAGE = "invalid_image"
     NO_RESPONSE = "no_response"
+    NOT_READY = "not_ready"
     SERVER_FULL = "server_full"
     IDLE_TIMEOUT = "idle_timeout"
-    SHUTTING_DOWN = "shutting_down"
     INTERNAL_ERROR = "internal_error"
 
 
@@ -112,7 +114,6 @@ class GenerationSettings(_Event):
     top_p: float = Field(0.9, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 = off")
     max_new_tokens: int = Field(256, ge=1, le=2_048)
-    seed: int | None = Field(None, description="fixed seed for reproducible replies")
     speak: bool = Field(True, description="synthesise reply audio")
     respect_not_addressed: bool = Field(
         True, description="stay silent when VITA answers ☟ (speech not addressed to it)"

@@ -1,0 +1,47 @@
+"""Prometheus metrics of one server instance (own registry, so several apps can coexist)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0)
+
+
+class ServerMetrics:
+    """Sessions, turns, errors and the latency histograms the issue asks for."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.sessions_active = Gauge("vita_sessions_active", "Open websocket sessions", registry=self.registry)
+        self.sessions_total = Counter("vita_sessions_total", "Sessions accepted", registry=self.registry)
+        self.sessions_rejected = Counter(
+            "vita_sessions_rejected_total", "Connections refused because the server was full", registry=self.registry
+        )
+        self.turns = Counter("vita_turns_total", "User turns by outcome", ["outcome"], registry=self.registry)
+        self.errors = Counter("vita_errors_total", "Error events sent, by code", ["code"], registry=self.registry)
+        self.audio_dropped_segments = Counter(
+            "vita_audio_dropped_segments_total", "Reply audio segments dropped for slow readers", registry=self.registry
+        )
+        self.first_text_seconds = Histogram(
+            "vita_end_of_turn_to_first_text_seconds",
+            "End of user speech to first reply text delta",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.first_audio_seconds = Histogram(
+            "vita_end_of_turn_to_first_audio_seconds",
+            "End of user speech to first reply audio segment",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.real_time_factor = Histogram(
+            "vita_tts_real_time_factor",
+            "Speech synthesis time divided by the duration of the audio produced",
+            buckets=RTF_BUCKETS,
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        """Text exposition format for /metrics."""
+        return generate_latest(self.registry)

@@ -1,0 +1,104 @@
+"""Per-session outgoing message queue: events never dropped, reply audio bounded.
+
+A slow reader cannot make the server buffer unbounded audio: once the queued audio exceeds
+the limit, new segments are dropped and one ``response.audio.dropped`` notice per reply
+(updated in place while it waits) tells the client how much it missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass
+
+from server.protocol import ResponseAudioDropped, ServerEvent, encode_audio_segment, encode_event
+
+
+@dataclass
+class AudioItem:
+    response_id: int
+    segment: int
+    pcm16: bytes
+
+
+@dataclass
+class DropNotice:
+    response_id: int
+    segments: int
+    samples: int
+
+
+QueueItem = ServerEvent | AudioItem | DropNotice
+
+
+class OutgoingQueue:
+    """FIFO of messages for one websocket; ``get`` returns ready-to-send str or bytes."""
+
+    def __init__(self, audio_limit_bytes: int) -> None:
+        self.audio_limit_bytes = audio_limit_bytes
+        self._items: deque[QueueItem] = deque()
+        self._audio_bytes = 0
+        self._pending_drops: dict[int, DropNotice] = {}
+        self._wakeup = asyncio.Event()
+        self._closed = False
+        self.dropped_segments = 0
+
+    @property
+    def queued_audio_bytes(self) -> int:
+        return self._audio_bytes
+
+    def put_event(self, event: ServerEvent) -> None:
+        self._push(event)
+
+    def put_audio(self, response_id: int, segment: int, pcm16: bytes) -> bool:
+        """Queue one reply audio segment; returns False (and records it) when it was dropped."""
+        if self._audio_bytes + len(pcm16) > self.audio_limit_bytes:
+            self.dropped_segments += 1
+            notice = self._pending_drops.get(response_id)
+            if notice is None:
+                notice = self._pending_drops[response_id] = DropNotice(response_id, 0, 0)
+                self._push(notice)
+            notice.segments += 1
+            notice.samples += len(pcm16) // 2
+            return False
+        self._audio_bytes += len(pcm16)
+        self._push(AudioItem(response_id, segment, pcm16))
+        return True
+
+    def discard_audio(self, response_id: int) -> int:
+        """Remove the queued segments of one reply (it was interrupted); returns how many."""
+        kept: deque[QueueItem] = deque()
+        removed = 0
+        for item in self._items:
+            if isinstance(item, AudioItem) and item.response_id == response_id:
+                self._audio_bytes -= len(item.pcm16)
+                removed += 1
+            else:
+                kept.append(item)
+        self._items = kept
+        return removed
+
+    def _push(self, item: QueueItem) -> None:
+        self._items.append(item)
+        self._wakeup.set()
+
+    def close(self) -> None:
+        """No more messages: ``get`` returns None once the queue is empty."""
+        self._closed = True
+        self._wakeup.set()
+
+    async def get(self) -> str | bytes | None:
+        """Next message to send, waiting while the queue is empty; None after ``close``."""
+        while not self._items:
+            if self._closed:
+                return None
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        item = self._items.popleft()
+        if isinstance(item, AudioItem):
+            self._audio_bytes -= len(item.pcm16)
+            return encode_audio_segment(item.response_id, item.segment, item.pcm16)
+        if isinstance(item, DropNotice):
+            del self._pending_drops[item.response_id]
+            return encode_event(ResponseAudioDropped(response_id=item.response_id, segments=item.segments, samples=item.samples))
+        return encode_event(item)
