@@ -14,6 +14,7 @@ const RECONNECT_TEXT = {
   lost: "Lost the connection to the server.",
   server_full: "The server is full right now: every seat is taken.",
   shutting_down: "The server is restarting.",
+  not_ready: "The server is still loading the model.",
 };
 
 /** An AudioContext at the device's own rate, or at 48 kHz where the device runs faster. */
@@ -40,7 +41,7 @@ class Chat {
     );
     this.bargeIn = new BargeInDetector();
     this.resetTurnState();
-    setInterval(() => this.view.setAudioPlayed(this.player?.heardSeconds ?? 0), 100);
+    setInterval(() => this.player && this.view.setPlayback(this.player), 100);
   }
 
   /** Per-session bookkeeping, cleared on every (re)connect. */
@@ -74,7 +75,7 @@ class Chat {
     this.connection = new Connection(websocketUrl(), sessionStart, {
       onStatus: (status, detail) => this.onStatus(status, detail),
       onEvent: (event) => this.onEvent(event),
-      onAudio: (id, segment, pcm) => this.onAudio(id, pcm),
+      onAudio: (id, segment, pcm) => this.onAudio(id, segment, pcm),
     });
     this.connection.open();
   }
@@ -105,6 +106,16 @@ class Chat {
     } catch (error) {
       this.view.showError("camera_failed", `The camera could not be opened (${error.message}). Voice chat still works.`);
     }
+  }
+
+  /** Stops the reply and asks the server to forget the conversation. */
+  newConversation() {
+    if (!this.connection?.ready) return;
+    this.interrupt();
+    this.connection.send({ type: "session.reset" });
+    this.sentInputMs = 0; // the server restarts its input stream position with the reset
+    this.hearing = this.turnPending = false;
+    this.refreshState();
   }
 
   onMicChunk(pcm, level) {
@@ -152,6 +163,9 @@ class Chat {
         this.resetTurnState();
         this.view.addNote(`New conversation (model: ${event.model})`);
         break;
+      case "session.cleared":
+        this.view.addNote("New conversation: the assistant has forgotten what was said");
+        break;
       case "vad.speech_started":
         this.hearing = true;
         this.view.userStartedSpeaking();
@@ -178,7 +192,9 @@ class Chat {
         };
         break;
       case "response.text.delta":
-        if (this.response?.id === event.response_id) this.view.appendReplyText(this.response.reply, event.delta);
+        if (this.response?.id === event.response_id && !this.droppedResponses.has(event.response_id)) {
+          this.view.appendReplyText(this.response.reply, event.delta);
+        }
         break;
       case "response.done":
         if (this.response?.id === event.response_id) {
@@ -197,9 +213,9 @@ class Chat {
     this.refreshState();
   }
 
-  onAudio(responseId, pcm) {
+  onAudio(responseId, segment, pcm) {
     if (this.droppedResponses.has(responseId) || !this.player) return;
-    const startAt = this.player.enqueue(pcm);
+    const startAt = this.player.enqueue(pcm, segment > 0);
     const response = this.response;
     if (startAt !== null && response?.id === responseId && !response.heardFirstAudio) {
       response.heardFirstAudio = true;
@@ -209,14 +225,16 @@ class Chat {
     this.refreshState();
   }
 
-  /** Stops the current reply's audio at once; the rest of its audio is ignored. */
+  /** Stops the current reply at once (audio and text); anything still arriving of it is ignored. */
   interrupt() {
+    const wasPlaying = this.player.busy;
     this.player.stop();
     this.bargeIn.reset();
-    if (this.response) {
-      this.droppedResponses.add(this.response.id);
-      this.view.markInterrupted(this.response.reply);
-      this.response.done = true;
+    const response = this.response;
+    if (response && (wasPlaying || !response.done)) {
+      this.droppedResponses.add(response.id);
+      this.view.markInterrupted(response.reply);
+      response.done = true;
     }
   }
 
@@ -233,3 +251,4 @@ const chat = new Chat(view);
 view.startButton.addEventListener("click", () => (chat.running ? chat.stop() : chat.start()));
 view.cameraButton.addEventListener("click", () => chat.toggleCamera());
 view.reconnectButton.addEventListener("click", () => chat.connection?.reconnectNow());
+view.newConversationButton.addEventListener("click", () => chat.newConversation());

@@ -2,16 +2,20 @@
 // Each segment becomes an AudioBuffer (at the segment's own rate, the context resamples)
 // scheduled right after the previous one. When the queue has run dry, the next segment
 // starts `jitterSeconds` in the future so that following segments can arrive in time.
+// Running dry in the middle of a reply (an underrun: a gap was heard) makes that
+// jitter buffer longer, up to `maxJitterSeconds`.
 
 export class Player {
   /**
    * @param {AudioContext} audioContext
-   * @param {{sampleRate?: number, jitterSeconds?: number}} options
+   * @param {{sampleRate?: number, jitterSeconds?: number, maxJitterSeconds?: number}} options
    */
-  constructor(audioContext, { sampleRate = 24000, jitterSeconds = 0.08 } = {}) {
+  constructor(audioContext, { sampleRate = 24000, jitterSeconds = 0.08, maxJitterSeconds = 0.4 } = {}) {
     this.audioContext = audioContext;
     this.sampleRate = sampleRate;
     this.jitterSeconds = jitterSeconds;
+    this.maxJitterSeconds = maxJitterSeconds;
+    this.underruns = 0;
     this.output = audioContext.createGain();
     this.output.connect(audioContext.destination);
     this.scheduled = new Set(); // {source, startAt, duration}
@@ -25,8 +29,12 @@ export class Player {
     return this.scheduled.size > 0;
   }
 
-  /** Queues one segment of little-endian PCM16 mono samples; returns its start (context time). */
-  enqueue(pcmBytes) {
+  /**
+   * Queues one segment of little-endian PCM16 mono samples; returns its start (context time).
+   * @param {ArrayBuffer} pcmBytes
+   * @param {boolean} continuesReply false for a reply's first segment
+   */
+  enqueue(pcmBytes, continuesReply) {
     const samples = int16FromLittleEndian(pcmBytes);
     if (samples.length === 0) return null;
     const buffer = this.audioContext.createBuffer(1, samples.length, this.sampleRate);
@@ -35,6 +43,10 @@ export class Player {
 
     const now = this.audioContext.currentTime;
     const startsFresh = this.scheduled.size === 0;
+    if (startsFresh && continuesReply) {
+      this.underruns += 1;
+      this.jitterSeconds = Math.min(this.maxJitterSeconds, this.jitterSeconds * 1.5);
+    }
     const startAt = Math.max(this.nextStartAt, now + (startsFresh ? this.jitterSeconds : 0.005));
     const source = this.audioContext.createBufferSource();
     source.buffer = buffer;

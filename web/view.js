@@ -1,5 +1,5 @@
 // Everything the page shows. The state also goes into data-* attributes of #app
-// (data-connection, data-state, data-audio-played, data-latency-ms, data-error) so that
+// (data-connection, data-state, data-audio-played, data-underruns, data-latency-ms, data-error) so that
 // it can be observed from outside, e.g. by tests.
 
 const STATE_TEXT = {
@@ -19,6 +19,7 @@ export class View {
     this.startButton = $("start");
     this.cameraButton = $("camera");
     this.reconnectButton = $("reconnect");
+    this.newConversationButton = $("new-conversation");
     this.pendingUserTurn = null;
   }
 
@@ -38,7 +39,7 @@ export class View {
   setRunning(running) {
     this.startButton.textContent = running ? "Stop" : "Start";
     this.startButton.classList.toggle("primary", !running);
-    this.cameraButton.disabled = !running;
+    this.cameraButton.disabled = this.newConversationButton.disabled = !running;
     if (!running) this.setCamera(false);
   }
 
@@ -54,9 +55,11 @@ export class View {
     $("mic-level").style.width = `${(fraction * 100).toFixed(1)}%`;
   }
 
-  setAudioPlayed(seconds) {
-    this.app.dataset.audioPlayed = seconds.toFixed(3);
-    $("audio-played").textContent = `${seconds.toFixed(1)} s`;
+  /** Seconds of reply audio heard and gaps heard (underruns) of a Player. */
+  setPlayback({ heardSeconds, underruns }) {
+    this.app.dataset.audioPlayed = heardSeconds.toFixed(3);
+    this.app.dataset.underruns = underruns;
+    $("audio-played").textContent = `${heardSeconds.toFixed(1)} s` + (underruns ? ` (${underruns} gaps)` : "");
   }
 
   /** Shows a message a person can act on; `code` names the cause in data-error. */

@@ -1,0 +1,204 @@
+"""The chat page (web/) in real headless Chromium.
+
+End to end: against the real server on the tiny checkpoint, Chromium gets a fake microphone
+that plays a speech clip once (then silence) and a fake camera. The page must capture through
+its AudioWorklet, the server must detect the turn and answer, and the page must play the reply.
+The page's observable state is in data-* attributes of #app.
+
+Audio pieces: the capture worklet and the player run in an OfflineAudioContext (rendered
+faster than real time) and are compared with numpy references.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+
+CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+SPEECH_WAV = Path("/work/shared/audio/en_hello.wav")  # 16 kHz mono int16 speech
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--use-fake-device-for-media-stream",
+    f"--use-file-for-fake-audio-capture={SPEECH_WAV}%noloop",  # %noloop: the clip plays once
+]
+APP = "document.getElementById('app').dataset"
+
+
+@pytest.fixture(scope="module")
+def playwright() -> Iterator[sync_api.Playwright]:
+    if not CHROMIUM.exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium)")
+    if not SPEECH_WAV.exists():
+        pytest.skip(f"speech clip {SPEECH_WAV} is missing")
+    with sync_api.sync_playwright() as driver:
+        yield driver
+
+
+@pytest.fixture(scope="module")
+def browser(playwright: sync_api.Playwright) -> Iterator[sync_api.Browser]:
+    """Chromium that grants mic and camera without asking."""
+    browser = playwright.chromium.launch(
+        executable_path=str(CHROMIUM), args=["--use-fake-ui-for-media-stream", *CHROMIUM_ARGS]
+    )
+    yield browser
+    browser.close()
+
+
+class Tab:
+    """A page in its own browser context, with the script errors it reported."""
+
+    def __init__(self, browser: sync_api.Browser) -> None:
+        self.context = browser.new_context()
+        self.page = self.context.new_page()
+        self.errors: list[str] = []
+        self.page.on("pageerror", lambda error: self.errors.append(str(error)))
+        self.page.on("console", lambda message: message.type == "error" and self.errors.append(message.text))
+
+    def state(self) -> dict[str, str]:
+        """The page's data-* state attributes of #app."""
+        return self.page.eval_on_selector("#app", "app => ({...app.dataset})")
+
+    def wait_for(self, condition: str, timeout_ms: float = 10_000) -> None:
+        """Waits until the JS expression ``condition`` over ``app`` (the dataset) is true."""
+        self.page.wait_for_function(f"(app => {condition})({APP})", timeout=timeout_ms)
+
+
+@pytest.fixture()
+def tab(browser: sync_api.Browser) -> Iterator[Tab]:
+    tab = Tab(browser)
+    yield tab
+    tab.context.close()
+
+
+@pytest.fixture(scope="module")
+def static_url() -> Iterator[str]:
+    """web/ served as plain static files (for the audio pieces, which need no server)."""
+
+    class QuietHandler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=WEB_DIR))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+# ---------------------------------------------------------------- audio pieces (OfflineAudioContext)
+
+RENDER_CAPTURE = """async ({ channels, rate, chunkMs }) => {
+  const context = new OfflineAudioContext(1, channels[0].length, rate);
+  await context.audioWorklet.addModule("./mic-worklet.js");
+  const buffer = context.createBuffer(channels.length, channels[0].length, rate);
+  channels.forEach((samples, i) => buffer.copyToChannel(new Float32Array(samples), i));
+  const source = new AudioBufferSourceNode(context, { buffer });
+  const node = new AudioWorkletNode(context, "pcm-capture", {
+    numberOfInputs: 1, numberOfOutputs: 0, processorOptions: { chunkMs },
+  });
+  const chunks = [];
+  node.port.onmessage = ({ data }) => chunks.push({ pcm: Array.from(new Int16Array(data.pcm)), level: data.level });
+  source.connect(node);
+  source.start();
+  await context.startRendering();
+  await new Promise((resolve) => setTimeout(resolve, 200)); // messages still on their way
+  return chunks;
+}"""
+
+
+def test_capture_worklet_makes_pcm16_chunks(tab: Tab, static_url: str) -> None:
+    rate, chunk = 48_000, 960  # 20 ms chunks
+    stereo = np.random.default_rng(0).uniform(-1.3, 1.3, size=(2, 5 * chunk)).astype(np.float32)
+    tab.page.goto(static_url)
+    chunks = tab.page.evaluate(RENDER_CAPTURE, {"channels": stereo.tolist(), "rate": rate, "chunkMs": 20})
+
+    mono = np.clip(stereo.astype(np.float64).mean(axis=0), -1.0, 1.0)
+    expected = np.trunc(np.where(mono < 0, mono * 32768, mono * 32767)).astype(np.int16)
+    assert [len(c["pcm"]) for c in chunks] == [chunk] * 5
+    np.testing.assert_array_equal(np.concatenate([c["pcm"] for c in chunks]), expected)
+    expected_levels = np.sqrt((mono.reshape(5, chunk) ** 2).mean(axis=1))
+    np.testing.assert_allclose([c["level"] for c in chunks], expected_levels, rtol=1e-9)
+
+
+RENDER_PLAYER = """async ({ segments, rate, seconds, stopAt }) => {
+  const { Player } = await import("./player.js");
+  const context = new OfflineAudioContext(1, Math.round(rate * seconds), rate);
+  const player = new Player(context, { sampleRate: rate, jitterSeconds: 0.05 });
+  segments.forEach((segment, i) => player.enqueue(new Int16Array(segment).buffer, i > 0));
+  if (stopAt !== null) context.suspend(stopAt).then(() => { player.stop(); context.resume(); });
+  const rendered = await context.startRendering();
+  return { samples: Array.from(rendered.getChannelData(0)), heard: player.heardSeconds, busy: player.busy };
+}"""
+RATE = 24_000
+JITTER = int(0.05 * RATE)  # the player's jitter buffer in samples
+
+
+def reply_pcm(seconds: float) -> np.ndarray:
+    """A 24 kHz int16 tone with a rising pitch (no two segments look alike)."""
+    t = np.arange(int(seconds * RATE)) / RATE
+    return (12_000 * np.sin(2 * np.pi * (200 + 300 * t) * t)).astype(np.int16)
+
+
+def test_player_plays_segments_back_to_back(tab: Tab, static_url: str) -> None:
+    reply = reply_pcm(0.6)
+    segments = np.split(reply, [1_000, 4_321, 9_000])  # uneven sizes, as the TTS makes them
+    tab.page.goto(static_url)
+    result = tab.page.evaluate(
+        RENDER_PLAYER, {"segments": [s.tolist() for s in segments], "rate": RATE, "seconds": 1.0, "stopAt": None}
+    )
+    played = np.array(result["samples"])
+    expected = np.zeros_like(played)
+    expected[JITTER : JITTER + len(reply)] = reply / 32768
+    np.testing.assert_allclose(played, expected, atol=1e-7)  # no gap, no overlap, nothing lost
+    assert result["heard"] == pytest.approx(0.6, abs=1e-6)
+    assert not result["busy"]
+
+
+def test_player_stop_silences_at_once(tab: Tab, static_url: str) -> None:
+    reply = reply_pcm(0.8)
+    stop_sample = 9_600  # 0.4 s, on a 128-frame render quantum boundary
+    tab.page.goto(static_url)
+    result = tab.page.evaluate(
+        RENDER_PLAYER,
+        {"segments": [s.tolist() for s in np.array_split(reply, 4)], "rate": RATE, "seconds": 1.0, "stopAt": 0.4},
+    )
+    played = np.array(result["samples"])
+    np.testing.assert_allclose(played[JITTER:stop_sample], reply[: stop_sample - JITTER] / 32768, atol=1e-7)
+    assert not played[stop_sample:].any()
+    assert result["heard"] == pytest.approx((stop_sample - JITTER) / RATE, abs=1e-6)
+    assert not result["busy"]
+
+
+# ---------------------------------------------------------------- the page against the real server
+
+
+def test_denied_microphone_is_explained(playwright: sync_api.Playwright, static_url: str) -> None:
+    # Without --use-fake-ui-for-media-stream, headless Chromium answers the permission prompt "no".
+    browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    try:
+        tab = Tab(browser)
+        tab.page.goto(static_url)
+        tab.page.click("#start")
+        tab.wait_for("app.error !== ''")
+        state = tab.state()
+        assert state["error"] == "mic_denied"
+        assert state["connection"] == "offline"
+        assert "denied" in tab.page.inner_text("#error")
+    finally:
+        browser.close()
