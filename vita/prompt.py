@@ -1,0 +1,101 @@
+"""VITA-1.5 chat prompt: Qwen2.5 ChatML template, system prompts, per-turn text, reply state.
+
+A conversation grows turn by turn over one KV cache: the first turn carries the system
+prompt, later turns carry only their own text. A reply's closing `<|im_end|>` is sampled
+but never fed back through the model, so the next turn starts by writing it.
+
+VITA-1.5 starts every reply with a state token (upstream `data_utils_video_audio_neg_patch`):
+☞ answers a spoken query (speak it), ☟ marks speech not addressed to the assistant (say
+nothing), ☜ answers a typed query.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from vita.tokenizer import AUDIO_PLACEHOLDER, IM_END, IM_START, IMAGE_PLACEHOLDER
+
+_IDENTITY = (
+    "You are an AI robot and your name is VITA. \n"
+    "- You are a multimodal large language model developed by the open source community. "
+    "Your aim is to be helpful, honest and harmless. \n"
+    "- You support the ability to communicate fluently and answer user questions in multiple "
+    "languages of the user's choice. \n"
+    "- If the user corrects the wrong answer you generated, you will apologize and discuss the "
+    "correct answer with the user."
+)
+
+# The `qwen2p5_instruct` system prompts of upstream vita/conversation.py ("lang" is "audio").
+SYSTEM_PROMPTS = {
+    "audio": _IDENTITY,
+    "image": _IDENTITY
+    + " \n- You must answer the question strictly according to the content of the image given by "
+    "the user, and it is strictly forbidden to answer the question without the content of the "
+    "image. Please note that you are seeing the image, not the video.",
+    "video": _IDENTITY
+    + " \n- You must answer the question strictly according to the content of the video given by "
+    "the user, and it is strictly forbidden to answer the question without the content of the "
+    "video. Please note that you are seeing the video, not the image.",
+}
+
+ASSISTANT_HEADER = f"{IM_START}assistant\n"
+REPLY_END = f"{IM_END}\n"
+
+
+class ReplyState(enum.Enum):
+    """Leading state token of a VITA-1.5 reply."""
+
+    SPOKEN_ANSWER = "☞"
+    NOT_ADDRESSED = "☟"
+    TEXT_ANSWER = "☜"
+
+    @property
+    def should_speak(self) -> bool:
+        return self is not ReplyState.NOT_ADDRESSED
+
+
+def parse_reply_state(text: str) -> tuple[ReplyState | None, str]:
+    """Split a reply (or its beginning) into its leading state token and the remaining text.
+
+    Leading whitespace before the token and one space after it are dropped.
+    """
+    stripped = text.lstrip()
+    for state in ReplyState:
+        if stripped.startswith(state.value):
+            rest = stripped[len(state.value):]
+            return state, rest[1:] if rest.startswith(" ") else rest
+    return None, text
+
+
+def system_block(system_prompt: str) -> str:
+    return f"{IM_START}system\n{system_prompt}{REPLY_END}"
+
+
+def user_block(content: str) -> str:
+    """A user message followed by the header the assistant's reply continues."""
+    return f"{IM_START}user\n{content}{REPLY_END}{ASSISTANT_HEADER}"
+
+
+def user_content(num_images: int = 0, audio: bool = False, text: str | None = None) -> str:
+    """User message body: image/frame placeholders on their own line, then audio, then text."""
+    content = IMAGE_PLACEHOLDER * num_images + ("\n" if num_images else "")
+    content += AUDIO_PLACEHOLDER if audio else ""
+    return content + (text or "")
+
+
+@dataclass
+class Conversation:
+    """Where a conversation stands: which text the next turn must start with."""
+
+    system_prompt: str = SYSTEM_PROMPTS["audio"]
+    turns: int = 0
+
+    def next_turn_text(self, content: str) -> str:
+        """Prompt text of the next user turn: only what the KV cache does not hold yet."""
+        if self.turns == 0:
+            prefix = system_block(self.system_prompt)
+        else:
+            prefix = REPLY_END
+        self.turns += 1
+        return prefix + user_block(content)

@@ -1,0 +1,111 @@
+"""Thin wrapper over a Qwen2 `tokenizers.Tokenizer` (tokenizer.json) with VITA placeholders.
+
+`<image>` and `<audio>` in a prompt become the placeholder ids -200 and -500 that
+`VitaQwen2ForCausalLM.splice_embeddings` replaces with encoder features.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+IMAGE_TOKEN_INDEX = -200
+AUDIO_TOKEN_INDEX = -500
+IMAGE_PLACEHOLDER = "<image>"
+AUDIO_PLACEHOLDER = "<audio>"
+
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+END_OF_TEXT = "<|endoftext|>"
+
+_PLACEHOLDER_IDS = {IMAGE_PLACEHOLDER: IMAGE_TOKEN_INDEX, AUDIO_PLACEHOLDER: AUDIO_TOKEN_INDEX}
+_PLACEHOLDER_SPLIT = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(AUDIO_PLACEHOLDER)})")
+_REPLACEMENT_CHAR = "\ufffd"
+
+
+class VitaTokenizer:
+    """Qwen2 byte-level BPE tokenizer plus the special ids VITA needs."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.im_start_id = self._special_id(IM_START)
+        self.im_end_id = self._special_id(IM_END)
+        self.end_of_text_id = self._special_id(END_OF_TEXT)
+
+    @classmethod
+    def from_dir(cls, checkpoint_dir: Path) -> "VitaTokenizer":
+        path = Path(checkpoint_dir) / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {path}")
+        return cls(Tokenizer.from_file(str(path)))
+
+    def _special_id(self, token: str) -> int:
+        token_id = self.tokenizer.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"tokenizer has no special token {token!r}")
+        return token_id
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer can decode (base vocabulary plus added tokens)."""
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Ids that end an assistant reply."""
+        return (self.im_end_id, self.end_of_text_id)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; special tokens written in the text are recognised, no BOS is added."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_with_placeholders(self, text: str) -> list[int]:
+        """Token ids of `text` with each `<image>` -> -200 and each `<audio>` -> -500."""
+        ids: list[int] = []
+        for chunk in _PLACEHOLDER_SPLIT.split(text):
+            if chunk in _PLACEHOLDER_IDS:
+                ids.append(_PLACEHOLDER_IDS[chunk])
+            elif chunk:
+                ids.extend(self.encode(chunk))
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def stream_decoder(self) -> "StreamDecoder":
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Turns a stream of token ids into clean text deltas.
+
+    A byte-level token may end in the middle of a UTF-8 character; its text is held back
+    until the character is complete, so no delta carries a replacement character that the
+    full decode would not have. Special tokens are skipped.
+    """
+
+    def __init__(self, tokenizer: VitaTokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def push(self, token_id: int) -> str:
+        """Add one id and return the text it completes ('' while a character is incomplete)."""
+        self.ids.append(token_id)
+        prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
+        full_text = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        if len(full_text) <= len(prefix_text) or full_text.endswith(_REPLACEMENT_CHAR):
+            return ""
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.ids)
+        return full_text[len(prefix_text):]
+
+    def flush(self) -> str:
+        """Text still held back at the end of the stream (may hold a replacement character)."""
+        prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
+        full_text = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return full_text[len(prefix_text):]
