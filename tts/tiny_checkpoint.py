@@ -19,6 +19,7 @@ from tts.config import CodecConfig, DecoderConfig
 from tts.decoder import LLM2TTSCodecAR
 
 TINY_CODEC_VOCAB = 64
+TINY_EOS_BIAS = 1.5  # with a zero eos row, random-text utterances end after ~25 codes (0.6 s) on average
 
 
 def tiny_decoder_config(llm_hidden: int = 64) -> DecoderConfig:
@@ -90,6 +91,9 @@ def write_tiny_tts_checkpoint(dir: Path, llm_hidden: int = 64, seed: int = 0) ->
     codec = TiCodec(codec_config)
     _randomise(decoder, generator)
     _randomise(codec, generator)
+    with torch.no_grad():
+        decoder.out_fnn.weight[decoder_config.eos_id] = 0.0
+        decoder.out_fnn.bias[decoder_config.eos_id] = TINY_EOS_BIAS
 
     (dir / "decoder").mkdir(parents=True, exist_ok=True)
     (dir / "decoder" / "model.json").write_text(json.dumps(decoder_config.to_model_json(), indent=2))
