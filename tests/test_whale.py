@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torch.nn.functional as F
 import yaml
 
 from vita.fbank import fbank, num_frames
@@ -178,7 +179,7 @@ def test_relative_attention_matches_loop_formula():
 @pytest.mark.parametrize("chunk_size,left_chunks,dynamic", [(4, 2, False), (-1, -1, False), (4, 16, True)])
 def test_batch_padding_does_not_change_each_clip(chunk_size, left_chunks, dynamic):
     model = tiny_model(chunk_size=chunk_size, left_chunks=left_chunks, dynamic_chunks=dynamic)
-    clips = [model.fbank(read_clip("en_hello")), model.fbank(read_clip("en_describe"))]
+    clips = [model.waveform_features(read_clip("en_hello")), model.waveform_features(read_clip("en_describe"))]
     lengths = torch.tensor([len(c) for c in clips])
     batch = torch.nn.utils.rnn.pad_sequence(clips, batch_first=True)
     with torch.no_grad():
@@ -202,6 +203,54 @@ def test_chunk_window_limits_what_a_frame_sees():
             after, _ = model(changed, lengths)
         # adapter frame j covers encoder frames 2j..2j+4, encoder frame t covers fbank frames 4t..4t+6
         assert torch.equal(before[0, :10], after[0, :10]) == expect_same
+
+
+def functional_reference(state: dict, feats: torch.Tensor, config: AudioEncoderConfig) -> torch.Tensor:
+    """One clip through upstream's steps, written with torch.nn.functional on checkpoint keys."""
+    w = {name.removeprefix("encoder.enc."): tensor for name, tensor in state.items()}
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    x = (feats - w["encoder.global_cmvn.mean"]) * w["encoder.global_cmvn.istd"]
+    x = F.relu(F.conv2d(x[None, None], w["0.core.conv.0.weight"], w["0.core.conv.0.bias"], stride=2))
+    x = F.relu(F.conv2d(x, w["0.core.conv.2.weight"], w["0.core.conv.2.bias"], stride=2))
+    x = F.linear(x[0].permute(1, 0, 2).flatten(1), w["0.core.out.0.weight"], w["0.core.out.0.bias"])
+    x = F.linear(x, w["1.embed.0.weight"], w["1.embed.0.bias"])
+    x = F.relu(F.layer_norm(x, (hidden,), w["1.embed.1.weight"], w["1.embed.1.bias"])) * math.sqrt(hidden)
+    length = x.shape[0]
+    positions = torch.arange(length, dtype=torch.float32)[:, None]
+    pe = torch.zeros(length, hidden)
+    pe[:, 0::2] = torch.sin(positions / 10000 ** (torch.arange(0, hidden, 2) / hidden))
+    pe[:, 1::2] = torch.cos(positions / 10000 ** (torch.arange(0, hidden, 2) / hidden))
+    allowed = loop_chunk_mask(length, config.chunk_size, config.left_chunks)
+    for n in range(config.num_blocks):
+        b = {k.removeprefix(f"1.encoders.{n}."): v for k, v in w.items() if k.startswith(f"1.encoders.{n}.")}
+        y = F.layer_norm(x, (hidden,), b["norm1.weight"], b["norm1.bias"])
+        q, k, v = (F.linear(y, b[f"self_attn.linear_{c}.weight"], b[f"self_attn.linear_{c}.bias"]).view(length, heads, -1)
+                   for c in "qkv")
+        p = F.linear(pe, b["self_attn.linear_pos.weight"]).view(length, heads, -1)
+        scores = (torch.einsum("ihd,jhd->hij", q + b["self_attn.pos_bias_u"], k)
+                  + torch.einsum("ihd,jhd->hij", q + b["self_attn.pos_bias_v"], p)) / math.sqrt(hidden // heads)
+        attn = torch.softmax(scores.masked_fill(~allowed, -torch.inf), dim=-1)
+        out = torch.einsum("hij,jhd->ihd", attn, v).flatten(1)
+        x = x + F.linear(out, b["self_attn.linear_out.weight"], b["self_attn.linear_out.bias"])
+        y = F.layer_norm(x, (hidden,), b["norm2.weight"], b["norm2.bias"])
+        y = F.linear(F.relu(F.linear(y, b["feed_forward.w_1.weight"], b["feed_forward.w_1.bias"])),
+                     b["feed_forward.w_2.weight"], b["feed_forward.w_2.bias"])
+        x = x + y
+    x = F.layer_norm(x, (hidden,), w["1.after_norm.weight"], w["1.after_norm.bias"])
+    kernel = config.adapter_kernel_size
+    x = F.conv1d(F.pad(x.T[None], (0, kernel - 1)), w["adpter.conv1d2.weight"], w["adpter.conv1d2.bias"], stride=2)
+    x = F.layer_norm(x[0].T, (2 * hidden,), w["adpter.bn2.weight"], w["adpter.bn2.bias"], eps=1e-3)
+    return F.linear(F.gelu(x), w["adpter.project.weight"], w["adpter.project.bias"])
+
+
+@pytest.mark.parametrize("chunk_size,left_chunks", [(4, 2), (3, -1)])
+def test_forward_matches_functional_reference(chunk_size, left_chunks):
+    model = tiny_model(seed=1, chunk_size=chunk_size, left_chunks=left_chunks)
+    feats = torch.from_numpy(kaldi_native_fbank(read_clip("en_hello")[:24000])).float()
+    with torch.no_grad():
+        actual, _ = model(feats[None], torch.tensor([len(feats)]))
+        expected = functional_reference(model.state_dict(), feats, model.config)
+    torch.testing.assert_close(actual[0], expected, atol=1e-4, rtol=1e-4)
 
 
 def test_encode_waveform_equals_forward_on_fbank():

@@ -6,6 +6,11 @@ fbank ``[B, T, 80]`` -> global CMVN -> Conv2dSubsampling4 (T/4) -> relative-posi
 State-dict keys mirror the checkpoint with ``model.audio_encoder.`` stripped:
 ``encoder.enc.0.core.{conv.0,conv.2,out.0}``, ``encoder.enc.1.{embed.0,embed.1,encoders.N,after_norm}``,
 ``encoder.global_cmvn.{mean,istd}``, ``adpter.{conv1d2,bn2,project}``.
+
+Attention context follows upstream's non-streaming forward: with ``dynamic_chunks`` off and
+``chunk_size > 0`` a frame sees its chunk and ``left_chunks`` chunks before it; otherwise the whole
+utterance. (With ``dynamic_chunks`` on, upstream draws a random chunk size on every forward, even in
+eval; the whole utterance is what its full-context decoding and the VITA-1.5 vLLM demo use.)
 """
 
 from __future__ import annotations
@@ -440,8 +445,8 @@ class WhaleAudioEncoder(nn.Module):
         hidden, valid = self.encoder(fbank_feats.to(dtype), lengths)
         return self.adpter(hidden, valid), output_lengths(lengths)
 
-    def fbank(self, wave_16k: np.ndarray, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Upstream's features of a float waveform in [-1, 1]: Kaldi fbank of ``wave * 32768``."""
+    def waveform_features(self, wave_16k: np.ndarray, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Upstream's fbank ``[T, input_dim]`` of a float waveform in [-1, 1]: Kaldi fbank of ``wave * 32768``."""
         config = self.config
         samples = torch.as_tensor(np.asarray(wave_16k, dtype=np.float32), device=self.adpter.project.weight.device)
         return fbank(samples * 32768.0, num_mel_bins=config.input_dim, sample_rate=config.sample_rate,
@@ -451,7 +456,7 @@ class WhaleAudioEncoder(nn.Module):
     @torch.inference_mode()
     def encode_waveform(self, wave_16k: np.ndarray, generator: torch.Generator | None = None) -> torch.Tensor:
         """16 kHz mono float32 waveform -> LLM audio embeddings ``[T', llm_hidden]``."""
-        feats = self.fbank(wave_16k, generator)
+        feats = self.waveform_features(wave_16k, generator)
         lengths = torch.tensor([feats.shape[0]], device=feats.device)
         features, _ = self(feats[None], lengths)
         return features[0]
