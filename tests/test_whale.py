@@ -299,6 +299,24 @@ def test_train_yaml_round_trip_with_upstream_keys(tmp_path, config):
     assert raw["dataset_conf"]["fbank_conf"]["num_mel_bins"] == 80
 
 
+def test_train_yaml_keys_with_underscores_read_alike(tmp_path):
+    path = tmp_path / "train.yaml"
+    config = AudioEncoderConfig.tiny()
+    config.to_train_yaml(path)
+    raw = yaml.safe_load(path.read_text())
+    encoder_conf = raw["encoder_conf"]
+    encoder_conf["overview_conf"] = {k.replace("-", "_"): v for k, v in encoder_conf["overview_conf"].items()}
+    for name, values in encoder_conf["para_conf"].items():
+        encoder_conf["para_conf"][name] = {k.replace("-", "_"): v for k, v in values.items()}
+    path.write_text(yaml.safe_dump(raw))
+    assert AudioEncoderConfig.from_train_yaml(path) == config
+
+
+def test_encode_waveform_rejects_multichannel_audio():
+    with pytest.raises(ValueError, match="mono"):
+        tiny_model().encode_waveform(np.zeros((2, 16000), dtype=np.float32))
+
+
 def test_train_yaml_missing_keys_take_upstream_defaults(tmp_path):
     path = tmp_path / "train.yaml"
     AudioEncoderConfig.full().to_train_yaml(path)

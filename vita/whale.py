@@ -99,6 +99,7 @@ class AudioEncoderConfig:
         _require(model_conf.get("adpter_type", "cnn"), "subsampling", "adpter_type")
         _require(model_conf.get("norm", "batch"), "layer", "norm")
         _require(model_conf.get("activation_func", "relu"), "gelu", "activation_func")
+        _require(fbank_conf.get("num_mel_bins", configs["input_dim"]), configs["input_dim"], "num_mel_bins")
         hidden = transformer.get("transformer_attention_dim", 256)
         for name, value in [("encoder-input-dim", overview.get("encoder_input_dim", 256)),
                             ("subsampling-input-dim", subsampling.get("subsampling_input_dim", 256))]:
@@ -448,6 +449,8 @@ class WhaleAudioEncoder(nn.Module):
     def waveform_features(self, wave_16k: np.ndarray, generator: torch.Generator | None = None) -> torch.Tensor:
         """Upstream's fbank ``[T, input_dim]`` of a float waveform in [-1, 1]: Kaldi fbank of ``wave * 32768``."""
         config = self.config
+        if np.ndim(wave_16k) != 1:
+            raise ValueError(f"expected a mono waveform, got shape {np.shape(wave_16k)}")
         samples = torch.as_tensor(np.asarray(wave_16k, dtype=np.float32), device=self.adpter.project.weight.device)
         return fbank(samples * 32768.0, num_mel_bins=config.input_dim, sample_rate=config.sample_rate,
                      frame_length_ms=config.frame_length_ms, frame_shift_ms=config.frame_shift_ms,
