@@ -1,0 +1,243 @@
+"""Engine (continuous batching over a slot KV cache) against a no-cache greedy loop; batched sampling."""
+
+import asyncio
+
+import pytest
+import torch
+
+from vita.engine import Engine
+from vita.qwen2 import LLMConfig, Qwen2Model
+from vita.sampling import SamplingBatch, SamplingParams, sample
+
+VOCAB = 300
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def model() -> tuple[Qwen2Model, torch.nn.Linear]:
+    """Tiny model with weights large enough that greedy output depends on the whole history."""
+    torch.manual_seed(0)
+    config = LLMConfig.tiny(vocab_size=VOCAB)
+    core, lm_head = Qwen2Model(config).eval(), torch.nn.Linear(config.hidden_size, VOCAB, bias=False)
+    with torch.no_grad():
+        for module in (core, lm_head):
+            for name, param in module.named_parameters():
+                if "norm" not in name:
+                    param.normal_(0, 0.2)
+    return core, lm_head
+
+
+def prompt(model, length: int, seed: int) -> torch.Tensor:
+    ids = torch.randint(0, VOCAB, (length,), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model[0].embed_tokens(ids)
+
+
+def reference_greedy(model, embeds: torch.Tensor, max_tokens: int, stop_ids=()) -> list[int]:
+    """Recompute the whole sequence without a cache for every new token."""
+    core, lm_head = model
+    tokens = []
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            token = int(lm_head(core.forward_reference(embeds[None])[0, -1]).argmax())
+            tokens.append(token)
+            if token in stop_ids:
+                break
+            embeds = torch.cat([embeds, core.embed_tokens(torch.tensor([token]))])
+    return tokens
+
+
+def token_embeds(model, tokens: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model[0].embed_tokens(torch.tensor(tokens, dtype=torch.long))
+
+
+def make_engine(model, **overrides) -> Engine:
+    options = dict(max_sessions=4, max_len=128, device="cpu", dtype=torch.float32, stop_token_ids=(), prefill_chunk=8)
+    return Engine(*model, **(options | overrides))
+
+
+async def collect(engine: Engine, session_id: str, embeds: torch.Tensor, params=GREEDY) -> list[int]:
+    return [token async for token in engine.generate(session_id, embeds, params)]
+
+
+async def test_concurrent_sessions_match_reference_greedy(model):
+    prompts = {f"s{i}": prompt(model, n, seed=i) for i, n in enumerate((3, 11, 20, 37))}
+    stop = reference_greedy(model, prompts["s2"], 12)[5]  # s2 must stop at its 6th token
+    engine = make_engine(model, stop_token_ids=[stop])
+    results = await asyncio.gather(*(collect(engine, sid, p) for sid, p in prompts.items()))
+    await engine.close()
+    for (sid, embeds), tokens in zip(prompts.items(), results):
+        assert tokens == reference_greedy(model, embeds, 12, stop_ids=[stop]), sid
+    assert len(results[2]) <= 6 and results[2][-1] == stop
+
+
+async def test_second_turn_prefills_only_new_tokens(model):
+    engine = make_engine(model)
+    first, second = prompt(model, 9, seed=10), prompt(model, 6, seed=11)
+    reply1 = await collect(engine, "a", first)
+    processed = []
+    hook = model[0].register_forward_pre_hook(lambda _, args: processed.append(args[0].shape[:2].numel()))
+    try:
+        reply2 = await collect(engine, "a", second)
+    finally:
+        hook.remove()
+        await engine.close()
+    assert reply1 == reference_greedy(model, first, 12)
+    conversation = torch.cat([first, token_embeds(model, reply1), second])
+    assert reply2 == reference_greedy(model, conversation, 12)
+    # the previous reply's last token + the new prompt, then one token per decode step
+    assert sum(processed) == 1 + second.shape[0] + len(reply2) - 1
+
+
+async def test_cancel_mid_reply_leaves_others_intact_and_frees_the_slot(model):
+    engine = make_engine(model, max_sessions=3)
+    prompts = {sid: prompt(model, n, seed=20 + i) for i, (sid, n) in enumerate((("a", 5), ("b", 14), ("c", 30)))}
+
+    async def cancelled_after_three() -> list[int]:
+        tokens = []
+        async for token in engine.generate("b", prompts["b"], GREEDY):
+            tokens.append(token)
+            if len(tokens) == 3:
+                engine.cancel("b")
+        return tokens
+
+    a, b, c = await asyncio.gather(
+        collect(engine, "a", prompts["a"]), cancelled_after_three(), collect(engine, "c", prompts["c"])
+    )
+    assert a == reference_greedy(model, prompts["a"], 12)
+    assert c == reference_greedy(model, prompts["c"], 12)
+    assert b == reference_greedy(model, prompts["b"], 12)[:3]  # stopped within one step
+
+    follow_up = prompt(model, 4, seed=30)
+    conversation = torch.cat([prompts["b"], token_embeds(model, b), follow_up])
+    assert await collect(engine, "b", follow_up) == reference_greedy(model, conversation, 12)
+
+    with pytest.raises(RuntimeError):
+        await collect(engine, "d", prompts["a"])  # all three slots hold conversations
+    engine.end_session("b")
+    fresh = prompt(model, 7, seed=31)
+    assert await collect(engine, "d", fresh) == reference_greedy(model, fresh, 12)
+    await engine.close()
+
+
+async def test_breaking_out_of_the_stream_cancels_the_turn(model):
+    engine = make_engine(model)
+    embeds, follow_up = prompt(model, 6, seed=40), prompt(model, 3, seed=41)
+    stream = engine.generate("a", embeds, GREEDY)
+    first_two = [await anext(stream), await anext(stream)]
+    for _ in range(5):
+        await asyncio.sleep(0)  # let the engine run ahead of this slow consumer
+    await stream.aclose()
+    reply = await collect(engine, "a", follow_up)  # would raise if the turn were still running
+    await engine.close()
+    conversation = torch.cat([embeds, token_embeds(model, first_two), follow_up])
+    assert reply == reference_greedy(model, conversation, 12)
+
+
+async def test_cancel_during_prefill_drops_the_turn(model):
+    engine = make_engine(model)
+    stream = engine.generate("a", prompt(model, 40, seed=42), GREEDY)  # 5 prefill chunks of 8
+    first = asyncio.ensure_future(anext(stream))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not first.done()
+    engine.cancel("a")
+    with pytest.raises(StopAsyncIteration):
+        await first
+    follow_up = prompt(model, 5, seed=43)
+    assert await collect(engine, "a", follow_up) == reference_greedy(model, follow_up, 12)
+    await engine.close()
+
+
+async def test_single_token_turns_keep_the_conversation_consistent(model):
+    engine = make_engine(model)
+    turns = [prompt(model, n, seed=45 + n) for n in (4, 2, 3)]
+    conversation, replies = turns[0][:0], []
+    for embeds in turns:
+        replies.append(await collect(engine, "a", embeds, SamplingParams(max_tokens=1)))
+        conversation = torch.cat([conversation, embeds])
+        assert replies[-1] == reference_greedy(model, conversation, 1)
+        conversation = torch.cat([conversation, token_embeds(model, replies[-1])])
+    await engine.close()
+
+
+async def test_shared_prefix_equals_full_prefill(model):
+    engine = make_engine(model)
+    system, user_a, user_b = prompt(model, 19, seed=50), prompt(model, 5, seed=51), prompt(model, 8, seed=52)
+    engine.set_shared_prefix(system)
+    a, b = await asyncio.gather(collect(engine, "a", user_a), collect(engine, "b", user_b))
+    await engine.close()
+    assert a == reference_greedy(model, torch.cat([system, user_a]), 12)
+    assert b == reference_greedy(model, torch.cat([system, user_b]), 12)
+
+
+async def test_turn_stops_when_cache_is_full_and_oversized_turns_are_refused(model):
+    engine = make_engine(model, max_len=20)
+    embeds = prompt(model, 15, seed=60)
+    tokens = await collect(engine, "a", embeds, SamplingParams(max_tokens=50))
+    assert tokens == reference_greedy(model, embeds, 6)  # positions 15..19 written, then one more sampled
+    with pytest.raises(ValueError):
+        await collect(engine, "a", prompt(model, 1, seed=61))
+    await engine.close()
+
+
+async def test_sampled_generation_is_reproducible_for_a_seed(model):
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=10)
+    embeds = prompt(model, 8, seed=70)
+    runs = []
+    for _ in range(2):
+        engine = make_engine(model, seed=123)
+        runs.append(await collect(engine, "a", embeds, params))
+        await engine.close()
+    assert runs[0] == runs[1] and len(runs[0]) == 10
+
+
+# ----------------------------------------------------------------- sampling
+
+ROWS = 4000
+
+
+def draw(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """ROWS independent samples from one row of logits."""
+    batch = SamplingBatch.from_params([params] * ROWS, "cpu")
+    return sample(logits.expand(ROWS, -1), batch, torch.Generator().manual_seed(0))
+
+
+def frequencies(ids: torch.Tensor, size: int) -> torch.Tensor:
+    return torch.bincount(ids, minlength=size).float() / ids.numel()
+
+
+def test_temperature_sampling_follows_softmax():
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0, 0.0])
+    expected = torch.softmax(logits / 2.0, dim=0)
+    observed = frequencies(draw(logits, SamplingParams(temperature=2.0)), 5)
+    torch.testing.assert_close(observed, expected, atol=0.03, rtol=0)
+
+
+def test_top_p_keeps_the_smallest_nucleus_renormalised():
+    probs = torch.tensor([0.15, 0.5, 0.05, 0.3])
+    observed = frequencies(draw(probs.log(), SamplingParams(temperature=1.0, top_p=0.7)), 4)
+    # nucleus: 0.5 (< 0.7 before it: 0.0) and 0.3 (0.5 before it); 0.15 has 0.8 before it
+    torch.testing.assert_close(observed, torch.tensor([0.0, 0.625, 0.0, 0.375]), atol=0.03, rtol=0)
+
+
+def test_top_k_restricts_support_to_k_largest():
+    logits = torch.tensor([0.1, 3.0, 0.2, 2.9, 0.0, 2.8])
+    ids = draw(logits, SamplingParams(temperature=5.0, top_k=2))
+    assert set(ids.tolist()) == {1, 3}
+
+
+def test_rows_use_their_own_parameters():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    params = [SamplingParams(), SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=1.0)]
+    ids = sample(logits, SamplingBatch.from_params(params, "cpu"), torch.Generator().manual_seed(2))
+    assert ids[:2].tolist() == logits[:2].argmax(dim=-1).tolist()
+    spread = sample(logits[2:].expand(500, -1), SamplingBatch.from_params(params[2:] * 500, "cpu"))
+    assert len(set(spread.tolist())) > 10  # the unfiltered row really samples
+
+
+def test_invalid_params_are_rejected():
+    for bad in (dict(temperature=-1), dict(top_p=0.0), dict(top_k=-2), dict(max_tokens=0)):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)

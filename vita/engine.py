@@ -1,0 +1,354 @@
+"""Multi-session generation engine: engine-owned KV cache, continuous batching, chunked prefill.
+
+One background task on the caller's event loop runs *steps*. A step prefills up to
+``prefill_chunk`` new tokens (one or more chunks of waiting sessions) and then decodes one
+token for every session that is generating, all in one batch. Each session owns a cache slot
+for its whole conversation, so a new turn only prefills its new tokens. On CUDA the decode
+forward is replayed from CUDA graphs captured per (batch bucket, attended-length bucket).
+
+All public methods must be called from the thread running the engine's event loop (another
+thread uses ``loop.call_soon_threadsafe``); a step never yields mid-way, so they always see the
+engine between steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from vita.qwen2 import KVCache, Qwen2Model
+from vita.sampling import SamplingBatch, SamplingParams, sample
+
+_FINISHED = None
+
+
+@dataclass
+class _Request:
+    """One turn of one session: embeddings still to prefill, then tokens to stream."""
+
+    embeds: torch.Tensor  # [T, hidden], includes the previous turn's last token
+    params: SamplingParams
+    start_length: int  # cache length before this turn
+    start_pending: int | None
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    prefilled: int = 0
+    tokens: list[int] = field(default_factory=list)  # sampled so far
+    consumed: int = 0  # tokens the caller has received
+    done: bool = False  # the engine has stopped working on it
+
+    @property
+    def prompt_end(self) -> int:
+        return self.start_length + self.embeds.shape[0]
+
+
+@dataclass
+class _Session:
+    slot: int
+    length: int = 0  # positions of the slot holding this conversation
+    pending: int | None = None  # last sampled token, yielded but not yet written to the cache
+    request: _Request | None = None
+
+
+class _DecodeGraph:
+    """A CUDA graph of one decode forward (ids -> logits) at a fixed batch size and attended length."""
+
+    def __init__(self, step: Callable, batch: int, kv_len: int, padding_slot: int, device: torch.device, pool):
+        self.inputs = torch.zeros(3, batch, dtype=torch.long, device=device)  # ids, positions, slots
+        self.inputs[2] = padding_slot
+        self.padding_slot = padding_slot
+
+        def run() -> torch.Tensor:
+            return step(self.inputs[0], self.inputs[1, :, None], self.inputs[2], kv_len)
+
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits = run()
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``inputs [3, n]`` (n <= batch); padding rows decode garbage in the padding slot."""
+        n = inputs.shape[1]
+        self.inputs[:, :n].copy_(inputs, non_blocking=True)
+        self.inputs[:2, n:] = 0
+        self.inputs[2, n:] = self.padding_slot
+        self.graph.replay()
+        return self.logits[:n]
+
+
+class Engine:
+    """Continuous-batching generator over a fixed number of session slots."""
+
+    def __init__(
+        self,
+        model_core: Qwen2Model,
+        lm_head: nn.Module,
+        *,
+        max_sessions: int,
+        max_len: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        stop_token_ids: Iterable[int],
+        prefill_chunk: int = 256,
+        seed: int = 0,
+        cuda_graphs: bool | None = None,
+    ):
+        self.model = model_core
+        self.lm_head = lm_head
+        self.device = torch.device(device)
+        self.max_sessions = max_sessions
+        self.max_len = max_len
+        self.stop_token_ids = frozenset(stop_token_ids)
+        self.prefill_chunk = prefill_chunk
+        self.padding_slot = max_sessions
+        self.prefix_slot = max_sessions + 1
+        self.cache = KVCache(model_core.config, max_sessions + 2, max_len, self.device, dtype)
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+        self.use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._sessions: dict[str, _Session] = {}
+        self._free_slots = list(range(max_sessions))
+        self._prefill_queue: list[_Session] = []
+        self._decoding: list[_Session] = []
+        self._prefix_len = 0
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    # ----------------------------------------------------------------- public API
+
+    async def generate(self, session_id: str, new_embeds: torch.Tensor, params: SamplingParams) -> AsyncIterator[int]:
+        """Append ``new_embeds [T, hidden]`` to the session's conversation and stream sampled token ids.
+
+        Ends after a stop token, ``params.max_tokens`` tokens, a full cache, or ``cancel``. The
+        conversation keeps exactly the tokens this iterator yielded (the last one included); leaving
+        the iterator early cancels the turn.
+        """
+        request = self._submit(session_id, new_embeds, params)
+        received_all = False
+        try:
+            while (item := await request.queue.get()) is not _FINISHED:
+                if isinstance(item, BaseException):
+                    raise item
+                request.consumed += 1
+                yield item
+            received_all = True
+        finally:
+            session = self._sessions.get(session_id)
+            if session is not None and session.request is request:
+                if not received_all:
+                    self.cancel(session_id)
+                session.request = None
+
+    def cancel(self, session_id: str) -> None:
+        """Stop the session's current turn now, keeping only the tokens already yielded.
+
+        A turn cancelled before yielding anything leaves the conversation as it was before it.
+        """
+        session = self._sessions.get(session_id)
+        if session is None or session.request is None:
+            return
+        request = session.request
+        self._finish(session)
+        if request.consumed == 0:
+            session.length, session.pending = request.start_length, request.start_pending
+        else:
+            session.length = request.prompt_end + request.consumed - 1
+            session.pending = request.tokens[request.consumed - 1]
+        while not request.queue.empty():
+            request.queue.get_nowait()
+        request.queue.put_nowait(_FINISHED)
+
+    def end_session(self, session_id: str) -> None:
+        """Forget the conversation and free its cache slot."""
+        self.cancel(session_id)
+        session = self._sessions.pop(session_id, None)
+        if session is not None:
+            self._free_slots.append(session.slot)
+
+    def set_shared_prefix(self, embeds: torch.Tensor) -> None:
+        """Prefill ``embeds [P, hidden]`` (e.g. the system prompt) once; new sessions start from a copy."""
+        if embeds.shape[0] > self.max_len:
+            raise ValueError(f"shared prefix of {embeds.shape[0]} tokens exceeds max_len {self.max_len}")
+        with torch.inference_mode():
+            embeds = embeds.to(self.device, self.cache.k[0].dtype)
+            for start in range(0, embeds.shape[0], self.prefill_chunk):
+                self._forward_chunk(self.prefix_slot, start, embeds[start : start + self.prefill_chunk])
+        self._prefix_len = embeds.shape[0]
+
+    def capture_graphs(self) -> None:
+        """Capture every decode graph up front (otherwise each is captured on first use)."""
+        for batch in self._batch_buckets():
+            for kv_len in self._kv_buckets():
+                self._graph(batch, kv_len)
+
+    async def close(self) -> None:
+        """Stop the background loop and end every open turn."""
+        for session_id in list(self._sessions):
+            self.cancel(session_id)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    # ----------------------------------------------------------------- requests
+
+    def _submit(self, session_id: str, new_embeds: torch.Tensor, params: SamplingParams) -> _Request:
+        session = self._sessions.get(session_id)
+        if session is not None and session.request is not None and not session.request.done:
+            raise RuntimeError(f"session {session_id!r} is already generating")
+        if session is None:
+            if not self._free_slots:
+                raise RuntimeError(f"all {self.max_sessions} session slots are in use")
+            session = _Session(slot=min(self._free_slots))
+            self._free_slots.remove(session.slot)
+            if self._prefix_len:
+                self.cache.copy_slot(self.prefix_slot, session.slot, self._prefix_len)
+                session.length = self._prefix_len
+            self._sessions[session_id] = session
+        embeds = new_embeds.to(self.device, self.cache.k[0].dtype)
+        if session.pending is not None:
+            with torch.inference_mode():
+                last = self.model.embed_tokens(torch.tensor([session.pending], device=self.device))
+            embeds = torch.cat([last.to(embeds.dtype), embeds])
+        if embeds.shape[0] == 0 or session.length + embeds.shape[0] > self.max_len:
+            raise ValueError(f"turn of {embeds.shape[0]} tokens does not fit after {session.length} cached tokens")
+        session.request = _Request(embeds, params, session.length, session.pending)
+        session.pending = None
+        self._prefill_queue.append(session)
+        self._ensure_loop()
+        return session.request
+
+    def _deliver(self, session: _Session, token: int) -> None:
+        request = session.request
+        request.tokens.append(token)
+        session.pending = token
+        request.queue.put_nowait(token)
+        if (
+            token in self.stop_token_ids
+            or len(request.tokens) >= request.params.max_tokens
+            or session.length >= self.max_len
+        ):
+            self._finish(session)
+            request.queue.put_nowait(_FINISHED)
+
+    def _finish(self, session: _Session) -> None:
+        """Take the session's turn out of the engine's work lists."""
+        session.request.done = True
+        if session in self._prefill_queue:
+            self._prefill_queue.remove(session)
+        if session in self._decoding:
+            self._decoding.remove(session)
+
+    # ----------------------------------------------------------------- loop
+
+    def _ensure_loop(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        self._wakeup.set()
+
+    async def _run(self) -> None:
+        while True:
+            if not self._prefill_queue and not self._decoding:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            try:
+                with torch.inference_mode():
+                    self._step()
+            except Exception as error:  # a failed step ends every open turn with the error
+                for session in self._prefill_queue + self._decoding:
+                    self._finish(session)
+                    session.request.queue.put_nowait(error)
+            await asyncio.sleep(0)
+
+    def _step(self) -> None:
+        """Prefill up to ``prefill_chunk`` tokens of waiting turns, then decode all generating sessions."""
+        starting = self._prefill_some()
+        if self._decoding:
+            self._decode(self._decoding)
+        self._decoding += [session for session in starting if not session.request.done]
+
+    def _prefill_some(self) -> list[_Session]:
+        """Run prefill chunks within the token budget; returns sessions whose prefill completed."""
+        budget = self.prefill_chunk
+        completed = []
+        while self._prefill_queue and budget > 0:
+            session = self._prefill_queue[0]
+            request = session.request
+            chunk = request.embeds[request.prefilled : request.prefilled + budget]
+            hidden = self._forward_chunk(session.slot, session.length, chunk)
+            session.length += chunk.shape[0]
+            request.prefilled += chunk.shape[0]
+            budget -= chunk.shape[0]
+            if request.prefilled == request.embeds.shape[0]:
+                self._prefill_queue.pop(0)
+                logits = self.lm_head(hidden[:, -1])
+                self._deliver(session, self._sample(logits, [request.params])[0])
+                completed.append(session)
+        return completed
+
+    def _decode(self, sessions: list[_Session]) -> None:
+        inputs = torch.tensor([[s.pending, s.length, s.slot] for s in sessions], dtype=torch.long).T
+        kv_len = self._kv_bucket(max(s.length for s in sessions) + 1)
+        if self.use_graphs:
+            graph = self._graph(self._batch_bucket(len(sessions)), kv_len)
+            logits = graph(inputs.to(self.device, non_blocking=True))
+        else:
+            inputs = inputs.to(self.device)
+            logits = self._decode_logits(inputs[0], inputs[1, :, None], inputs[2], kv_len)
+        tokens = self._sample(logits, [s.request.params for s in sessions])
+        for session, token in zip(list(sessions), tokens):
+            session.length += 1
+            self._deliver(session, token)
+
+    # ----------------------------------------------------------------- model calls
+
+    def _forward_chunk(self, slot: int, start: int, embeds: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(start, start + embeds.shape[0], device=self.device)[None]
+        slots = torch.tensor([slot], device=self.device)
+        kv_len = self._kv_bucket(start + embeds.shape[0])
+        return self.model(embeds[None], positions, self.cache, slots, kv_len)
+
+    def _decode_logits(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, kv_len: int) -> torch.Tensor:
+        hidden = self.model(self.model.embed_tokens(ids)[:, None], positions, self.cache, slots, kv_len)
+        return self.lm_head(hidden[:, 0])
+
+    def _sample(self, logits: torch.Tensor, params: list[SamplingParams]) -> list[int]:
+        batch = SamplingBatch.from_params(params, self.device)
+        return sample(logits, batch, self.generator).tolist()
+
+    def _graph(self, batch: int, kv_len: int) -> _DecodeGraph:
+        key = (batch, kv_len)
+        if key not in self._graphs:
+            with torch.inference_mode():
+                self._graphs[key] = _DecodeGraph(
+                    self._decode_logits, batch, kv_len, self.padding_slot, self.device, self._graph_pool
+                )
+        return self._graphs[key]
+
+    # ----------------------------------------------------------------- shape buckets
+
+    def _kv_buckets(self) -> list[int]:
+        buckets, size = [], 256
+        while size < self.max_len:
+            buckets.append(size)
+            size *= 2
+        return buckets + [self.max_len]
+
+    def _kv_bucket(self, length: int) -> int:
+        return next(b for b in self._kv_buckets() if b >= length)
+
+    def _batch_buckets(self) -> list[int]:
+        small = [b for b in (1, 2, 4) if b < self.max_sessions]
+        return small + list(range(8, self.max_sessions, 8)) + [self.max_sessions]
+
+    def _batch_bucket(self, size: int) -> int:
+        return next(b for b in self._batch_buckets() if b >= size)
