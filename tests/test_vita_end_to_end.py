@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile
+import torch
+from PIL import Image, ImageDraw
 from transformers import AutoTokenizer
 
+from tts.synthesizer import Synthesizer
+from vita.assistant import VitaAssistant
+from vita.generate import ReplyTextStream, generate_ids, generate_text
 from vita.prompt import (
     SYSTEM_PROMPTS,
     Conversation,
@@ -14,7 +21,12 @@ from vita.prompt import (
     parse_reply_state,
     user_content,
 )
+from vita.sampling import SamplingParams
 from vita.tokenizer import AUDIO_TOKEN_INDEX, IMAGE_TOKEN_INDEX, VitaTokenizer
+
+HELLO_WAV = Path("/work/shared/audio/en_hello.wav")
+REPLY_TOKENS = 10
+GREEDY = SamplingParams(temperature=0.0, max_tokens=REPLY_TOKENS)
 
 CHATML_TEMPLATE = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
@@ -77,22 +89,29 @@ def test_special_tokens_follow_the_learned_vocabulary(tokenizer: VitaTokenizer) 
     assert 500 < tokenizer.vocab_size <= 1000
 
 
-def test_conversation_turns_concatenate_to_the_chatml_template(tiny_checkpoint: Path) -> None:
+@pytest.mark.parametrize("closed", [True, False])
+def test_conversation_turns_concatenate_to_the_chatml_template(tiny_checkpoint: Path, closed: bool) -> None:
     reference = AutoTokenizer.from_pretrained(tiny_checkpoint)
     conversation = Conversation(SYSTEM_PROMPTS["video"])
-    first, second = user_content(2, audio=True), user_content(text="and now?")
+    first, second, third = user_content(2, audio=True), user_content(text="and now?"), user_content(audio=True)
     reply = "☞ I see two frames."
-    streamed = conversation.next_turn_text(first) + reply + conversation.next_turn_text(second)
+    cache_text = conversation.next_turn_text(first) + reply + ("<|im_end|>" if closed else "")
+    conversation.end_reply(closed)
+    cache_text += conversation.next_turn_text(second) + "☜ Fine.<|im_end|>"
+    conversation.end_reply(True)
+    cache_text += conversation.next_turn_text(third)
     messages = [
         {"role": "system", "content": SYSTEM_PROMPTS["video"]},
         {"role": "user", "content": first},
         {"role": "assistant", "content": reply},
         {"role": "user", "content": second},
+        {"role": "assistant", "content": "☜ Fine."},
+        {"role": "user", "content": third},
     ]
     expected = reference.apply_chat_template(
         messages, chat_template=CHATML_TEMPLATE, tokenize=False, add_generation_prompt=True
     )
-    assert streamed == expected
+    assert cache_text == expected
 
 
 def test_user_content_orders_frames_audio_text_like_upstream() -> None:
@@ -122,3 +141,138 @@ def test_system_prompts_differ_only_in_their_modality_sentence() -> None:
 def test_parse_reply_state(text: str, state: ReplyState | None, rest: str) -> None:
     assert parse_reply_state(text) == (state, rest)
     assert (state or ReplyState.SPOKEN_ANSWER).should_speak == (state is not ReplyState.NOT_ADDRESSED)
+
+
+def test_reply_text_stream_splits_off_the_state_token(tokenizer: VitaTokenizer) -> None:
+    cases = [
+        ("☞ Hello 你好", ReplyState.SPOKEN_ANSWER, "Hello 你好"),
+        ("☟", ReplyState.NOT_ADDRESSED, ""),
+        ("☜今天", ReplyState.TEXT_ANSWER, "今天"),
+        ("plain reply", None, "plain reply"),
+    ]
+    for text, state, rest in cases:
+        stream = ReplyTextStream(tokenizer)
+        ids = tokenizer.encode(text) + [tokenizer.im_end_id]
+        deltas = [stream.push(token_id) for token_id in ids] + [stream.flush()]
+        assert "".join(deltas) == rest and stream.state is state and stream.closed
+        assert not any(state_token.value in delta for delta in deltas for state_token in ReplyState)
+
+
+# ----------------------------------------------------------------- model end to end
+
+
+@pytest.fixture(scope="module")
+def assistant(tiny_checkpoint: Path) -> VitaAssistant:
+    return VitaAssistant.load(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def hello_wave() -> np.ndarray:
+    wave, rate = soundfile.read(HELLO_WAV, dtype="float32")
+    assert rate == 16000
+    return wave
+
+
+def drawn_image() -> Image.Image:
+    image = Image.new("RGB", (640, 480), (30, 60, 200))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((100, 100, 300, 300), fill=(220, 20, 20))
+    draw.ellipse((380, 200, 560, 380), fill=(20, 200, 40))
+    return image
+
+
+def no_cache_greedy(model, embeds: torch.Tensor, max_tokens: int, stop_ids) -> list[int]:
+    """Recompute the whole sequence for every token: no KV cache involved."""
+    ids = []
+    with torch.inference_mode():
+        for _ in range(max_tokens):
+            hidden = model.model.forward_reference(embeds[None])
+            token_id = int(model.lm_head(hidden[0, -1]).argmax())
+            ids.append(token_id)
+            if token_id in stop_ids:
+                break
+            embeds = torch.cat([embeds, model.model.embed_tokens(torch.tensor([token_id]))])
+    return ids
+
+
+TURNS = {
+    "audio+image": lambda wave: {"audio_16k": wave, "frames": [drawn_image()]},
+    "audio": lambda wave: {"audio_16k": wave},
+    "text": lambda wave: {"text": "What is the weather like today?"},
+}
+
+
+@pytest.mark.parametrize("kind", list(TURNS))
+def test_greedy_reply_is_reproducible_and_matches_a_no_cache_recompute(
+    assistant: VitaAssistant, tiny_checkpoint: Path, hello_wave: np.ndarray, kind: str
+) -> None:
+    turn = TURNS[kind](hello_wave)
+    embeds = assistant.turn_embeddings(assistant.new_conversation(), **turn)
+    ids = list(generate_ids(assistant.model, embeds, GREEDY, assistant.tokenizer.stop_ids))
+    assert len(ids) == REPLY_TOKENS or ids[-1] in assistant.tokenizer.stop_ids
+    assert ids == no_cache_greedy(assistant.model, embeds, REPLY_TOKENS, assistant.tokenizer.stop_ids)
+
+    second_load = VitaAssistant.load(tiny_checkpoint)
+    embeds_again = second_load.turn_embeddings(second_load.new_conversation(), **turn)
+    torch.testing.assert_close(embeds_again, embeds, rtol=0, atol=0)
+    assert list(generate_ids(second_load.model, embeds_again, GREEDY, second_load.tokenizer.stop_ids)) == ids
+
+
+def test_turn_embeddings_token_count(assistant: VitaAssistant, hello_wave: np.ndarray) -> None:
+    frames = [drawn_image()] * 6
+    conversation = assistant.new_conversation()
+    embeds = assistant.turn_embeddings(conversation, audio_16k=hello_wave, frames=frames)
+    text_ids = assistant.tokenizer.encode(
+        Conversation(SYSTEM_PROMPTS["audio"]).next_turn_text("\n")
+    )
+    audio_tokens = assistant.model.encode_audio(hello_wave).shape[0]
+    assert embeds.shape == (len(text_ids) + 4 * 256 + audio_tokens, assistant.config.llm.hidden_size)
+    with pytest.raises(ValueError, match="needs audio, frames or text"):
+        assistant.turn_embeddings(conversation)
+
+
+def test_generate_text_streams_the_decoded_reply(assistant: VitaAssistant, hello_wave: np.ndarray) -> None:
+    embeds = assistant.turn_embeddings(assistant.new_conversation(), audio_16k=hello_wave)
+    stream = ReplyTextStream(assistant.tokenizer)
+    text = "".join(generate_text(assistant.model, stream, embeds, GREEDY))
+    ids = list(generate_ids(assistant.model, embeds, GREEDY, assistant.tokenizer.stop_ids))
+    assert stream.token_ids == ids
+    state, rest = parse_reply_state(assistant.tokenizer.decode(ids))
+    assert (stream.state, text) == (state, rest)
+
+
+def test_sampled_ids_stay_inside_the_tokenizer_vocabulary(assistant: VitaAssistant) -> None:
+    assert assistant.model.lm_head.weight.shape[0] == assistant.tokenizer.vocab_size
+    embeds = assistant.turn_embeddings(assistant.new_conversation(), text="hi")
+    params = SamplingParams(temperature=5.0, max_tokens=100)
+    ids = list(generate_ids(assistant.model, embeds, params, (), generator=torch.Generator().manual_seed(0)))
+    assert max(ids) < assistant.tokenizer.vocab_size and len(set(ids)) > 30
+
+
+def test_speech_embeddings_are_token_embeddings_reshaped_for_the_tts(
+    assistant: VitaAssistant, tiny_checkpoint: Path
+) -> None:
+    text = "Hello, 你好!"
+    embeddings = assistant.speech_embeddings(text)
+    rows = assistant.model.model.embed_tokens.weight[assistant.tokenizer.encode(text)]
+    assert embeddings.shape[1] == assistant.tts_dim == Synthesizer.load(tiny_checkpoint / "vita_tts_ckpt").embedding_dim
+    torch.testing.assert_close(embeddings.flatten(), rows.flatten(), rtol=0, atol=0)
+
+
+async def test_engine_conversation_matches_a_no_cache_recompute(
+    assistant: VitaAssistant, hello_wave: np.ndarray
+) -> None:
+    """Two turns through the engine; the cache then holds turn 1, every reply id, turn 2."""
+    engine = assistant.make_engine(max_sessions=2, max_len=1024)
+    conversation = assistant.new_conversation()
+    stop_ids = assistant.tokenizer.stop_ids
+    first = assistant.turn_embeddings(conversation, text="Hello there")
+    first_reply = [token async for token in engine.generate("s", first, GREEDY)]
+    assert first_reply == no_cache_greedy(assistant.model, first, REPLY_TOKENS, stop_ids)
+    assistant.end_reply(conversation, first_reply)
+    second = assistant.turn_embeddings(conversation, audio_16k=hello_wave)
+    second_reply = [token async for token in engine.generate("s", second, GREEDY)]
+    with torch.inference_mode():
+        history = torch.cat([first, assistant.model.model.embed_tokens(torch.tensor(first_reply)), second])
+    assert second_reply == no_cache_greedy(assistant.model, history, REPLY_TOKENS, stop_ids)
+    await engine.close()

@@ -52,6 +52,23 @@ class VitaQwen2ForCausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.lm_head.weight.device
 
+    def truncate_vocab(self, size: int) -> None:
+        """Keep the first `size` rows of `embed_tokens` and `lm_head`.
+
+        Upstream calls `resize_token_embeddings(len(tokenizer))` after loading, which shrinks
+        VITA-1.5's padded 152064 rows to the tokenizer's 151665: ids the tokenizer cannot decode
+        are never sampled.
+        """
+        rows = self.config.llm.vocab_size
+        if not 0 < size <= rows:
+            raise ValueError(f"cannot truncate a vocabulary of {rows} rows to {size}")
+        embed, head = self.model.embed_tokens, self.lm_head
+        embed.weight = nn.Parameter(embed.weight[:size], requires_grad=embed.weight.requires_grad)
+        head.weight = nn.Parameter(head.weight[:size], requires_grad=head.weight.requires_grad)
+        embed.num_embeddings = head.out_features = size
+        self.config = self.config.with_vocab_size(size)
+        self.model.config = self.config.llm
+
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised tiles `[N, 3, 448, 448]` -> projected features `[N, 256, hidden]`."""

@@ -1,8 +1,9 @@
 """VITA-1.5 chat prompt: Qwen2.5 ChatML template, system prompts, per-turn text, reply state.
 
 A conversation grows turn by turn over one KV cache: the first turn carries the system
-prompt, later turns carry only their own text. A reply's closing `<|im_end|>` is sampled
-but never fed back through the model, so the next turn starts by writing it.
+prompt, later turns carry only their own text. The engine keeps every token of a reply it
+yielded, the stop token `<|im_end|>` included; a reply cut short (barge-in, token limit) has
+no `<|im_end|>`, so the next turn starts by writing it.
 
 VITA-1.5 starts every reply with a state token (upstream `data_utils_video_audio_neg_patch`):
 ☞ answers a spoken query (speak it), ☟ marks speech not addressed to the assistant (say
@@ -90,12 +91,20 @@ class Conversation:
 
     system_prompt: str = SYSTEM_PROMPTS["audio"]
     turns: int = 0
+    reply_closed: bool = False  # the cache holds the last reply's `<|im_end|>`
 
     def next_turn_text(self, content: str) -> str:
-        """Prompt text of the next user turn: only what the KV cache does not hold yet."""
+        """Prompt text of the next user turn (only what the cache lacks); records the turn."""
         if self.turns == 0:
             prefix = system_block(self.system_prompt)
+        elif self.reply_closed:
+            prefix = "\n"
         else:
             prefix = REPLY_END
         self.turns += 1
+        self.reply_closed = False
         return prefix + user_block(content)
+
+    def end_reply(self, closed: bool) -> None:
+        """Record how the reply to the last turn ended: with `<|im_end|>` (closed) or cut short."""
+        self.reply_closed = closed

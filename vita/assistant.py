@@ -1,0 +1,106 @@
+"""`VitaAssistant`: the loaded VITA-1.5 model with its tokenizer, turn building and engine factory.
+
+A turn is the user's speech (16 kHz), optional camera frames and optional text. Frames are
+attached as a short video: up to `MAX_VIDEO_FRAMES`, evenly spaced, one 448 px tile (256
+tokens) each, before the audio in the user message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tts.config import DecoderConfig
+from vita.checkpoint import default_dtype, load_model
+from vita.config import VitaConfig
+from vita.engine import Engine
+from vita.image_tiles import frames_to_tiles, sample_frames
+from vita.model import VitaQwen2ForCausalLM
+from vita.prompt import SYSTEM_PROMPTS, Conversation, user_content
+from vita.tokenizer import VitaTokenizer
+
+MAX_VIDEO_FRAMES = 4
+TTS_DECODER_CONFIG = Path("vita_tts_ckpt") / "decoder" / "model.json"
+
+
+@dataclass
+class VitaAssistant:
+    """Model + tokenizer on one device; builds each turn's new input embeddings."""
+
+    model: VitaQwen2ForCausalLM
+    tokenizer: VitaTokenizer
+    tts_dim: int
+
+    @property
+    def config(self) -> VitaConfig:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @classmethod
+    def load(cls, checkpoint_dir: Path, device: str = "cpu", dtype: torch.dtype | None = None) -> VitaAssistant:
+        """Load model and tokenizer, keeping only the vocabulary rows the tokenizer can decode (as
+        upstream does). The TTS width comes from `vita_tts_ckpt/decoder/model.json` when present,
+        else VITA-1.5's LLM hidden / 4 (3584 -> 896)."""
+        checkpoint_dir = Path(checkpoint_dir)
+        model = load_model(checkpoint_dir, device, dtype or default_dtype(device))
+        tts_config = checkpoint_dir / TTS_DECODER_CONFIG
+        if tts_config.is_file():
+            tts_dim = DecoderConfig.from_model_json(tts_config).idim
+        else:
+            tts_dim = model.config.llm.hidden_size // 4
+        tokenizer = VitaTokenizer.from_dir(checkpoint_dir)
+        model.truncate_vocab(min(tokenizer.vocab_size, model.config.llm.vocab_size))
+        return cls(model, tokenizer, tts_dim)
+
+    def new_conversation(self, system_prompt: str | None = None) -> Conversation:
+        """A conversation with VITA-1.5's system prompt (the audio one unless given)."""
+        return Conversation(system_prompt if system_prompt is not None else SYSTEM_PROMPTS["audio"])
+
+    def turn_embeddings(
+        self,
+        conv: Conversation,
+        *,
+        audio_16k: np.ndarray | None = None,
+        frames: Sequence[Image.Image] = (),
+        text: str | None = None,
+    ) -> torch.Tensor:
+        """Embeddings `[T, hidden]` of the turn's new tokens only; records the turn in `conv`."""
+        if audio_16k is None and not frames and not text:
+            raise ValueError("a turn needs audio, frames or text")
+        video = sample_frames(list(frames), min_frames=1, max_frames=MAX_VIDEO_FRAMES)
+        image_features = self.model.encode_images(frames_to_tiles(video)) if video else None
+        audio_features = [self.model.encode_audio(audio_16k)] if audio_16k is not None else []
+        content = user_content(len(video), audio=audio_16k is not None, text=text)
+        ids = self.tokenizer.encode_with_placeholders(conv.next_turn_text(content))
+        return self.model.splice_embeddings(ids, image_features, audio_features)
+
+    def end_reply(self, conv: Conversation, token_ids: Sequence[int]) -> None:
+        """Record the reply the engine streamed (every id it yielded) in `conv`."""
+        conv.end_reply(bool(token_ids) and token_ids[-1] in self.tokenizer.stop_ids)
+
+    @torch.inference_mode()
+    def speech_embeddings(self, text: str) -> torch.Tensor:
+        """LLM `embed_tokens` of `text`, reshaped `(-1, tts_dim)` for the TTS decoder."""
+        ids = torch.tensor(self.tokenizer.encode(text), dtype=torch.long, device=self.device)
+        return self.model.model.embed_tokens(ids).reshape(-1, self.tts_dim)
+
+    def make_engine(self, max_sessions: int, max_len: int, **options) -> Engine:
+        """A multi-session engine over this model, stopping at `<|im_end|>` / `<|endoftext|>`."""
+        return Engine(
+            self.model.model,
+            self.model.lm_head,
+            max_sessions=max_sessions,
+            max_len=max_len,
+            device=self.device,
+            dtype=self.model.dtype,
+            stop_token_ids=self.tokenizer.stop_ids,
+            **options,
+        )
