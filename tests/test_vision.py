@@ -61,6 +61,7 @@ def test_full_tower_and_projector_match_checkpoint_names_and_shapes():
         projector = build_mm_projector(tower.hidden_size, LLM_HIDDEN)
     expected_tower = reference_rows(TOWER_PREFIX)
     assert len(expected_tower) == 340
+    assert tower.config.tokens_per_tile == 256 and tower.hidden_size == 4096
     assert named_shapes(tower, TOWER_PREFIX) == expected_tower
     assert named_shapes(projector, PROJECTOR_PREFIX) == reference_rows(PROJECTOR_PREFIX)
 
@@ -344,3 +345,12 @@ def test_sample_frames_spaces_evenly_and_repeats_when_short():
     assert red(sample_frames(frames[:4])) == [0, 1, 2, 3]
     assert red(sample_frames(frames[:6], max_frames=16)) == [0, 1, 2, 3, 4, 5]
     assert sample_frames([]) == []
+
+
+def test_bfloat16_tower_accepts_float_pixels_and_stays_close_to_float32():
+    tower = random_tiny_tower(seed=5)
+    pixels = torch.randn(2, 3, 448, 448)
+    expected = tower(pixels)
+    actual = tower.to(torch.bfloat16)(pixels)
+    assert actual.dtype == torch.bfloat16
+    torch.testing.assert_close(actual.float(), expected, atol=0.1, rtol=0.05)

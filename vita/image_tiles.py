@@ -24,7 +24,11 @@ RESAMPLE = Image.Resampling.BICUBIC
 
 
 def choose_grid(
-    width: int, height: int, *, min_tiles: int = 1, max_tiles: int = MAX_TILES,
+    width: int,
+    height: int,
+    *,
+    min_tiles: int = 1,
+    max_tiles: int = MAX_TILES,
     tile_size: int = TILE_SIZE,
 ) -> tuple[int, int]:
     """(columns, rows) of the tile grid for an image, following upstream's rule.
@@ -36,8 +40,12 @@ def choose_grid(
     aspect = width / height
     area = width * height
     grids = sorted(
-        ((cols, rows) for cols in range(1, max_tiles + 1) for rows in range(1, max_tiles + 1)
-         if min_tiles <= cols * rows <= max_tiles),
+        (
+            (cols, rows)
+            for cols in range(1, max_tiles + 1)
+            for rows in range(1, max_tiles + 1)
+            if min_tiles <= cols * rows <= max_tiles
+        ),
         key=lambda grid: grid[0] * grid[1],
     )
     best, best_distance = (1, 1), float("inf")
@@ -51,16 +59,19 @@ def choose_grid(
 
 
 def split_into_tiles(
-    image: Image.Image, *, max_tiles: int = MAX_TILES, tile_size: int = TILE_SIZE,
+    image: Image.Image,
+    *,
+    max_tiles: int = MAX_TILES,
+    tile_size: int = TILE_SIZE,
     use_thumbnail: bool = True,
 ) -> list[Image.Image]:
     """Tiles of one image, row-major, followed by the thumbnail when there are several tiles."""
     cols, rows = choose_grid(*image.size, max_tiles=max_tiles, tile_size=tile_size)
     resized = image.resize((cols * tile_size, rows * tile_size), RESAMPLE)
     tiles = [
-        resized.crop((col * tile_size, row * tile_size, (col + 1) * tile_size, (row + 1) * tile_size))
-        for row in range(rows)
-        for col in range(cols)
+        resized.crop((left, top, left + tile_size, top + tile_size))
+        for top in range(0, rows * tile_size, tile_size)
+        for left in range(0, cols * tile_size, tile_size)
     ]
     if use_thumbnail and len(tiles) > 1:
         tiles.append(image.resize((tile_size, tile_size), RESAMPLE))

@@ -1,4 +1,4 @@
-"""InternViT-300M-448px vision tower of VITA-1.5, its feature selection and the mlp2x_gelu projector.
+"""InternViT-300M-448px vision tower of VITA-1.5, its feature selection, the mlp2x_gelu projector.
 
 Module and parameter names mirror the checkpoint: inside the VITA checkpoint the tower lives at
 `model.vision_tower.vision_tower.*` (`InternViTVisionTower.vision_tower` = `InternVisionModel`)
@@ -46,7 +46,7 @@ class VisionConfig:
     def __post_init__(self) -> None:
         if self.norm_type != "layer_norm" or self.qk_normalization or self.hidden_act != "gelu":
             raise ValueError(
-                "only the InternViT-300M variant is supported: layer_norm, gelu, no qk normalization"
+                "only the InternViT-300M variant is supported: layer_norm, gelu, no qk norm"
             )
         if self.hidden_size % self.num_attention_heads:
             raise ValueError("hidden_size must be divisible by num_attention_heads")
@@ -58,7 +58,7 @@ class VisionConfig:
 
     @classmethod
     def tiny(cls) -> VisionConfig:
-        """Small test dims; keeps 448 px tiles and 14 px patches so tiling and token counts stay real."""
+        """Small test dims; 448 px tiles and 14 px patches are kept so token counts stay real."""
         return cls(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2)
 
     @property
