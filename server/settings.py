@@ -24,6 +24,7 @@ class ServerSettings(BaseSettings):
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
     max_sessions: int = Field(32, ge=1)
+    max_context_tokens: int = Field(8192, ge=512, description="KV cache length of one conversation")
     idle_timeout_s: float = Field(300.0, gt=0, description="close sessions silent for this long")
     outgoing_audio_limit_s: float = Field(
         20.0, gt=0, description="reply audio a slow client may have queued before segments are dropped"

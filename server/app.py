@@ -1,0 +1,144 @@
+"""FastAPI gateway: /ws sessions, /healthz, /readyz, /metrics and the web page at /."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Response, WebSocket
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from server.metrics import ServerMetrics
+from server.outgoing import OutgoingQueue
+from server.protocol import AUDIO_HEADER, OUTPUT_SAMPLE_RATE, ErrorCode, ErrorEvent, encode_event
+from server.session import Session
+from server.settings import ServerSettings
+from server.worker import ModelWorker
+
+log = logging.getLogger("vita.app")
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_TRY_AGAIN_LATER = 1013
+FLUSH_TIMEOUT_S = 2.0
+
+
+def create_app(settings: ServerSettings, worker: ModelWorker) -> FastAPI:
+    """The gateway app; ``worker`` is started (model loading) and stopped with the app."""
+    metrics = ServerMetrics()
+    sessions: dict[str, Session] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        worker.start()
+        try:
+            yield
+        finally:
+            worker.stop()
+
+    app = FastAPI(title="vita-realtime", lifespan=lifespan)
+    app.state.metrics = metrics
+    app.state.sessions = sessions
+    app.state.worker = worker
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        if worker.ready:
+            return JSONResponse({"status": "ready", "model": worker.model_name})
+        body = {"status": "failed" if worker.load_error else "loading", "error": worker.load_error}
+        return JSONResponse(body, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.websocket("/ws")
+    async def websocket_endpoint(websocket: WebSocket) -> None:
+        await websocket.accept()
+        if not worker.ready:
+            await refuse(websocket, ErrorCode.NOT_READY, "the model is still loading; retry shortly")
+            return
+        if len(sessions) >= settings.max_sessions:
+            metrics.sessions_rejected.inc()
+            await refuse(websocket, ErrorCode.SERVER_FULL, f"server is full ({settings.max_sessions} sessions)")
+            return
+        outgoing = OutgoingQueue(int(settings.outgoing_audio_limit_s * OUTPUT_SAMPLE_RATE * 2))
+        session = Session(worker, outgoing, metrics)
+        sessions[session.session_id] = session
+        metrics.sessions_total.inc()
+        metrics.sessions_active.inc()
+        writer = asyncio.create_task(write_loop(websocket, outgoing, session))
+        try:
+            await read_loop(websocket, session, settings.idle_timeout_s)
+        finally:
+            session.close()
+            del sessions[session.session_id]
+            metrics.sessions_active.dec()
+            await flush_and_close(websocket, outgoing, writer)
+            log.info("session_end session=%s", session.session_id)
+
+    if settings.web_dir.is_dir():
+        app.mount("/", StaticFiles(directory=settings.web_dir, html=True), name="web")
+    return app
+
+
+async def refuse(websocket: WebSocket, code: ErrorCode, message: str) -> None:
+    """Tell a connection why it cannot have a session, then close it cleanly."""
+    log.info("session_refused code=%s", code.value)
+    await websocket.send_text(encode_event(ErrorEvent(code=code, message=message, fatal=True)))
+    await websocket.close(CLOSE_TRY_AGAIN_LATER)
+
+
+async def read_loop(websocket: WebSocket, session: Session, idle_timeout_s: float) -> None:
+    """Feed client frames to the session until disconnect or idle timeout."""
+    while True:
+        try:
+            message = await asyncio.wait_for(websocket.receive(), idle_timeout_s)
+        except TimeoutError:
+            session.send_error(ErrorCode.IDLE_TIMEOUT, f"no message for {idle_timeout_s:g} s", fatal=True)
+            return
+        except (WebSocketDisconnect, RuntimeError):
+            return
+        if message["type"] == "websocket.disconnect":
+            return
+        try:
+            if message.get("bytes") is not None:
+                session.handle_bytes(message["bytes"])
+            elif message.get("text") is not None:
+                await session.handle_text(message["text"])
+        except Exception:  # a bug must not take the server or this session down
+            log.exception("session_bug session=%s", session.session_id)
+            session.send_error(ErrorCode.INTERNAL_ERROR, "internal error while handling the message")
+
+
+async def write_loop(websocket: WebSocket, outgoing: OutgoingQueue, session: Session) -> None:
+    """Send queued messages in order; awaiting each send is the backpressure."""
+    while (message := await outgoing.get()) is not None:
+        if isinstance(message, bytes):
+            await websocket.send_bytes(message)
+            session.audio_sent((len(message) - AUDIO_HEADER.size) // 2)
+        else:
+            await websocket.send_text(message)
+
+
+async def flush_and_close(websocket: WebSocket, outgoing: OutgoingQueue, writer: asyncio.Task[None]) -> None:
+    """Give the writer a moment to send what is queued (e.g. a fatal error), then close."""
+    outgoing.close()
+    try:
+        await asyncio.wait_for(writer, FLUSH_TIMEOUT_S)
+    except Exception:  # timeout or a connection already gone: nothing more can be sent
+        writer.cancel()
+    if websocket.client_state == WebSocketState.CONNECTED:
+        try:
+            await websocket.close(CLOSE_NORMAL)
+        except (RuntimeError, OSError):
+            pass

@@ -1,0 +1,99 @@
+"""``vita-server``: run the real-time gateway with uvicorn (settings from env ``VITA_*`` and flags)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from server.app import create_app
+from server.protocol import MAX_TEXT_FRAME_BYTES
+from server.settings import ServerSettings
+from server.worker import ModelWorker, resolve_checkpoint
+
+log = logging.getLogger("vita.cli")
+
+class JsonLinesFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (and exception text)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(log_format: str, level: str) -> None:
+    """Structured logs on stderr for our loggers and uvicorn's."""
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonLinesFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("time=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def parse_args(argv: list[str] | None) -> dict[str, Any]:
+    """Command-line flags that were given (the rest comes from env or defaults)."""
+    parser = argparse.ArgumentParser(prog="vita-server", description=__doc__)
+    parser.add_argument("--checkpoint", type=Path, help="VITA-1.5 checkpoint folder (default: tiny random one)")
+    parser.add_argument("--cache-dir", type=Path, help="where the tiny checkpoint is generated")
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ...")
+    parser.add_argument("--max-sessions", type=int)
+    parser.add_argument("--idle-timeout-s", type=float)
+    parser.add_argument("--ssl-certfile", type=Path)
+    parser.add_argument("--ssl-keyfile", type=Path)
+    parser.add_argument("--log-format", choices=["json", "kv"])
+    parser.add_argument("--log-level")
+    args = vars(parser.parse_args(argv))
+    return {name: value for name, value in args.items() if value is not None}
+
+
+def banner(settings: ServerSettings, checkpoint: Path, is_tiny: bool) -> str:
+    scheme = "https" if settings.ssl_certfile else "http"
+    lines = [
+        f"vita-server on {scheme}://{settings.host}:{settings.port}/ (websocket /ws), device {settings.device}",
+        f"checkpoint: {checkpoint}",
+    ]
+    if is_tiny:
+        lines.append(
+            "NOTE: no --checkpoint given: running the TINY RANDOM checkpoint; replies are random noise "
+            "(text and audio). Pass --checkpoint /path/to/VITA1.5_ckpt for real answers."
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = ServerSettings(**parse_args(argv))
+    configure_logging(settings.log_format, settings.log_level)
+    checkpoint, is_tiny = resolve_checkpoint(settings)
+    print(banner(settings, checkpoint, is_tiny), flush=True)
+    app = create_app(settings, ModelWorker(settings, checkpoint, is_tiny))
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        ssl_certfile=settings.ssl_certfile,
+        ssl_keyfile=settings.ssl_keyfile,
+        ws_max_size=MAX_TEXT_FRAME_BYTES + 1024,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
+        log_config=None,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""``vita-client FILE.wav``: stream a recording to the server at real-time pace, save the spoken reply.
+
+The file is sent as it is (any sample rate the server accepts, mono or stereo; the server
+resamples), in 20 ms PCM16 frames paced by the clock, followed by silence so the server's VAD
+can close the last utterance. Reply audio of every turn is written to one 24 kHz WAV file and
+per-turn timings are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import websockets
+
+from server.protocol import OUTPUT_SAMPLE_RATE, decode_audio_segment
+
+FRAME_MS = 20
+
+
+@dataclass
+class Turn:
+    """What the client saw of one reply; times are client-side monotonic seconds."""
+
+    response_id: int
+    speech_stopped_at: float
+    text: str = ""
+    audio: list[np.ndarray] = field(default_factory=list)
+    first_text_at: float | None = None
+    first_audio_at: float | None = None
+    done: dict[str, Any] | None = None
+    interrupted: bool = False
+    late_segments: int = 0  # audio that arrived after response.interrupted (must stay 0)
+
+    @property
+    def audio_samples(self) -> int:
+        return sum(len(a) for a in self.audio)
+
+    def latency_ms(self, at: float | None) -> float | None:
+        return None if at is None else round((at - self.speech_stopped_at) * 1000, 1)
+
+
+@dataclass
+class ClientResult:
+    events: list[dict[str, Any]] = field(default_factory=list)
+    turns: list[Turn] = field(default_factory=list)
+    stray_audio: int = 0  # segments for a response the client never saw start
+
+    def of_type(self, event_type: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["type"] == event_type]
+
+    def reply_audio(self) -> np.ndarray:
+        parts = [a for turn in self.turns for a in turn.audio]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int16)
+
+
+def pcm_frames(audio: np.ndarray, sample_rate: int) -> list[bytes]:
+    """Interleaved int16 audio [N] or [N, C] -> 20 ms PCM16 frames."""
+    step = sample_rate * FRAME_MS // 1000
+    data = audio.astype("<i2")
+    return [data[i : i + step].tobytes() for i in range(0, len(data), step)]
+
+
+async def stream_audio(
+    url: str,
+    audio: np.ndarray,
+    sample_rate: int,
+    *,
+    speed: float = 1.0,
+    tail_silence_s: float = 1.5,
+    reply_timeout_s: float = 60.0,
+    session_update: dict[str, Any] | None = None,
+    expected_turns: int | None = None,
+) -> ClientResult:
+    """Stream ``audio`` (int16 [N] or [N, channels]) at ``speed`` x real time; collect the replies.
+
+    After the audio and ``tail_silence_s`` of silence, waits until every started reply is done
+    or interrupted (and at least ``expected_turns`` replies started) or ``reply_timeout_s`` passed.
+    """
+    channels = 1 if audio.ndim == 1 else audio.shape[1]
+    silence = np.zeros((int(sample_rate * tail_silence_s),) + audio.shape[1:], dtype=np.int16)
+    frames = pcm_frames(np.concatenate([audio, silence]), sample_rate)
+    result = ClientResult()
+    turns: dict[int, Turn] = {}
+    stopped_at: list[float] = []
+    async with websockets.connect(url, max_size=None) as ws:
+        await ws.send(json.dumps({"type": "session.start", "sample_rate": sample_rate, "channels": channels}))
+        ready = json.loads(await ws.recv())
+        result.events.append(ready)
+        if ready["type"] != "session.ready":
+            return result
+        if session_update is not None:
+            await ws.send(json.dumps({"type": "session.update", **session_update}))
+
+        def all_done() -> bool:
+            enough = expected_turns is None or len(turns) >= expected_turns
+            return enough and all(t.done is not None or t.interrupted for t in turns.values())
+
+        async def receive() -> None:
+            async for message in ws:
+                now = time.monotonic()
+                if isinstance(message, bytes):
+                    response_id, _, pcm = decode_audio_segment(message)
+                    turn = turns.get(response_id)
+                    if turn is None:
+                        result.stray_audio += 1
+                        continue
+                    if turn.interrupted:
+                        turn.late_segments += 1
+                        continue
+                    turn.first_audio_at = turn.first_audio_at or now
+                    turn.audio.append(np.frombuffer(pcm, dtype="<i2"))
+                    continue
+                event = json.loads(message)
+                result.events.append(event)
+                kind = event["type"]
+                if kind == "vad.speech_stopped":
+                    stopped_at.append(now)
+                elif kind == "response.started":
+                    turn = Turn(event["response_id"], stopped_at[-1] if stopped_at else now)
+                    turns[turn.response_id] = turn
+                    result.turns.append(turn)
+                elif kind == "response.text.delta":
+                    turn = turns[event["response_id"]]
+                    turn.first_text_at = turn.first_text_at or now
+                    turn.text += event["delta"]
+                elif kind == "response.done":
+                    turns[event["response_id"]].done = event
+                elif kind == "response.interrupted":
+                    turns[event["response_id"]].interrupted = True
+
+        receiver = asyncio.create_task(receive())
+        started = time.monotonic()
+        for i, frame in enumerate(frames):
+            await ws.send(frame)
+            delay = started + (i + 1) * FRAME_MS / 1000 / speed - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        deadline = time.monotonic() + reply_timeout_s
+        while not all_done() and time.monotonic() < deadline and not receiver.done():
+            await asyncio.sleep(0.02)
+        receiver.cancel()
+        await asyncio.gather(receiver, return_exceptions=True)
+    return result
+
+
+def timing_table(result: ClientResult) -> str:
+    """Per-turn timings: client-measured latencies next to the server's own."""
+    rows = ["turn  first text ms  first audio ms  audio s  server first text / audio ms  state"]
+    for turn in result.turns:
+        server = (turn.done or {}).get("timings", {})
+        state = "interrupted" if turn.interrupted else (turn.done or {}).get("state", "unfinished")
+        rows.append(
+            f"{turn.response_id:>4}  {turn.latency_ms(turn.first_text_at)!s:>13}  "
+            f"{turn.latency_ms(turn.first_audio_at)!s:>14}  {turn.audio_samples / OUTPUT_SAMPLE_RATE:7.2f}  "
+            f"{server.get('end_of_speech_to_first_text_ms')!s:>14} / {server.get('end_of_speech_to_first_audio_ms')!s:<12}  "
+            f"{state}"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="vita-client", description=__doc__)
+    parser.add_argument("wav", type=Path, help="speech recording (any rate 8-48 kHz, mono or stereo)")
+    parser.add_argument("--url", default="ws://127.0.0.1:8000/ws")
+    parser.add_argument("--out", type=Path, default=Path("reply.wav"), help="where the reply audio goes")
+    parser.add_argument("--speed", type=float, default=1.0, help="pace relative to real time")
+    parser.add_argument("--tail-silence-s", type=float, default=1.5)
+    parser.add_argument("--timeout-s", type=float, default=60.0, help="wait for replies after the file")
+    args = parser.parse_args(argv)
+    audio, sample_rate = sf.read(args.wav, dtype="int16")
+    result = asyncio.run(
+        stream_audio(
+            args.url,
+            audio,
+            sample_rate,
+            speed=args.speed,
+            tail_silence_s=args.tail_silence_s,
+            reply_timeout_s=args.timeout_s,
+        )
+    )
+    for event in result.of_type("error"):
+        print(f"error {event['code']}: {event['message']}")
+    for turn in result.turns:
+        print(f"reply {turn.response_id}: {turn.text!r}")
+    print(timing_table(result))
+    sf.write(args.out, result.reply_audio(), OUTPUT_SAMPLE_RATE, subtype="PCM_16")
+    print(f"reply audio: {args.out} ({len(result.reply_audio()) / OUTPUT_SAMPLE_RATE:.2f} s)")
+
+
+if __name__ == "__main__":
+    main()

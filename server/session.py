@@ -1,0 +1,327 @@
+"""One websocket user: protocol state machine, VAD turns, camera frames, barge-in, timings.
+
+The session lives on the gateway's event loop and never runs model math: turns go to the
+worker, whose outputs come back through ``_on_output`` on this loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from server.audio_input import InputAudioConverter, InvalidAudio
+from server.metrics import ServerMetrics
+from server.outgoing import OutgoingQueue
+from server.protocol import (
+    MAX_AUDIO_FRAME_BYTES,
+    OUTPUT_SAMPLE_RATE,
+    ErrorCode,
+    ErrorEvent,
+    GenerationSettings,
+    InputAudio,
+    ProtocolError,
+    ResponseCancel,
+    ResponseDone,
+    ResponseInterrupted,
+    ResponseStarted,
+    ResponseTextDelta,
+    ResponseTimings,
+    ServerEvent,
+    SessionCleared,
+    SessionReady,
+    SessionReset,
+    SessionStart,
+    SessionUpdate,
+    SessionUpdated,
+    SpeechDiscarded,
+    SpeechStarted,
+    SpeechStopped,
+    VadSettings,
+    VideoFrame,
+    parse_client_event,
+)
+from server.turns import AudioSegment, TextDelta, TurnFailed, TurnFinished, TurnHandle, TurnOutput, TurnRequest, TurnRunner
+from server import vad
+
+log = logging.getLogger("vita.session")
+
+VIDEO_WINDOW_S = 1.0
+MAX_VIDEO_FRAMES = 4
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+@dataclass
+class ActiveResponse:
+    """The reply being generated: its id, worker handle and measured times (monotonic s)."""
+
+    response_id: int
+    handle: TurnHandle
+    end_of_speech: float
+    first_text: float | None = None
+    first_audio: float | None = None
+    segments: int = 0
+
+
+class Session:
+    """Protocol state of one connection; ``handle_text``/``handle_bytes`` take client frames."""
+
+    def __init__(self, runner: TurnRunner, outgoing: OutgoingQueue, metrics: ServerMetrics) -> None:
+        self.session_id = uuid.uuid4().hex[:12]
+        self.runner = runner
+        self.outgoing = outgoing
+        self.metrics = metrics
+        self.started = False
+        self.system_prompt: str | None = None
+        self.vad_settings = VadSettings()
+        self.generation = GenerationSettings()
+        self._converter: InputAudioConverter | None = None
+        self._detector: vad.TurnDetector | None = None
+        self._frames: deque[tuple[float, Image.Image]] = deque()
+        self._response_counter = 0
+        self._active: ActiveResponse | None = None
+        self._playback_until = 0.0
+
+    # ------------------------------------------------------------------ client input
+
+    async def handle_text(self, text: str) -> None:
+        try:
+            event = parse_client_event(text)
+            if isinstance(event, SessionStart):
+                self._start(event)
+            elif not self.started:
+                raise ProtocolError(ErrorCode.SESSION_NOT_STARTED, f"send session.start before {event.type}")
+            elif isinstance(event, InputAudio):
+                self._take_audio(event.audio)
+            elif isinstance(event, VideoFrame):
+                await self._take_frame(event.image)
+            elif isinstance(event, SessionUpdate):
+                self._update(event)
+            elif isinstance(event, ResponseCancel):
+                self._cancel()
+            elif isinstance(event, SessionReset):
+                self._reset()
+        except ProtocolError as exc:
+            self.send_error(exc.code, exc.message)
+
+    def handle_bytes(self, data: bytes) -> None:
+        try:
+            if not self.started:
+                raise ProtocolError(ErrorCode.SESSION_NOT_STARTED, "send session.start before audio")
+            if len(data) > MAX_AUDIO_FRAME_BYTES:
+                raise ProtocolError(
+                    ErrorCode.FRAME_TOO_LARGE, f"audio frame of {len(data)} bytes exceeds {MAX_AUDIO_FRAME_BYTES}"
+                )
+            self._take_audio(data)
+        except ProtocolError as exc:
+            self.send_error(exc.code, exc.message)
+
+    def send(self, event: ServerEvent) -> None:
+        self.outgoing.put_event(event)
+
+    def send_error(self, code: ErrorCode, message: str, fatal: bool = False) -> None:
+        self.metrics.errors.labels(code.value).inc()
+        log.info("error session=%s code=%s message=%r", self.session_id, code.value, message)
+        self.send(ErrorEvent(code=code, message=message, fatal=fatal))
+
+    def _start(self, event: SessionStart) -> None:
+        if self.started:
+            raise ProtocolError(ErrorCode.SESSION_ALREADY_STARTED, "session.start was already received")
+        self._converter = InputAudioConverter(event.sample_rate, event.channels)
+        self.system_prompt = event.system_prompt
+        self.vad_settings = event.vad or VadSettings()
+        self.generation = event.generation or GenerationSettings()
+        self._detector = vad.TurnDetector(self.vad_settings)
+        self.runner.open_session(self.session_id, self.system_prompt)
+        self.started = True
+        log.info(
+            "session_start session=%s rate=%d channels=%d", self.session_id, event.sample_rate, event.channels
+        )
+        self.send(
+            SessionReady(
+                session_id=self.session_id,
+                input_sample_rate=event.sample_rate,
+                input_channels=event.channels,
+                system_prompt=self.system_prompt,
+                vad=self.vad_settings,
+                generation=self.generation,
+                model=self.runner.model_name,
+            )
+        )
+
+    def _take_audio(self, data: bytes) -> None:
+        assert self._converter is not None and self._detector is not None
+        try:
+            samples = self._converter.convert(data)
+        except InvalidAudio as exc:
+            raise ProtocolError(ErrorCode.INVALID_AUDIO, str(exc)) from None
+        for event in self._detector.feed(samples):
+            self._on_vad(event)
+
+    async def _take_frame(self, data: bytes) -> None:
+        image = await asyncio.to_thread(decode_image, data)
+        now = time.monotonic()
+        self._frames.append((now, image))
+        while self._frames and self._frames[0][0] < now - VIDEO_WINDOW_S:
+            self._frames.popleft()
+
+    def _update(self, event: SessionUpdate) -> None:
+        if event.vad is not None:
+            self.vad_settings = self.vad_settings.model_copy(update=event.vad.model_dump(exclude_unset=True))
+            self._detector = vad.TurnDetector(self.vad_settings)
+        if event.generation is not None:
+            self.generation = self.generation.model_copy(update=event.generation.model_dump(exclude_unset=True))
+        if "system_prompt" in event.model_fields_set and event.system_prompt != self.system_prompt:
+            self.system_prompt = event.system_prompt
+            self._interrupt("reset")
+            self.runner.reset_session(self.session_id, self.system_prompt)
+        self.send(SessionUpdated(system_prompt=self.system_prompt, vad=self.vad_settings, generation=self.generation))
+
+    def _cancel(self) -> None:
+        if self._active is None:
+            raise ProtocolError(ErrorCode.NO_RESPONSE, "response.cancel: no reply is being generated")
+        self._interrupt("cancel")
+
+    def _reset(self) -> None:
+        self._interrupt("reset")
+        self.runner.reset_session(self.session_id, self.system_prompt)
+        self._frames.clear()
+        self._detector = vad.TurnDetector(self.vad_settings)
+        self.send(SessionCleared())
+
+    # ------------------------------------------------------------------ turns
+
+    def _on_vad(self, event: vad.VadEvent) -> None:
+        if isinstance(event, vad.SpeechStart):
+            self.send(SpeechStarted(audio_ms=event.audio_ms))
+            if self._active is not None or time.monotonic() < self._playback_until:
+                self._interrupt("barge_in")
+        elif isinstance(event, vad.SpeechEnd):
+            self.send(SpeechStopped(audio_ms=event.audio_ms, duration_ms=event.duration_ms, truncated=event.truncated))
+            self._start_turn(event.audio)
+        else:
+            assert isinstance(event, vad.SpeechDiscarded)
+            self.send(SpeechDiscarded(audio_ms=event.audio_ms, duration_ms=event.duration_ms))
+
+    def _recent_frames(self, now: float) -> list[Image.Image]:
+        recent = [image for t, image in self._frames if t >= now - VIDEO_WINDOW_S]
+        if len(recent) <= MAX_VIDEO_FRAMES:
+            return recent
+        picks = np.linspace(0, len(recent) - 1, MAX_VIDEO_FRAMES).round().astype(int)
+        return [recent[i] for i in picks]
+
+    def _start_turn(self, audio_16k: np.ndarray) -> None:
+        self._interrupt("barge_in")
+        now = time.monotonic()
+        self._response_counter += 1
+        response_id = self._response_counter
+        frames = self._recent_frames(now)
+        request = TurnRequest(self.session_id, response_id, audio_16k, frames, self.generation)
+        self.send(ResponseStarted(response_id=response_id, video_frames=len(frames)))
+        handle = self.runner.start_turn(request, lambda output: self._on_output(response_id, output))
+        self._active = ActiveResponse(response_id, handle, end_of_speech=now)
+        log.info("turn_start session=%s response=%d audio_ms=%d frames=%d", self.session_id, response_id,
+                 len(audio_16k) // 16, len(frames))
+
+    def _interrupt(self, reason: str) -> None:
+        """Stop the active reply (if any) and drop its queued audio; the client is told."""
+        self._playback_until = 0.0
+        active, self._active = self._active, None
+        if active is None:
+            return
+        active.handle.cancel()
+        self.outgoing.discard_audio(active.response_id)
+        self.metrics.turns.labels("interrupted").inc()
+        self.send(ResponseInterrupted(response_id=active.response_id, reason=reason))
+        log.info("turn_interrupted session=%s response=%d reason=%s", self.session_id, active.response_id, reason)
+
+    def _on_output(self, response_id: int, output: TurnOutput) -> None:
+        active = self._active
+        if active is None or active.response_id != response_id:
+            return  # a reply already interrupted: the client was told, nothing more of it goes out
+        now = time.monotonic()
+        if isinstance(output, TextDelta):
+            if active.first_text is None:
+                active.first_text = now
+                self.metrics.first_text_seconds.observe(now - active.end_of_speech)
+            self.send(ResponseTextDelta(response_id=response_id, delta=output.text))
+        elif isinstance(output, AudioSegment):
+            if active.first_audio is None:
+                active.first_audio = now
+                self.metrics.first_audio_seconds.observe(now - active.end_of_speech)
+            if not self.outgoing.put_audio(response_id, active.segments, output.pcm.astype("<i2").tobytes()):
+                self.metrics.audio_dropped_segments.inc()
+            active.segments += 1
+        elif isinstance(output, TurnFinished):
+            self._finish(active, output, now)
+        else:
+            assert isinstance(output, TurnFailed)
+            self._active = None
+            self.metrics.turns.labels("error").inc()
+            self.send_error(ErrorCode.INTERNAL_ERROR, f"reply {response_id} failed: {output.message}")
+
+    def _finish(self, active: ActiveResponse, output: TurnFinished, now: float) -> None:
+        self._active = None
+        audio_s = output.audio_samples / OUTPUT_SAMPLE_RATE
+        rtf = output.synthesis_seconds / audio_s if audio_s > 0 else None
+        if rtf is not None:
+            self.metrics.real_time_factor.observe(rtf)
+        self.metrics.turns.labels(output.state).inc()
+
+        def ms_since_end(t: float | None) -> float | None:
+            return None if t is None else round((t - active.end_of_speech) * 1000, 1)
+
+        timings = ResponseTimings(
+            end_of_speech_to_first_text_ms=ms_since_end(active.first_text),
+            end_of_speech_to_first_audio_ms=ms_since_end(active.first_audio),
+            total_ms=round((now - active.end_of_speech) * 1000, 1),
+            audio_ms=round(audio_s * 1000, 1),
+            real_time_factor=None if rtf is None else round(rtf, 3),
+        )
+        self.send(
+            ResponseDone(
+                response_id=active.response_id,
+                text=output.text,
+                state=output.state,
+                audio_segments=active.segments,
+                timings=timings,
+            )
+        )
+        log.info("turn_done session=%s response=%d state=%s first_text_ms=%s first_audio_ms=%s rtf=%s",
+                 self.session_id, active.response_id, output.state, timings.end_of_speech_to_first_text_ms,
+                 timings.end_of_speech_to_first_audio_ms, timings.real_time_factor)
+
+    # ------------------------------------------------------------------ playback and teardown
+
+    def audio_sent(self, samples: int) -> None:
+        """The writer sent a reply segment: the client plays it after what it already has."""
+        now = time.monotonic()
+        self._playback_until = max(self._playback_until, now) + samples / OUTPUT_SAMPLE_RATE
+
+    def close(self) -> None:
+        """Connection gone: stop any reply and free the worker's state of this session."""
+        active, self._active = self._active, None
+        if active is not None:
+            active.handle.cancel()
+        if self.started:
+            self.runner.close_session(self.session_id)
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """JPEG/PNG bytes -> RGB image, or ``ProtocolError`` for anything else."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.format not in ("JPEG", "PNG"):
+            raise ProtocolError(ErrorCode.INVALID_IMAGE, f"image format {image.format} is not JPEG or PNG")
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            raise ProtocolError(ErrorCode.INVALID_IMAGE, f"image of {image.width}x{image.height} is too large")
+        return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ProtocolError(ErrorCode.INVALID_IMAGE, f"not a readable JPEG/PNG image: {exc}") from None

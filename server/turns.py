@@ -1,0 +1,70 @@
+"""What the gateway hands the worker for one user turn, and what comes back from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Protocol
+
+import numpy as np
+from PIL import Image
+
+from server.protocol import GenerationSettings
+
+
+@dataclass(frozen=True)
+class TurnRequest:
+    """One user utterance (16 kHz int16) with the camera frames of its last second."""
+
+    session_id: str
+    response_id: int
+    audio_16k: np.ndarray
+    frames: list[Image.Image] = field(default_factory=list)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class AudioSegment:
+    """Reply audio, int16 mono 24 kHz, ready to send."""
+
+    pcm: np.ndarray
+
+
+@dataclass(frozen=True)
+class TurnFinished:
+    text: str
+    state: Literal["answer", "not_addressed"]
+    synthesis_seconds: float
+    audio_samples: int
+
+
+@dataclass(frozen=True)
+class TurnFailed:
+    message: str
+
+
+TurnOutput = TextDelta | AudioSegment | TurnFinished | TurnFailed
+OutputCallback = Callable[[TurnOutput], None]
+
+
+class TurnHandle(Protocol):
+    def cancel(self) -> None:
+        """Stop generation and synthesis of this turn as soon as possible."""
+
+
+class TurnRunner(Protocol):
+    """The worker as the session sees it (server.worker.ModelWorker implements it)."""
+
+    model_name: str
+
+    def open_session(self, session_id: str, system_prompt: str | None) -> None: ...
+
+    def reset_session(self, session_id: str, system_prompt: str | None) -> None: ...
+
+    def close_session(self, session_id: str) -> None: ...
+
+    def start_turn(self, request: TurnRequest, on_output: OutputCallback) -> TurnHandle: ...

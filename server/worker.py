@@ -1,0 +1,281 @@
+"""Model worker: assistant, engine and TTS in a thread with its own event loop.
+
+The gateway's loop never runs model math. It calls the worker's thread-safe methods, which
+schedule work on the worker loop; outputs go back through ``loop.call_soon_threadsafe``. Turns
+of all sessions run as concurrent tasks on the worker loop, so the engine batches their decode
+steps; speech synthesis runs in one more thread so decoding goes on while audio is made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+from server.protocol import GenerationSettings
+from server.settings import ServerSettings
+from server.turns import AudioSegment, OutputCallback, TextDelta, TurnFailed, TurnFinished, TurnOutput, TurnRequest
+from tts.sentences import SentenceChunker
+from tts.silence import trim_leading_silence
+from tts.synthesizer import CHUNK_SIZE, FIRST_SENTENCE_CHUNK_SIZE, Synthesizer
+from vita.assistant import VitaAssistant
+from vita.generate import ReplyTextStream
+from vita.prompt import ReplyState
+from vita.sampling import SamplingParams
+from vita.tiny_checkpoint import ensure_tiny_checkpoint
+
+log = logging.getLogger("vita.worker")
+
+TTS_DIR_NAME = "vita_tts_ckpt"
+STOP_TIMEOUT_S = 10.0
+
+
+def resolve_checkpoint(settings: ServerSettings) -> tuple[Path, bool]:
+    """Checkpoint folder to load and whether it is the tiny random one (generated once)."""
+    if settings.checkpoint is not None:
+        return settings.checkpoint, False
+    return ensure_tiny_checkpoint(settings.cache_dir), True
+
+
+class TurnTask:
+    """Handle of one turn on the worker loop; ``cancel`` is safe from any thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.task: asyncio.Task[None] | None = None
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self._loop.call_soon_threadsafe(self._cancel_in_loop)
+
+    def _cancel_in_loop(self) -> None:
+        self.cancelled = True
+        if self.task is not None:
+            self.task.cancel()
+
+
+class ModelWorker:
+    """Owns the model; implements ``server.turns.TurnRunner`` for the sessions."""
+
+    def __init__(self, settings: ServerSettings, checkpoint: Path, is_tiny: bool) -> None:
+        self.settings = settings
+        self.checkpoint = checkpoint
+        self.is_tiny = is_tiny
+        self.model_name = f"{checkpoint}{' (tiny random weights: replies are noise)' if is_tiny else ''}"
+        self.ready = False
+        self.load_error: str | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="vita-worker", daemon=True)
+        self._tts_thread = ThreadPoolExecutor(1, thread_name_prefix="vita-tts")
+        self._loaded = threading.Event()
+        self._conversations: dict[str, Any] = {}
+        self._turns: dict[str, asyncio.Task[None]] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start the worker thread; the model loads there (``ready`` turns True when done)."""
+        self._thread.start()
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        return self._loaded.wait(timeout)
+
+    def stop(self) -> None:
+        """Cancel every turn, stop the engine and the thread."""
+        if not self._thread.is_alive():
+            return
+        future = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
+        try:
+            future.result(STOP_TIMEOUT_S)
+        except Exception:
+            log.exception("worker_shutdown_failed")
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(STOP_TIMEOUT_S)
+        self._tts_thread.shutdown(wait=False, cancel_futures=True)
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.call_soon(self._load)
+        self._loop.run_forever()
+        self._loop.close()
+
+    def _load(self) -> None:
+        try:
+            started = time.perf_counter()
+            self.assistant = VitaAssistant.load(self.checkpoint, device=self.settings.device)
+            self.engine = self.assistant.make_engine(
+                max_sessions=self.settings.max_sessions, max_len=self.settings.max_context_tokens
+            )
+            self.synthesizer = Synthesizer.load(self.checkpoint / TTS_DIR_NAME, device=self.settings.device)
+            self.ready = True
+            log.info("model_loaded checkpoint=%s tiny=%s seconds=%.1f", self.checkpoint, self.is_tiny,
+                     time.perf_counter() - started)
+        except Exception as exc:
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.exception("model_load_failed")
+        finally:
+            self._loaded.set()
+
+    async def _shutdown(self) -> None:
+        turns = list(self._turns.values())
+        for task in turns:
+            task.cancel()
+        await asyncio.gather(*turns, return_exceptions=True)
+        if self.ready:
+            await self.engine.close()
+
+    # ------------------------------------------------------------------ sessions (any thread)
+
+    def open_session(self, session_id: str, system_prompt: str | None) -> None:
+        self._loop.call_soon_threadsafe(self._open, session_id, system_prompt)
+
+    def reset_session(self, session_id: str, system_prompt: str | None) -> None:
+        self._loop.call_soon_threadsafe(self._reset, session_id, system_prompt)
+
+    def close_session(self, session_id: str) -> None:
+        self._loop.call_soon_threadsafe(self._close, session_id)
+
+    def start_turn(self, request: TurnRequest, on_output: OutputCallback) -> TurnTask:
+        gateway_loop = asyncio.get_running_loop()
+
+        def emit(output: TurnOutput) -> None:
+            gateway_loop.call_soon_threadsafe(on_output, output)
+
+        handle = TurnTask(self._loop)
+        self._loop.call_soon_threadsafe(self._begin_turn, request, emit, handle)
+        return handle
+
+    # ------------------------------------------------------------------ worker loop side
+
+    def _open(self, session_id: str, system_prompt: str | None) -> None:
+        self._conversations[session_id] = self.assistant.new_conversation(system_prompt)
+
+    def _reset(self, session_id: str, system_prompt: str | None) -> None:
+        self._close(session_id)
+        self._open(session_id, system_prompt)
+
+    def _close(self, session_id: str) -> None:
+        task = self._turns.pop(session_id, None)
+        if task is not None:
+            task.cancel()
+        self.engine.end_session(session_id)
+        self._conversations.pop(session_id, None)
+
+    def _begin_turn(self, request: TurnRequest, emit: OutputCallback, handle: TurnTask) -> None:
+        if handle.cancelled:
+            return
+        session_id = request.session_id
+        task = self._loop.create_task(self._run_turn(request, emit, self._turns.get(session_id)))
+        handle.task = task
+        self._turns[session_id] = task
+        task.add_done_callback(lambda done: self._forget_turn(session_id, done))
+
+    def _forget_turn(self, session_id: str, task: asyncio.Task[None]) -> None:
+        if self._turns.get(session_id) is task:
+            del self._turns[session_id]
+
+    async def _run_turn(self, request: TurnRequest, emit: OutputCallback, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:  # the session's previous turn was cancelled: let it unwind first
+            previous.cancel()
+            await asyncio.gather(previous, return_exceptions=True)
+        sentences: asyncio.Queue[str | None] = asyncio.Queue()
+        speaker = self._loop.create_task(self._speak(sentences, emit)) if request.generation.speak else None
+        try:
+            text, state = await self._generate_reply(request, emit, sentences)
+            sentences.put_nowait(None)
+            synthesis_s, samples = await speaker if speaker is not None else (0.0, 0)
+            emit(TurnFinished(text=text, state=state, synthesis_seconds=synthesis_s, audio_samples=samples))
+        except asyncio.CancelledError:
+            self.engine.cancel(request.session_id)
+            raise
+        except Exception as exc:
+            log.exception("turn_failed session=%s response=%d", request.session_id, request.response_id)
+            emit(TurnFailed(f"{type(exc).__name__}: {exc}"))
+        finally:
+            if speaker is not None and not speaker.done():
+                speaker.cancel()
+
+    async def _generate_reply(
+        self, request: TurnRequest, emit: OutputCallback, sentences: asyncio.Queue[str | None]
+    ) -> tuple[str, Literal["answer", "not_addressed"]]:
+        """Stream the reply text (to the client and, sentence by sentence, to the speaker).
+
+        A reply VITA marks ☟ (not addressed to it) is stopped at once and says nothing, unless
+        the session turned ``respect_not_addressed`` off.
+        """
+        conversation = self._conversations[request.session_id]
+        embeds = self.assistant.turn_embeddings(conversation, audio_16k=request.audio_16k, frames=request.frames)
+        reply = ReplyTextStream(self.assistant.tokenizer)
+        chunker = SentenceChunker()
+        text = ""
+        token_ids: list[int] = []
+
+        def silenced() -> bool:
+            return reply.state is ReplyState.NOT_ADDRESSED and request.generation.respect_not_addressed
+
+        def publish(delta: str) -> None:
+            nonlocal text
+            text += delta
+            emit(TextDelta(delta))
+            for sentence in chunker.push(delta):
+                sentences.put_nowait(sentence)
+
+        try:
+            async for token_id in self.engine.generate(request.session_id, embeds, sampling_params(request.generation)):
+                token_ids.append(token_id)
+                delta = reply.push(token_id)
+                if silenced():
+                    self.engine.cancel(request.session_id)
+                    return "", "not_addressed"
+                if delta:
+                    publish(delta)
+        finally:  # whatever the engine yielded is part of the conversation, even if cancelled
+            self.assistant.end_reply(conversation, token_ids)
+        tail = reply.flush()
+        if silenced():
+            return "", "not_addressed"
+        if tail:
+            publish(tail)
+        for sentence in chunker.flush():
+            sentences.put_nowait(sentence)
+        return text, "answer"
+
+    async def _speak(self, sentences: asyncio.Queue[str | None], emit: OutputCallback) -> tuple[float, int]:
+        """Synthesise sentences as they arrive; every segment is emitted as soon as it exists.
+
+        Returns the synthesis time spent in the TTS thread and the number of samples made.
+        """
+        busy_s, samples, first_sentence = 0.0, 0, True
+        while (sentence := await sentences.get()) is not None:
+            embeddings = self.assistant.speech_embeddings(sentence)
+            chunk_size = FIRST_SENTENCE_CHUNK_SIZE if first_sentence else CHUNK_SIZE
+            first_sentence = False
+            segments = self.synthesizer.synthesize(embeddings, codec_chunk_size=chunk_size)
+            try:
+                while True:
+                    started = time.perf_counter()
+                    segment = await self._loop.run_in_executor(self._tts_thread, next, segments, None)
+                    busy_s += time.perf_counter() - started
+                    if segment is None:
+                        break
+                    if samples == 0:
+                        segment = trim_leading_silence(segment)
+                    if len(segment):
+                        samples += len(segment)
+                        emit(AudioSegment(segment))
+            finally:  # closed in the TTS thread, after a `next` that may still be running there
+                self._tts_thread.submit(segments.close)
+        return busy_s, samples
+
+
+def sampling_params(generation: GenerationSettings) -> SamplingParams:
+    return SamplingParams(
+        temperature=generation.temperature,
+        top_p=generation.top_p,
+        top_k=generation.top_k,
+        max_tokens=generation.max_new_tokens,
+    )
