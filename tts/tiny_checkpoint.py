@@ -81,19 +81,21 @@ def _weight_normed(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
-def write_tiny_tts_checkpoint(dir: Path, llm_hidden: int = 64, seed: int = 0) -> None:
-    """Write `dir/decoder/{model.json,final.pt}` and `dir/codec/{model.json,final.pt}`."""
+def write_random_tts_checkpoint(
+    dir: Path, decoder_config: DecoderConfig, codec_config: CodecConfig, *, seed: int = 0, eos_bias: float | None = None
+) -> None:
+    """Random weights for any shapes in the upstream layout; `eos_bias` (with a zero eos row in
+    `out_fnn`) sets how soon random utterances end, None leaves eos random."""
     dir = Path(dir)
     generator = torch.Generator().manual_seed(seed)
-    decoder_config = tiny_decoder_config(llm_hidden)
-    codec_config = tiny_codec_config()
     decoder = LLM2TTSCodecAR(decoder_config)
     codec = TiCodec(codec_config)
     _randomise(decoder, generator)
     _randomise(codec, generator)
-    with torch.no_grad():
-        decoder.out_fnn.weight[decoder_config.eos_id] = 0.0
-        decoder.out_fnn.bias[decoder_config.eos_id] = TINY_EOS_BIAS
+    if eos_bias is not None:
+        with torch.no_grad():
+            decoder.out_fnn.weight[decoder_config.eos_id] = 0.0
+            decoder.out_fnn.bias[decoder_config.eos_id] = eos_bias
 
     (dir / "decoder").mkdir(parents=True, exist_ok=True)
     (dir / "decoder" / "model.json").write_text(json.dumps(decoder_config.to_model_json(), indent=2))
@@ -108,4 +110,11 @@ def write_tiny_tts_checkpoint(dir: Path, llm_hidden: int = 64, seed: int = 0) ->
             "encoder": {},  # the audio -> codes encoder is never used for synthesis
         },
         dir / "codec" / "final.pt",
+    )
+
+
+def write_tiny_tts_checkpoint(dir: Path, llm_hidden: int = 64, seed: int = 0) -> None:
+    """Write `dir/decoder/{model.json,final.pt}` and `dir/codec/{model.json,final.pt}`."""
+    write_random_tts_checkpoint(
+        dir, tiny_decoder_config(llm_hidden), tiny_codec_config(), seed=seed, eos_bias=TINY_EOS_BIAS
     )
