@@ -114,6 +114,18 @@ def test_conversation_turns_concatenate_to_the_chatml_template(tiny_checkpoint: 
     assert cache_text == expected
 
 
+def test_a_turn_dropped_before_its_first_token_is_forgotten(assistant: VitaAssistant) -> None:
+    fresh, dropped = assistant.new_conversation(), assistant.new_conversation()
+    expected_first = fresh.next_turn_text(user_content(text="hi"))
+    dropped.next_turn_text(user_content(text="cancelled"))
+    assistant.end_reply(dropped, [])
+    assert dropped.next_turn_text(user_content(text="hi")) == expected_first
+    assistant.end_reply(dropped, [assistant.tokenizer.encode("ok")[0], assistant.tokenizer.im_end_id])
+    dropped.next_turn_text(user_content(text="cancelled too"))
+    assistant.end_reply(dropped, [])
+    assert dropped.next_turn_text(user_content(text="again")).startswith("\n<|im_start|>user\nagain")
+
+
 def test_user_content_orders_frames_audio_text_like_upstream() -> None:
     assert user_content(3, audio=True) == "<image><image><image>\n<audio>"
     assert user_content(audio=True) == "<audio>"

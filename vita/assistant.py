@@ -45,12 +45,24 @@ class VitaAssistant:
         return self.model.device
 
     @classmethod
-    def load(cls, checkpoint_dir: Path, device: str = "cpu", dtype: torch.dtype | None = None) -> VitaAssistant:
+    def load(
+        cls,
+        checkpoint_dir: Path,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        *,
+        vision_tower_dir: Path | None = None,
+        audio_encoder_dir: Path | None = None,
+    ) -> VitaAssistant:
         """Load model and tokenizer, keeping only the vocabulary rows the tokenizer can decode (as
-        upstream does). The TTS width comes from `vita_tts_ckpt/decoder/model.json` when present,
-        else VITA-1.5's LLM hidden / 4 (3584 -> 896)."""
+        upstream does). The component folders default to those `config.json` names. The TTS
+        width comes from `vita_tts_ckpt/decoder/model.json` when present, else VITA-1.5's LLM
+        hidden / 4 (3584 -> 896)."""
         checkpoint_dir = Path(checkpoint_dir)
-        model = load_model(checkpoint_dir, device, dtype or default_dtype(device))
+        model = load_model(
+            checkpoint_dir, device, dtype or default_dtype(device),
+            vision_tower_dir=vision_tower_dir, audio_encoder_dir=audio_encoder_dir,
+        )
         tts_config = checkpoint_dir / TTS_DECODER_CONFIG
         if tts_config.is_file():
             tts_dim = DecoderConfig.from_model_json(tts_config).idim
@@ -83,8 +95,15 @@ class VitaAssistant:
         return self.model.splice_embeddings(ids, image_features, audio_features)
 
     def end_reply(self, conv: Conversation, token_ids: Sequence[int]) -> None:
-        """Record the reply the engine streamed (every id it yielded) in `conv`."""
-        conv.end_reply(bool(token_ids) and token_ids[-1] in self.tokenizer.stop_ids)
+        """Record in `conv` the reply the engine streamed (every id it yielded, even if cancelled).
+
+        No id means the engine dropped the whole turn (cancelled before its first token), so
+        `conv` forgets the turn too.
+        """
+        if token_ids:
+            conv.end_reply(token_ids[-1] in self.tokenizer.stop_ids)
+        else:
+            conv.discard_turn()
 
     @torch.inference_mode()
     def speech_embeddings(self, text: str) -> torch.Tensor:

@@ -13,7 +13,7 @@ nothing), ☜ answers a typed query.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vita.tokenizer import AUDIO_PLACEHOLDER, IM_END, IM_START, IMAGE_PLACEHOLDER
 
@@ -92,6 +92,7 @@ class Conversation:
     system_prompt: str = SYSTEM_PROMPTS["audio"]
     turns: int = 0
     reply_closed: bool = False  # the cache holds the last reply's `<|im_end|>`
+    _before_last_turn: tuple[int, bool] = field(default=(0, False), repr=False)
 
     def next_turn_text(self, content: str) -> str:
         """Prompt text of the next user turn (only what the cache lacks); records the turn."""
@@ -101,6 +102,7 @@ class Conversation:
             prefix = "\n"
         else:
             prefix = REPLY_END
+        self._before_last_turn = (self.turns, self.reply_closed)
         self.turns += 1
         self.reply_closed = False
         return prefix + user_block(content)
@@ -108,3 +110,7 @@ class Conversation:
     def end_reply(self, closed: bool) -> None:
         """Record how the reply to the last turn ended: with `<|im_end|>` (closed) or cut short."""
         self.reply_closed = closed
+
+    def discard_turn(self) -> None:
+        """Forget the last turn: it never reached the cache (cancelled before its first token)."""
+        self.turns, self.reply_closed = self._before_last_turn
