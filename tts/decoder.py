@@ -19,36 +19,17 @@ from torch import nn
 
 from tts.config import DecoderConfig
 from tts.weights import load_strict, read_checkpoint
-
-
-class RMSNorm(nn.Module):
-    """Llama RMSNorm: statistics in float32, scale applied in the input dtype."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+from vita.qwen2 import RMSNorm, apply_rotary  # Llama and Qwen2 share RMSNorm and rotate-half RoPE
 
 
 def rotary_cos_sin(
     positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Default Llama RoPE tables [T, head_dim] for integer `positions` [T]."""
+    """Default Llama RoPE tables [T, head_dim] for integer `positions` [T] (broadcast over [B, H, T, D])."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
     angles = positions.float()[:, None] * inv_freq[None, :]
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate [B, H, T, D] by the half-split convention (x1, x2) -> (-x2, x1)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 class KVCache:
