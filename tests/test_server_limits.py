@@ -1,0 +1,67 @@
+"""Session cap and idle timeout on a real server (tiny checkpoint, loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+import websockets
+
+from server.background import BackgroundServer
+from server.settings import ServerSettings
+
+
+@pytest.fixture(scope="module")
+def small_server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    settings = ServerSettings(max_sessions=2, idle_timeout_s=1.0, cache_dir=tmp_path_factory.mktemp("cache"))
+    with BackgroundServer(settings, tiny_checkpoint) as running:
+        yield running
+
+
+async def start_session(url: str) -> websockets.ClientConnection:
+    ws = await websockets.connect(url)
+    await ws.send(json.dumps({"type": "session.start", "sample_rate": 16_000}))
+    assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "session.ready"
+    return ws
+
+
+async def test_extra_sessions_get_server_full_and_a_clean_close(small_server: BackgroundServer) -> None:
+    first = await start_session(small_server.ws_url)
+    second = await start_session(small_server.ws_url)
+    async with websockets.connect(small_server.ws_url) as third:
+        error = json.loads(await asyncio.wait_for(third.recv(), 5))
+        assert (error["type"], error["code"], error["fatal"]) == ("error", "server_full", True)
+        with pytest.raises(websockets.ConnectionClosed):
+            await asyncio.wait_for(third.recv(), 5)
+        assert third.close_code == 1013  # closing handshake done, "try again later"
+    assert "vita_sessions_rejected_total 1.0" in small_server.get_text("/metrics")
+    await first.close()
+    await asyncio.sleep(0.2)
+    replacement = await start_session(small_server.ws_url)  # a freed place can be taken again
+    await replacement.close()
+    await second.close()
+
+
+async def test_idle_sessions_are_closed(small_server: BackgroundServer) -> None:
+    ws = await start_session(small_server.ws_url)
+    started = time.monotonic()
+    error = json.loads(await asyncio.wait_for(ws.recv(), 5))
+    assert (error["code"], error["fatal"]) == ("idle_timeout", True)
+    assert 0.8 <= time.monotonic() - started <= 3.0
+    with pytest.raises(websockets.ConnectionClosedOK):
+        await asyncio.wait_for(ws.recv(), 5)
+    assert ws.close_code == 1000
+
+
+async def test_messages_keep_a_session_alive(small_server: BackgroundServer) -> None:
+    ws = await start_session(small_server.ws_url)
+    for _ in range(6):  # 1.8 s of silence frames, each within the 1 s idle limit
+        await ws.send(b"\0\0" * 4800)
+        await asyncio.sleep(0.3)
+    await ws.send(json.dumps({"type": "response.cancel"}))
+    reply = json.loads(await asyncio.wait_for(ws.recv(), 5))
+    assert reply["code"] == "no_response"  # still the same live session
+    await ws.close()
