@@ -174,6 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--speed", type=float, default=1.0, help="pace relative to real time")
     parser.add_argument("--tail-silence-s", type=float, default=1.5)
     parser.add_argument("--timeout-s", type=float, default=60.0, help="wait for replies after the file")
+    parser.add_argument(
+        "--settings", type=json.loads, help='session.update body, e.g. \'{"generation": {"temperature": 0}}\''
+    )
     args = parser.parse_args(argv)
     audio, sample_rate = sf.read(args.wav, dtype="int16")
     result = asyncio.run(
@@ -184,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
             speed=args.speed,
             tail_silence_s=args.tail_silence_s,
             reply_timeout_s=args.timeout_s,
+            session_update=args.settings,
         )
     )
     for event in result.of_type("error"):

@@ -96,6 +96,7 @@ class ModelWorker:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(STOP_TIMEOUT_S)
         self._tts_thread.shutdown(wait=False, cancel_futures=True)
+        log.info("worker_stopped")
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self._loop)

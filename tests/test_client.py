@@ -1,0 +1,133 @@
+"""`vita-server` and `vita-client` as processes: banner, a spoken reply saved to WAV, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import websockets
+
+from vita.tiny_checkpoint import TINY_CHECKPOINT_VERSION
+
+REPO = Path(__file__).resolve().parent.parent
+HELLO = Path("/work/shared/audio/en_hello.wav")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(port: int, process: subprocess.Popen, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError("vita-server did not become ready")
+
+
+@pytest.fixture(scope="module")
+def server_process(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    """`vita-server` without --checkpoint: it takes the tiny checkpoint from its cache folder."""
+    cache = tmp_path_factory.mktemp("cache")
+    (cache / f"vita_tiny_ckpt_v{TINY_CHECKPOINT_VERSION}").symlink_to(tiny_checkpoint)  # skip regenerating it
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "--port", str(port), "--cache-dir", str(cache), "--max-sessions", "4"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "VITA_LOG_FORMAT": "json"},
+    )
+    try:
+        wait_ready(port, process)
+        yield process, port
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_client_saves_the_spoken_reply_and_prints_timings(server_process, tmp_path: Path) -> None:
+    _, port = server_process
+    out = tmp_path / "reply.wav"
+    settings = {"generation": {"respect_not_addressed": False, "temperature": 0, "max_new_tokens": 24}}
+    run = subprocess.run(
+        [sys.executable, "-m", "server.client", str(HELLO), "--url", f"ws://127.0.0.1:{port}/ws",
+         "--out", str(out), "--speed", "3", "--settings", json.dumps(settings)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    reply, rate = sf.read(out, dtype="int16")
+    assert rate == 24_000 and reply.ndim == 1 and len(reply) > 0
+    lines = run.stdout.splitlines()
+    table_row = next(line for line in lines if line.split()[:1] == ["1"])
+    assert table_row.split()[-1] == "answer"
+    assert f"({len(reply) / 24_000:.2f} s)" in lines[-1]
+
+
+def stereo_at(rate: int) -> np.ndarray:
+    import soxr
+
+    mono, source_rate = sf.read(HELLO, dtype="float32")
+    resampled = soxr.resample(mono, source_rate, rate)
+    return np.round(np.stack([resampled, resampled], axis=1) * 32767).astype(np.int16)
+
+
+def test_client_streams_any_rate_and_channels(server_process, tmp_path: Path) -> None:
+    _, port = server_process
+    wav = tmp_path / "hello_22k_stereo.wav"
+    sf.write(wav, stereo_at(22_050), 22_050, subtype="PCM_16")
+    settings = {"generation": {"respect_not_addressed": False, "temperature": 0, "max_new_tokens": 8}}
+    run = subprocess.run(
+        [sys.executable, "-m", "server.client", str(wav), "--url", f"ws://127.0.0.1:{port}/ws",
+         "--out", str(tmp_path / "r.wav"), "--speed", "4", "--settings", json.dumps(settings)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "error" not in run.stdout
+    assert sf.info(tmp_path / "r.wav").frames > 0
+
+
+def test_sigterm_closes_sessions_and_exits_cleanly(server_process) -> None:
+    process, port = server_process
+
+    async def connect_then_stop() -> int | None:
+        async with websockets.connect(f"ws://127.0.0.1:{port}/ws") as ws:
+            await ws.send(json.dumps({"type": "session.start", "sample_rate": 16_000}))
+            await asyncio.wait_for(ws.recv(), 5)
+            process.send_signal(signal.SIGTERM)
+            with pytest.raises(websockets.ConnectionClosed):
+                while True:
+                    await asyncio.wait_for(ws.recv(), 15)
+            return ws.close_code
+
+    close_code = asyncio.run(connect_then_stop())
+    assert close_code in (1001, 1012)
+    assert process.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after its shutdown
+    logs = process.stdout.read()
+    banner = logs.splitlines()[:3]
+    assert any("TINY RANDOM checkpoint" in line and "noise" in line for line in banner)
+    json_lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+    assert any(entry["message"].startswith("model_loaded") for entry in json_lines)
+    assert any(entry["message"].startswith("session_end") for entry in json_lines)
+    assert any(entry["message"] == "worker_stopped" for entry in json_lines)  # lifespan shutdown ran
