@@ -27,7 +27,8 @@ _IDENTITY = (
     "correct answer with the user."
 )
 
-# The `qwen2p5_instruct` system prompts of upstream vita/conversation.py ("lang" is "audio").
+# The `qwen2p5_instruct` system prompts of upstream vita/conversation.py ("lang" is "audio"),
+# the template VITA-1.5 was fine-tuned with (upstream's web demo spells the name "Vita").
 SYSTEM_PROMPTS = {
     "audio": _IDENTITY,
     "image": _IDENTITY
