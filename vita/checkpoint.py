@@ -95,7 +95,11 @@ def check_names_and_shapes(expected: dict[str, tuple[int, ...]], stored: dict[st
 
 @contextlib.contextmanager
 def parameters_on_meta() -> Iterator[None]:
-    """Modules built inside get their parameters on the meta device; buffers stay real (small)."""
+    """Modules built inside get their parameters on the meta device; buffers stay real (small).
+
+    Patches `nn.Module.register_parameter` for the duration: modules another thread builds
+    meanwhile would get meta parameters too.
+    """
     register_parameter = nn.Module.register_parameter
 
     def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
@@ -185,8 +189,8 @@ def load_model(
         config = config.with_vocab_size(stored_rows)
     model = build_on_meta(config)
     check_names_and_shapes(state_shapes(model), stored)
-    final_pt = config.audio_encoder_dir / "final.pt" if config.audio_encoder_dir else None
-    if final_pt is not None and final_pt.is_file():
+    final_pt = config.audio_encoder_dir / "final.pt"
+    if final_pt.is_file():
         log.info("audio encoder weights come from the main shards; %s is superseded "
                  "(upstream loads it, then the shards overwrite it)", final_pt)
     load_tensors(model, checkpoint_dir, weight_map, device, dtype, progress)
