@@ -170,6 +170,20 @@ def test_tensor_listed_in_index_but_absent_from_shard_is_named(copied: Path) -> 
         load_model(copied, progress=False)
 
 
+def test_corrupt_config_json_is_named(copied: Path) -> None:
+    (copied / "config.json").write_text('{"model_type": "vita-Qwen2",')
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        load_model(copied, progress=False)
+
+
+def test_garbage_shard_header_is_named(copied: Path) -> None:
+    data = bytearray((copied / SHARD_2).read_bytes())
+    data[:16] = b"\xff" * 16
+    (copied / SHARD_2).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"cannot read safetensors shard .*{SHARD_2}"):
+        load_model(copied, progress=False)
+
+
 def test_component_folder_found_by_basename_else_clear_error_else_override(copied: Path, tmp_path: Path) -> None:
     moved = Path(shutil.move(copied / VISION_TOWER_DIR, tmp_path / "elsewhere"))
     with pytest.raises(FileNotFoundError, match=f"mm_vision_tower .*{VISION_TOWER_DIR}"):

@@ -69,7 +69,10 @@ class VitaConfig:
         config_path = checkpoint_dir / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"no config.json in checkpoint folder {checkpoint_dir}")
-        raw = json.loads(config_path.read_text())
+        try:
+            raw = json.loads(config_path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{config_path}: not valid JSON ({error})") from error
         if raw.get("model_type") != MODEL_TYPE:
             raise ValueError(f"{config_path}: model_type is {raw.get('model_type')!r}, expected {MODEL_TYPE!r}")
         if raw.get("mm_projector_type", PROJECTOR_TYPE) != PROJECTOR_TYPE:
