@@ -27,10 +27,14 @@ FRAME_MS = 20
 
 @dataclass
 class Turn:
-    """What the client saw of one reply; times are client-side monotonic seconds."""
+    """What the client saw of one reply; times are client-side monotonic seconds.
+
+    ``speech_ended_at`` is when the utterance's last voiced audio was sent, so latencies
+    measured from it include the VAD hangover (the server's own timings start after it).
+    """
 
     response_id: int
-    speech_stopped_at: float
+    speech_ended_at: float
     text: str = ""
     audio: list[np.ndarray] = field(default_factory=list)
     first_text_at: float | None = None
@@ -44,7 +48,7 @@ class Turn:
         return sum(len(a) for a in self.audio)
 
     def latency_ms(self, at: float | None) -> float | None:
-        return None if at is None else round((at - self.speech_stopped_at) * 1000, 1)
+        return None if at is None else round((at - self.speech_ended_at) * 1000, 1)
 
 
 @dataclass
@@ -121,8 +125,8 @@ async def stream_audio(
                 event = json.loads(message)
                 result.events.append(event)
                 kind = event["type"]
-                if kind == "vad.speech_stopped":
-                    stopped_at.append(now)
+                if kind == "vad.speech_stopped":  # when the speech itself ended, on the sending clock
+                    stopped_at.append(started + event["audio_ms"] / 1000 / speed)
                 elif kind == "response.started":
                     turn = Turn(event["response_id"], stopped_at[-1] if stopped_at else now)
                     turns[turn.response_id] = turn
@@ -136,8 +140,8 @@ async def stream_audio(
                 elif kind == "response.interrupted":
                     turns[event["response_id"]].interrupted = True
 
-        receiver = asyncio.create_task(receive())
         started = time.monotonic()
+        receiver = asyncio.create_task(receive())
         for i, frame in enumerate(frames):
             await ws.send(frame)
             delay = started + (i + 1) * FRAME_MS / 1000 / speed - time.monotonic()
@@ -152,16 +156,16 @@ async def stream_audio(
 
 
 def timing_table(result: ClientResult) -> str:
-    """Per-turn timings: client-measured latencies next to the server's own."""
-    rows = ["turn  first text ms  first audio ms  audio s  server first text / audio ms  state"]
+    """Per-turn timings in ms: from the end of speech as the client sent it (VAD hangover
+    included) and the server's own, from its end-of-turn decision."""
+    rows = ["turn  client first text  client first audio  server first text  server first audio  audio s  state"]
     for turn in result.turns:
         server = (turn.done or {}).get("timings", {})
         state = "interrupted" if turn.interrupted else (turn.done or {}).get("state", "unfinished")
         rows.append(
-            f"{turn.response_id:>4}  {turn.latency_ms(turn.first_text_at)!s:>13}  "
-            f"{turn.latency_ms(turn.first_audio_at)!s:>14}  {turn.audio_samples / OUTPUT_SAMPLE_RATE:7.2f}  "
-            f"{server.get('end_of_speech_to_first_text_ms')!s:>14} / {server.get('end_of_speech_to_first_audio_ms')!s:<12}  "
-            f"{state}"
+            f"{turn.response_id:>4}  {turn.latency_ms(turn.first_text_at)!s:>17}  "
+            f"{turn.latency_ms(turn.first_audio_at)!s:>18}  {server.get('end_of_speech_to_first_text_ms')!s:>17}  "
+            f"{server.get('end_of_speech_to_first_audio_ms')!s:>18}  {turn.audio_samples / OUTPUT_SAMPLE_RATE:7.2f}  {state}"
         )
     return "\n".join(rows)
 
