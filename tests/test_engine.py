@@ -137,7 +137,10 @@ async def test_breaking_out_of_the_stream_cancels_the_turn(model):
 
 async def test_cancel_during_prefill_drops_the_turn(model):
     engine = make_engine(model)
-    stream = engine.generate("a", prompt(model, 40, seed=42), GREEDY)  # 5 prefill chunks of 8
+    other_prompt = prompt(model, 3, seed=44)
+    other = asyncio.ensure_future(collect(engine, "b", other_prompt))
+    await asyncio.sleep(0)
+    stream = engine.generate("a", prompt(model, 40, seed=42), GREEDY)  # 5 chunks of 8 while "b" decodes
     first = asyncio.ensure_future(anext(stream))
     for _ in range(3):
         await asyncio.sleep(0)
@@ -147,6 +150,7 @@ async def test_cancel_during_prefill_drops_the_turn(model):
         await first
     follow_up = prompt(model, 5, seed=43)
     assert await collect(engine, "a", follow_up) == reference_greedy(model, follow_up, 12)
+    assert await other == reference_greedy(model, other_prompt, 12)
     await engine.close()
 
 

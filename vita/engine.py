@@ -1,8 +1,9 @@
 """Multi-session generation engine: engine-owned KV cache, continuous batching, chunked prefill.
 
 One background task on the caller's event loop runs *steps*. A step prefills up to
-``prefill_chunk`` new tokens (one or more chunks of waiting sessions) and then decodes one
-token for every session that is generating, all in one batch. Each session owns a cache slot
+``prefill_chunk`` new tokens (one or more chunks of waiting sessions; everything waiting when
+no session is decoding) and then decodes one token for every session that is generating, all
+in one batch. Each session owns a cache slot
 for its whole conversation, so a new turn only prefills its new tokens. On CUDA the decode
 forward is replayed from CUDA graphs captured per (batch bucket, attended-length bucket).
 
@@ -277,8 +278,12 @@ class Engine:
         self._decoding += [session for session in starting if not session.request.done]
 
     def _prefill_some(self) -> list[_Session]:
-        """Run prefill chunks within the token budget; returns sessions whose prefill completed."""
-        budget = self.prefill_chunk
+        """Run prefill chunks within the token budget; returns sessions whose prefill completed.
+
+        The budget is ``prefill_chunk`` while sessions are decoding (so they keep streaming) and
+        unlimited otherwise (fewest forward calls to the first token).
+        """
+        budget = self.prefill_chunk if self._decoding else self.max_len
         completed = []
         while self._prefill_queue and budget > 0:
             session = self._prefill_queue[0]

@@ -63,37 +63,40 @@ class LLMConfig:
 
 
 class KVCache:
-    """Static per-layer key/value slots ``[slots, kv_heads, max_len, head_dim]``, owned by the caller.
+    """Static per-layer key/value slots ``[slots, max_len, kv_heads, head_dim]``, owned by the caller.
 
     A slot holds one sequence; position ``p`` of a sequence lives at index ``p`` of its slot.
     """
 
     def __init__(self, config: LLMConfig, slots: int, max_len: int, device: torch.device | str, dtype: torch.dtype):
-        shape = (slots, config.num_key_value_heads, max_len, config.head_dim)
+        shape = (slots, max_len, config.num_key_value_heads, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.slots = slots
         self.max_len = max_len
 
-    def write(self, layer: int, slot_ids: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store ``k``/``v`` ``[B, T, kv_heads, head_dim]`` at ``(slot_ids[b], positions[b, t])``."""
-        rows = slot_ids[:, None]
-        self.k[layer][rows, :, positions] = k
-        self.v[layer][rows, :, positions] = v
+    def flat_index(self, slot_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Row of ``(slot_ids[b], positions[b, t])`` in a layer viewed as ``[slots * max_len, ...]``, flattened."""
+        return (slot_ids[:, None] * self.max_len + positions).reshape(-1)
+
+    def write(self, layer: int, flat_index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store ``k``/``v`` ``[B, T, kv_heads, head_dim]`` at the rows given by ``flat_index``."""
+        for store, new in ((self.k[layer], k), (self.v[layer], v)):
+            store.view(-1, *store.shape[2:]).index_copy_(0, flat_index, new.reshape(-1, *new.shape[2:]))
 
     def read(self, layer: int, slot_ids: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the first ``kv_len`` positions of each slot: ``[B, kv_heads, kv_len, head_dim]``."""
-        return self.k[layer][slot_ids, :, :kv_len], self.v[layer][slot_ids, :, :kv_len]
+        return self.k[layer][slot_ids, :kv_len].transpose(1, 2), self.v[layer][slot_ids, :kv_len].transpose(1, 2)
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Copy the first ``length`` positions of slot ``src`` into slot ``dst`` (all layers)."""
         for k, v in zip(self.k, self.v):
-            k[dst, :, :length] = k[src, :, :length]
-            v[dst, :, :length] = v[src, :, :length]
+            k[dst, :length] = k[src, :length]
+            v[dst, :length] = v[src, :length]
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in fp32, scaled in the input dtype (as Qwen2)."""
+    """Root-mean-square norm with a learned scale (statistics in fp32)."""
 
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -101,9 +104,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -115,31 +116,40 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``positions [B, T]`` -> cos, sin ``[B, T, 1, head_dim]`` (broadcast over heads)."""
+        """``positions [B, T]`` -> cos and signed sin ``[B, T, 1, head_dim]`` (broadcast over heads).
+
+        The signed sin has its first half negated, so that rotate-half becomes a plain roll.
+        """
         freqs = positions[..., None].float() * self.inv_freq
-        angles = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1)
+        signed_sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
+        return cos[:, :, None].to(dtype), signed_sin[:, :, None].to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [B, T, heads, head_dim]`` by the position angles (rotate-half convention)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [B, T, heads, head_dim]``: ``x * cos + rotate_half(x) * sin`` with rotate_half = [-x2, x1]."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
-def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def attention_bias(allowed: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean ``allowed [B, 1, T, L]`` -> additive bias ``[B, 1, group * T, L]`` for the folded queries."""
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+    return bias.repeat(1, 1, group, 1)
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """GQA through SDPA without repeating K/V.
 
-    ``q [B, T, heads, D]``, ``k``/``v [B, kv_heads, L, D]``, boolean ``mask [B, 1, T, L]`` (True = attend).
-    The query heads sharing a KV head are folded into the query length. Returns ``[B, T, heads * D]``.
+    ``q [B, T, heads, D]``, ``k``/``v [B, kv_heads, L, D]``, ``bias`` from ``attention_bias``.
+    The query heads sharing a KV head are folded into the query length (a free view when T == 1).
+    Returns ``[B, T, heads * D]``.
     """
     batch, length, heads, head_dim = q.shape
     kv_heads = k.shape[1]
     group = heads // kv_heads
     folded = q.view(batch, length, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
     folded = folded.reshape(batch, kv_heads, group * length, head_dim)
-    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask.repeat(1, 1, group, 1))
+    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=bias)
     out = out.view(batch, kv_heads, group, length, head_dim).permute(0, 3, 1, 2, 4)
     return out.reshape(batch, length, heads * head_dim)
 
@@ -163,7 +173,7 @@ class Qwen2Attention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor,
+        bias: torch.Tensor,
         cache: CacheAccess | None,
     ) -> torch.Tensor:
         batch, length, _ = x.shape
@@ -175,7 +185,7 @@ class Qwen2Attention(nn.Module):
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         else:
             k, v = cache.write_and_read(self.layer_idx, k, v)
-        return self.o_proj(grouped_attention(q, k, v, mask))
+        return self.o_proj(grouped_attention(q, k, v, bias))
 
 
 class Qwen2MLP(nn.Module):
@@ -205,10 +215,10 @@ class Qwen2DecoderLayer(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor,
+        bias: torch.Tensor,
         cache: CacheAccess | None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+        x = x + self.self_attn(self.input_layernorm(x), rope, bias, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -218,11 +228,11 @@ class CacheAccess:
 
     cache: KVCache
     slot_ids: torch.Tensor  # [B]
-    positions: torch.Tensor  # [B, T]
+    flat_index: torch.Tensor  # [B * T], from KVCache.flat_index
     kv_len: int  # attend over positions [0, kv_len) of each slot
 
     def write_and_read(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.cache.write(layer, self.slot_ids, self.positions, k, v)
+        self.cache.write(layer, self.flat_index, k, v)
         return self.cache.read(layer, self.slot_ids, self.kv_len)
 
 
@@ -251,21 +261,23 @@ class Qwen2Model(nn.Module):
         ``<=`` its own, within the first ``kv_len`` positions of its slot.
         """
         key_positions = torch.arange(kv_len, device=positions.device)
-        mask = (key_positions <= positions[:, :, None])[:, None]
-        access = CacheAccess(cache, slot_ids, positions, kv_len)
-        return self._run_layers(inputs_embeds, positions, mask, access)
+        allowed = (key_positions <= positions[:, :, None])[:, None]
+        access = CacheAccess(cache, slot_ids, cache.flat_index(slot_ids, positions), kv_len)
+        return self._run_layers(inputs_embeds, positions, allowed, access)
 
     def forward_reference(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
         """Plain causal forward over whole sequences ``[B, T, hidden]``, no cache."""
         batch, length, _ = inputs_embeds.shape
         positions = torch.arange(length, device=inputs_embeds.device).expand(batch, length)
-        mask = torch.ones(length, length, dtype=torch.bool, device=inputs_embeds.device).tril()[None, None]
-        return self._run_layers(inputs_embeds, positions, mask, None)
+        allowed = torch.ones(length, length, dtype=torch.bool, device=inputs_embeds.device).tril()[None, None]
+        return self._run_layers(inputs_embeds, positions, allowed, None)
 
     def _run_layers(
-        self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: CacheAccess | None
+        self, x: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor, cache: CacheAccess | None
     ) -> torch.Tensor:
         rope = self.rotary_emb(positions, x.dtype)
+        group = self.config.num_attention_heads // self.config.num_key_value_heads
+        bias = attention_bias(allowed, group, x.dtype)
         for layer in self.layers:
-            x = layer(x, rope, mask, cache)
+            x = layer(x, rope, bias, cache)
         return self.norm(x)
