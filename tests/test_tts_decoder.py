@@ -10,6 +10,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from tts.config import DecoderConfig
+from tts.batch import DecoderBatch
 from tts.decoder import DecoderLayer, KVCache, LLM2TTSCodecAR, rotary_cos_sin
 from tts.tiny_checkpoint import write_tiny_tts_checkpoint
 from tts.weights import WeightMismatchError
@@ -56,12 +57,13 @@ def test_decoder_layer_matches_transformers_llama_layer_with_cache():
     ref_step = reference(step, position_embeddings=rotary(step, torch.tensor([[7]])),
                          past_key_values=ref_cache, use_cache=True)
 
-    cache = KVCache(config, capacity=8, device=torch.device("cpu"), dtype=torch.float32)
+    cache = KVCache.empty(config, slots=2, capacity=8, device=torch.device("cpu"), dtype=torch.float32)
     cos, sin = rotary_cos_sin(torch.arange(7), config.head_dim, config.rope_theta, torch.float32)
-    out_prompt = ours(prompt, cos, sin, cache)
-    cache.length = 7
-    cos, sin = rotary_cos_sin(torch.tensor([7]), config.head_dim, config.rope_theta, torch.float32)
-    out_step = ours(step, cos, sin, cache)
+    out_prompt = ours(prompt, cos, sin, cache.prefill_store(slot=1))
+    cos, sin = rotary_cos_sin(torch.tensor([0, 7]), config.head_dim, config.rope_theta, torch.float32)
+    # slot 0 is idle (position 0), slot 1 continues at position 7
+    out_step = ours(torch.cat([torch.randn(1, 1, 32), step]), cos[:, None, None], sin[:, None, None],
+                    cache.step_store([0, 7]))[1:]
 
     torch.testing.assert_close(out_prompt, ref_prompt, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out_step, ref_step, atol=1e-5, rtol=1e-5)
@@ -112,8 +114,12 @@ def test_decoder_logits_match_transformers_reference(tts_dir):
     fed = [5, 17, 63, 0]
     expected = reference_logits(state, decoder.config, text, fed)
 
-    cache = decoder.prefill(text, capacity=len(fed) + 1)
-    got = [decoder.next_token_logits(token, cache) for token in [decoder.config.sos_id, *fed]]
+    cache = KVCache.empty(decoder.config, slots=1, capacity=32, device=torch.device("cpu"), dtype=torch.float32)
+    position = decoder.prefill(text, cache, slot=0)
+    got = []
+    for token in [decoder.config.sos_id, *fed]:
+        got.append(decoder.step([token], [position], cache)[0])
+        position += 1
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
 
@@ -124,11 +130,11 @@ def test_top_k_sampling_frequencies_follow_softmax_of_the_k_best(tts_dir):
     logits[[3, 7, 11]] = torch.tensor([2.0, 1.0, 0.5])
     logits[decoder.config.sos_id] = 10.0  # never a codec code: must be skipped
     generator = torch.Generator().manual_seed(0)
-    draws = [decoder.sample(logits, top_k=2, generator=generator) for _ in range(4000)]
+    draws = decoder.sample(logits.expand(4000, -1), top_k=2, generators=[generator] * 4000)
     assert set(draws) == {3, 7}
     p3 = 1 / (1 + torch.exp(torch.tensor(-1.0))).item()
     assert abs(draws.count(3) / len(draws) - p3) < 0.03
-    assert {decoder.sample(logits, top_k=1, generator=generator) for _ in range(20)} == {3}
+    assert set(decoder.sample(logits.expand(20, -1), top_k=1, generators=[None] * 20)) == {3}
 
 
 def test_generation_ends_at_eos_and_at_max_tokens(tts_dir):
@@ -138,9 +144,9 @@ def test_generation_ends_at_eos_and_at_max_tokens(tts_dir):
         decoder.out_fnn.weight.zero_()
         decoder.out_fnn.bias.zero_()
         decoder.out_fnn.bias[9] = 5.0
-        assert list(decoder.generate(text, top_k=1, max_tokens=6)) == [9] * 6
+        assert list(DecoderBatch(decoder).generate(text, top_k=1, max_tokens=6)) == [9] * 6
         decoder.out_fnn.bias[decoder.config.eos_id] = 6.0
-        assert list(decoder.generate(text, top_k=1, max_tokens=6)) == []
+        assert list(DecoderBatch(decoder).generate(text, top_k=1, max_tokens=6)) == []
 
 
 def test_mismatched_decoder_shape_names_the_tensor(tts_dir, tmp_path):

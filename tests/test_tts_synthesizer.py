@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from tts.batch import DecoderBatch
 from tts.synthesizer import Synthesizer, to_int16
 from tts.tiny_checkpoint import write_tiny_tts_checkpoint
 
@@ -34,8 +35,8 @@ def embeddings(synth: Synthesizer, n: int = 12) -> torch.Tensor:
 
 
 def tokens(synth: Synthesizer, seed: int, max_tokens: int) -> list[int]:
-    return list(synth.decoder.generate(embeddings(synth), max_tokens=max_tokens,
-                                       generator=torch.Generator().manual_seed(seed)))
+    return list(DecoderBatch(synth.decoder).generate(embeddings(synth), max_tokens=max_tokens,
+                                                     generator=torch.Generator().manual_seed(seed)))
 
 
 def stream(synth: Synthesizer, seed: int, **kwargs) -> list[np.ndarray]:
@@ -96,9 +97,11 @@ def test_stopping_early_samples_only_the_consumed_tokens(synth):
     next(segments)
     segments.close()
     reference = torch.Generator().manual_seed(4)
-    drawn = list(islice(synth.decoder.generate(embeddings(synth), max_tokens=200, generator=reference), chunk + padding))
+    drawn = list(islice(DecoderBatch(synth.decoder).generate(embeddings(synth), max_tokens=200, generator=reference),
+                        chunk + padding))
     assert len(drawn) == chunk + padding
     assert torch.equal(consumer.get_state(), reference.get_state())
+    assert synth.batch.open_streams == 0
 
 
 def test_interleaved_streams_equal_sequential_ones(synth):

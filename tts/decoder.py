@@ -10,7 +10,7 @@ Inference path (upstream `LLM2TTSCodecAR.infer`):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,7 +19,20 @@ from torch import nn
 
 from tts.config import DecoderConfig
 from tts.weights import load_strict, read_checkpoint
-from vita.qwen2 import RMSNorm, apply_rotary  # Llama and Qwen2 share RMSNorm and rotate-half RoPE
+
+
+class RMSNorm(nn.Module):
+    """Llama RMSNorm: statistics in float32, scale applied in the input dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
 
 
 def rotary_cos_sin(
@@ -32,18 +45,73 @@ def rotary_cos_sin(
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-class KVCache:
-    """Per-utterance keys and values of every layer of `layers`, preallocated to `capacity`."""
+KVStore = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
 
-    def __init__(self, config: DecoderConfig, capacity: int, device: torch.device, dtype: torch.dtype) -> None:
-        shape = (config.transformer_num_blocks, 1, config.transformer_attention_heads, capacity, config.head_dim)
-        self.keys = torch.empty(shape, device=device, dtype=dtype)
-        self.values = torch.empty(shape, device=device, dtype=dtype)
-        self.length = 0
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate [B, H, T, D] by the half-split convention (x1, x2) -> (-x2, x1)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache:
+    """Keys and values [layers, slots, heads, capacity, head_dim] of `layers` for several utterances."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys = keys
+        self.values = values
+
+    @classmethod
+    def empty(cls, config: DecoderConfig, slots: int, capacity: int, device: torch.device, dtype: torch.dtype) -> "KVCache":
+        shape = (config.transformer_num_blocks, slots, config.transformer_attention_heads, capacity, config.head_dim)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    @property
+    def slots(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[3]
+
+    def resized(self, slots: int, capacity: int) -> "KVCache":
+        """A larger cache holding this one's contents."""
+        layers, _, heads, _, head_dim = self.keys.shape
+        grown = KVCache(self.keys.new_zeros(layers, slots, heads, capacity, head_dim),
+                        self.values.new_zeros(layers, slots, heads, capacity, head_dim))
+        grown.keys[:, : self.slots, :, : self.capacity] = self.keys
+        grown.values[:, : self.slots, :, : self.capacity] = self.values
+        return grown
+
+    def prefill_store(self, slot: int) -> KVStore:
+        """Store for a whole sequence [1, H, T, D] into `slot` at positions 0..T-1; full attention."""
+
+        def store(layer: int, k: torch.Tensor, v: torch.Tensor):
+            length = k.shape[2]
+            self.keys[layer, slot, :, :length] = k[0]
+            self.values[layer, slot, :, :length] = v[0]
+            return self.keys[layer, slot : slot + 1, :, :length], self.values[layer, slot : slot + 1, :, :length], None
+
+        return store
+
+    def step_store(self, positions: list[int]) -> KVStore:
+        """Store for one token per slot 0..n-1 [n, H, 1, D] at `positions`; each attends to 0..position."""
+        device = self.keys.device
+        rows = torch.arange(len(positions), device=device)
+        where = torch.tensor(positions, device=device)
+        span = max(positions) + 1
+        mask = (torch.arange(span, device=device)[None, :] <= where[:, None]).view(len(positions), 1, 1, span)
+
+        def store(layer: int, k: torch.Tensor, v: torch.Tensor):
+            self.keys[layer, rows, :, where] = k[:, :, 0]
+            self.values[layer, rows, :, where] = v[:, :, 0]
+            return self.keys[layer, : len(positions), :, :span], self.values[layer, : len(positions), :, :span], mask
+
+        return store
 
 
 class SelfAttention(nn.Module):
-    """Multi-head attention without bias and without mask (full attention over what it sees)."""
+    """Multi-head attention without bias; full attention over what the KV store exposes."""
 
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
@@ -60,7 +128,7 @@ class SelfAttention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        cache: KVCache | None = None,
+        store: KVStore | None = None,
         layer_idx: int = 0,
     ) -> torch.Tensor:
         batch, length, _ = x.shape
@@ -71,13 +139,10 @@ class SelfAttention(nn.Module):
         q = apply_rotary(heads(self.q_proj(x)), cos, sin)
         k = apply_rotary(heads(self.k_proj(x)), cos, sin)
         v = heads(self.v_proj(x))
-        if cache is not None:
-            end = cache.length + length
-            cache.keys[layer_idx, :, :, cache.length : end] = k
-            cache.values[layer_idx, :, :, cache.length : end] = v
-            k = cache.keys[layer_idx, :, :, :end]
-            v = cache.values[layer_idx, :, :, :end]
-        out = F.scaled_dot_product_attention(q, k, v)
+        mask = None
+        if store is not None:
+            k, v, mask = store(layer_idx, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -110,10 +175,10 @@ class DecoderLayer(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        cache: KVCache | None = None,
+        store: KVStore | None = None,
         layer_idx: int = 0,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer_idx)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, store, layer_idx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -150,62 +215,47 @@ class LLM2TTSCodecAR(nn.Module):
         )
         return model.to(device=device, dtype=dtype).eval()
 
-    def _rotary(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = torch.arange(start, start + length, device=self.embedding.weight.device)
+    def _rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, dtype)
 
-    def _run_layers(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        cos, sin = self._rotary(cache.length, x.shape[1], x.dtype)
-        for layer_idx, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, layer_idx)
-        cache.length += x.shape[1]
-        return x
-
     @torch.no_grad()
-    def prefill(self, text_embeddings: torch.Tensor, capacity: int) -> KVCache:
-        """Run steps 1-2 on `text_embeddings` [T, idim] and return the filled cache."""
+    def prefill(self, text_embeddings: torch.Tensor, cache: KVCache, slot: int) -> int:
+        """Run steps 1-2 on `text_embeddings` [T, idim] into cache `slot`; returns its length T + 1."""
         weight = self.embedding.weight
         x = text_embeddings.to(device=weight.device, dtype=weight.dtype).unsqueeze(0)
-        cos, sin = self._rotary(0, x.shape[1], x.dtype)
+        cos, sin = self._rotary(torch.arange(x.shape[1], device=weight.device), x.dtype)
         for layer in self.layers_pre_nn:
             x = layer(x, cos, sin)
-        bos = self.embedding.weight[self.config.bos_id].view(1, 1, -1)
-        x = torch.cat([bos, x], dim=1)
-        cache = KVCache(self.config, capacity=x.shape[1] + capacity, device=weight.device, dtype=weight.dtype)
-        self._run_layers(x, cache)
-        return cache
+        x = torch.cat([weight[self.config.bos_id].view(1, 1, -1), x], dim=1)
+        cos, sin = self._rotary(torch.arange(x.shape[1], device=weight.device), x.dtype)
+        store = cache.prefill_store(slot)
+        for layer_idx, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, store, layer_idx)
+        return x.shape[1]
 
     @torch.no_grad()
-    def next_token_logits(self, token: int, cache: KVCache) -> torch.Tensor:
-        """Feed one token id at the next cache position; float32 logits [odim + 4]."""
-        ids = torch.tensor([[token]], device=self.embedding.weight.device)
-        x = self._run_layers(self.embedding(ids), cache)
-        return self.out_fnn(self.norm(x))[0, -1].float()
+    def step(self, tokens: list[int], positions: list[int], cache: KVCache) -> torch.Tensor:
+        """Feed tokens[i] to cache slot i at positions[i], all slots at once; float32 logits [n, odim + 4]."""
+        weight = self.embedding.weight
+        x = self.embedding(torch.tensor(tokens, device=weight.device)).unsqueeze(1)
+        cos, sin = self._rotary(torch.tensor(positions, device=weight.device), x.dtype)
+        cos, sin = cos[:, None, None, :], sin[:, None, None, :]  # one position per row: [n, H, 1, D]
+        store = cache.step_store(positions)
+        for layer_idx, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, store, layer_idx)
+        return self.out_fnn(self.norm(x))[:, 0].float()
 
-    def sample(self, logits: torch.Tensor, top_k: int, generator: torch.Generator | None) -> int:
-        """Top-k sampling (upstream: softmax, keep the k best, renormalise, multinomial).
+    def sample(self, logits: torch.Tensor, top_k: int, generators: list[torch.Generator | None]) -> list[int]:
+        """Top-k sampling per row (upstream: softmax, keep the k best, renormalise, draw).
 
+        The draw inverts the top-k CDF with one uniform number per row from that row's CPU
+        generator, so a stream's tokens do not depend on which other streams share its batch.
         bos, sos and pad are excluded first: they are no codec codes and the codec cannot decode them.
         """
         logits = logits.clone()
-        logits[[self.config.bos_id, self.config.sos_id, self.config.pad_id]] = float("-inf")
-        top_logits, top_ids = logits.topk(top_k)
-        choice = torch.multinomial(top_logits.softmax(-1), 1, generator=generator)
-        return int(top_ids[choice])
-
-    def generate(
-        self,
-        text_embeddings: torch.Tensor,
-        *,
-        top_k: int = 2,
-        max_tokens: int = 1000,
-        generator: torch.Generator | None = None,
-    ) -> Iterator[int]:
-        """Yield codec tokens until eos or `max_tokens`; all state lives in this generator."""
-        cache = self.prefill(text_embeddings, capacity=max_tokens)
-        token = self.config.sos_id
-        for _ in range(max_tokens):
-            token = self.sample(self.next_token_logits(token, cache), top_k, generator)
-            if token == self.config.eos_id:
-                return
-            yield token
+        logits[:, [self.config.bos_id, self.config.sos_id, self.config.pad_id]] = float("-inf")
+        top_logits, top_ids = logits.topk(top_k, dim=-1)
+        cdf = top_logits.softmax(-1).cumsum(-1)
+        uniform = torch.stack([torch.rand((), generator=g) for g in generators]).to(cdf.device)
+        choice = (uniform[:, None] > cdf).sum(-1).clamp(max=top_k - 1)
+        return top_ids.gather(-1, choice[:, None])[:, 0].tolist()

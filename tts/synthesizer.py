@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tts.batch import DecoderBatch
 from tts.codec import TiCodec
 from tts.config import CODEC_FRAME_SAMPLES, SAMPLE_RATE
 from tts.decoder import LLM2TTSCodecAR
@@ -36,13 +37,15 @@ def to_int16(audio: torch.Tensor) -> np.ndarray:
 
 
 class Synthesizer:
-    """VITA-1.5 TTS; stateless between calls, so one thread can interleave many `synthesize` streams."""
+    """VITA-1.5 TTS. Each `synthesize` call is an independent stream; streams interleaved from one
+    thread share their decoder steps (`DecoderBatch`)."""
 
     sample_rate = SAMPLE_RATE
 
     def __init__(self, decoder: LLM2TTSCodecAR, codec: TiCodec) -> None:
         self.decoder = decoder
         self.codec = codec
+        self.batch = DecoderBatch(decoder)
 
     @property
     def embedding_dim(self) -> int:
@@ -71,18 +74,22 @@ class Synthesizer:
     ) -> Iterator[np.ndarray]:
         """Yield int16 24 kHz segments of `codec_chunk_size * 600` samples (the last one shorter)
         for `embeddings` [N, embedding_dim]. Stopping the iteration cancels the synthesis.
-        `generator` (on the model's device) makes the token sampling reproducible."""
+        `generator` (a CPU generator) makes the token sampling reproducible."""
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_dim:
             raise ValueError(f"embeddings must be [N, {self.embedding_dim}], got {tuple(embeddings.shape)}")
         if codec_chunk_size < 1 or padding < 0:
             raise ValueError("codec_chunk_size must be >= 1 and padding >= 0")
         codes: list[int] = []
         emitted = 0
-        for token in self.decoder.generate(embeddings, top_k=top_k, max_tokens=max_tokens, generator=generator):
-            codes.append(token)
-            if len(codes) - emitted == codec_chunk_size + padding:
-                yield self._decode_frames(codes, emitted, emitted + codec_chunk_size, padding)
-                emitted += codec_chunk_size
+        tokens = self.batch.generate(embeddings, top_k=top_k, max_tokens=max_tokens, generator=generator)
+        try:
+            for token in tokens:
+                codes.append(token)
+                if len(codes) - emitted == codec_chunk_size + padding:
+                    yield self._decode_frames(codes, emitted, emitted + codec_chunk_size, padding)
+                    emitted += codec_chunk_size
+        finally:
+            tokens.close()  # frees the decoder slot at once when the consumer stops early
         if len(codes) > emitted:
             yield self._decode_frames(codes, emitted, len(codes), padding)
 
