@@ -21,6 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from server.background import BackgroundServer
+from server.settings import ServerSettings
+
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 
 CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
@@ -36,7 +39,20 @@ CHROMIUM_ARGS = [
     "--use-fake-device-for-media-stream",
     f"--use-file-for-fake-audio-capture={SPEECH_WAV}%noloop",  # %noloop: the clip plays once
 ]
+REPLY_TIMEOUT_MS = 120_000
 APP = "document.getElementById('app').dataset"
+
+
+@pytest.fixture(scope="module")
+def server_url(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The page's URL on the real server (uvicorn, loopback, random port) on the tiny checkpoint.
+
+    One session at a time, so that a second page finds it full. The tiny checkpoint's replies
+    are random: the URL asks for greedy decoding, a reply of a few seconds and no silent ☟ replies.
+    """
+    settings = ServerSettings(max_sessions=1, idle_timeout_s=60, cache_dir=tmp_path_factory.mktemp("cache"))
+    with BackgroundServer(settings, tiny_checkpoint) as server:
+        yield f"{server.http_url}/?temperature=0&max_new_tokens=64&respect_not_addressed=false"
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +202,68 @@ def test_player_stop_silences_at_once(tab: Tab, static_url: str) -> None:
 
 
 # ---------------------------------------------------------------- the page against the real server
+
+
+def test_spoken_turn_is_answered_with_audio(tab: Tab, server_url: str, tmp_path: Path) -> None:
+    tab.page.goto(server_url)
+    assert tab.state()["state"] == "idle"
+    tab.page.click("#start")
+    tab.wait_for("app.connection === 'connected' && app.state === 'listening'")
+
+    tab.wait_for("app.state === 'speaking'", REPLY_TIMEOUT_MS)
+    tab.wait_for("Number(app.audioPlayed) >= 0.5", REPLY_TIMEOUT_MS)
+    tab.page.screenshot(path=tmp_path / "chat.png", full_page=True)
+
+    state = tab.state()
+    assert state["connection"] == "connected"
+    assert state["error"] == ""
+    assert 0 < float(state["latencyMs"]) < REPLY_TIMEOUT_MS
+    assert tab.page.locator("#transcript li.user").first.inner_text().startswith("You spoke for")
+    assert tab.page.locator("#transcript li.assistant").count() == 1
+    assert tab.errors == []
+
+
+def test_camera_frames_go_with_the_turn(tab: Tab, server_url: str, tmp_path: Path) -> None:
+    tab.page.goto(server_url)
+    tab.page.click("#start")
+    tab.page.click("#camera")  # frames go out at ~2 fps while the clip is heard
+    user_turn = tab.page.locator("#transcript li.user", has_text="camera frame")
+    user_turn.wait_for(timeout=REPLY_TIMEOUT_MS)
+    frames = int(user_turn.inner_text().split("·")[1].split()[0])
+    assert 1 <= frames <= 4  # the server attaches the frames of the last second, at most 4
+    assert tab.page.eval_on_selector("#camera-preview", "video => video.videoWidth > 0 && !video.paused")
+    tab.page.screenshot(path=tmp_path / "camera.png", full_page=True)
+    assert tab.errors == []
+
+
+def test_new_conversation_silences_the_reply_at_once(tab: Tab, server_url: str) -> None:
+    tab.page.goto(server_url)
+    tab.page.click("#start")
+    tab.wait_for("app.state === 'speaking' && Number(app.audioPlayed) >= 0.3", REPLY_TIMEOUT_MS)
+    tab.page.click("#new-conversation")
+    assert tab.state()["state"] != "speaking"
+    heard = float(tab.state()["audioPlayed"])
+    tab.page.wait_for_timeout(500)
+    assert float(tab.state()["audioPlayed"]) == heard  # nothing more was played
+    assert tab.page.locator("#transcript li.assistant.interrupted").count() == 1
+    tab.page.locator("#transcript li.note", has_text="forgotten").wait_for()  # the server's session.cleared
+    assert tab.errors == []
+
+
+def test_second_user_is_told_the_server_is_full(browser: sync_api.Browser, server_url: str) -> None:
+    first, second = Tab(browser), Tab(browser)
+    try:
+        for tab in (first, second):
+            tab.page.goto(server_url)
+        first.page.click("#start")
+        first.wait_for("app.connection === 'connected'", timeout_ms=30_000)  # after any earlier session closed
+        second.page.click("#start")
+        second.wait_for("app.error === 'server_full'")
+        assert second.state()["connection"] == "reconnecting"
+        assert "full" in second.page.inner_text("#error")
+    finally:
+        for tab in (first, second):
+            tab.context.close()
 
 
 def test_denied_microphone_is_explained(playwright: sync_api.Playwright, static_url: str) -> None:

@@ -5,6 +5,7 @@ import { Camera } from "./camera.js";
 import { Connection, websocketUrl } from "./connection.js";
 import { Microphone, MicrophoneError } from "./microphone.js";
 import { Player } from "./player.js";
+import { sessionOptionsFromUrl } from "./url-options.js";
 import { View } from "./view.js";
 
 const MAX_INPUT_SAMPLE_RATE = 48000; // the server accepts 8..48 kHz
@@ -71,7 +72,13 @@ class Chat {
       this.view.showError(error.code, error.message);
       return;
     }
-    const sessionStart = { type: "session.start", sample_rate: this.audioContext.sampleRate, channels: 1, format: "pcm16" };
+    const sessionStart = {
+      type: "session.start",
+      sample_rate: this.audioContext.sampleRate, // the server resamples to 16 kHz
+      channels: 1,
+      format: "pcm16",
+      ...sessionOptionsFromUrl(),
+    };
     this.connection = new Connection(websocketUrl(), sessionStart, {
       onStatus: (status, detail) => this.onStatus(status, detail),
       onEvent: (event) => this.onEvent(event),
@@ -183,6 +190,7 @@ class Chat {
         break;
       case "response.started":
         this.turnPending = false;
+        this.view.userTurnHadFrames(event.video_frames);
         this.response = {
           id: event.response_id,
           reply: this.view.addReply(),
@@ -239,6 +247,7 @@ class Chat {
   }
 
   refreshState() {
+    if (this.player) this.view.setPlayback(this.player);
     if (!this.connection?.ready) this.view.setState("idle");
     else if (this.player.busy) this.view.setState("speaking");
     else if (this.turnPending || (this.response && !this.response.done)) this.view.setState("thinking");

@@ -21,6 +21,7 @@ export class View {
     this.reconnectButton = $("reconnect");
     this.newConversationButton = $("new-conversation");
     this.pendingUserTurn = null;
+    this.lastUserTurn = null;
   }
 
   /** @param {string} status offline | connecting | connected | reconnecting | failed */
@@ -86,7 +87,13 @@ export class View {
   userStoppedSpeaking(durationMs) {
     this.userStartedSpeaking();
     this.pendingUserTurn.textContent = `You spoke for ${(durationMs / 1000).toFixed(1)} s`;
+    this.lastUserTurn = this.pendingUserTurn;
     this.pendingUserTurn = null;
+  }
+
+  /** The server attached camera frames to the last turn. */
+  userTurnHadFrames(count) {
+    if (this.lastUserTurn && count > 0) this.lastUserTurn.textContent += ` · ${count} camera frame${count > 1 ? "s" : ""}`;
   }
 
   userSpeechDiscarded() {
