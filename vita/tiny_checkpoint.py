@@ -27,7 +27,7 @@ from vita.whale import write_global_cmvn
 SEED = 0
 NUM_SHARDS = 2
 TOKENIZER_VOCAB_SIZE = 1000
-TINY_CHECKPOINT_VERSION = 2
+TINY_CHECKPOINT_VERSION = 1
 # config.json names the component folders by absolute paths of a training machine, as upstream does.
 UPSTREAM_WEIGHTS_ROOT = "/path/to/model_weights"
 
@@ -49,14 +49,6 @@ TRAINING_TEXT = [
     "☞ 我是VITA，一个开源的多模态大语言模型。我可以听、看，也可以和你对话。",
     "☜ 图片里有一个红色的正方形和一个绿色的圆形，背景是蓝色的。请问还有什么问题？",
     "☟ 好的，谢谢你。再见！明天见。我们一起学习，一起进步。",
-    "Could you tell me a short story about a little robot who learns to sing in the rain?",
-    "The train leaves the station at seven thirty in the morning and arrives before noon.",
-    "Please speak more slowly; I am writing down every word you say in my notebook.",
-    "My favourite colours are yellow, orange and purple, but my sister prefers black.",
-    "Mathematics: two plus three equals five, and ten divided by two equals five too.",
-    "☞ 这张照片是在海边拍的，天空很蓝，沙滩上有很多人在玩耍。",
-    "☞ 请给我讲一个关于小机器人的故事，它喜欢在雨中唱歌。",
-    "☜ 火车早上七点半出发，中午之前到达北京。我们坐在第三节车厢。",
 ]
 
 
