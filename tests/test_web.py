@@ -250,7 +250,7 @@ def test_new_conversation_silences_the_reply_at_once(tab: Tab, server_url: str) 
     assert tab.errors == []
 
 
-def test_second_user_is_told_the_server_is_full(browser: sync_api.Browser, server_url: str) -> None:
+def test_second_user_is_told_the_server_is_full_and_gets_in_later(browser: sync_api.Browser, server_url: str) -> None:
     first, second = Tab(browser), Tab(browser)
     try:
         for tab in (first, second):
@@ -261,9 +261,29 @@ def test_second_user_is_told_the_server_is_full(browser: sync_api.Browser, serve
         second.wait_for("app.error === 'server_full'")
         assert second.state()["connection"] == "reconnecting"
         assert "full" in second.page.inner_text("#error")
+
+        first.context.close()  # a seat frees up
+        second.page.click("#reconnect")
+        second.wait_for("app.connection === 'connected' && app.error === ''", timeout_ms=30_000)
+        assert not second.page.is_visible("#error")
     finally:
         for tab in (first, second):
             tab.context.close()
+
+
+def test_lost_server_is_reported_and_retried(
+    tab: Tab, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    settings = ServerSettings(max_sessions=1, cache_dir=tmp_path_factory.mktemp("cache"))
+    with BackgroundServer(settings, tiny_checkpoint) as server:
+        tab.page.goto(server.http_url)
+        tab.page.click("#start")
+        tab.wait_for("app.connection === 'connected'")
+    tab.wait_for("app.error === 'lost' && app.connection === 'reconnecting'")
+    assert "Lost the connection" in tab.page.inner_text("#error")
+    assert tab.state()["state"] == "idle"
+    tab.wait_for("app.error === 'unreachable'")  # the retry found nobody
+    assert "Cannot reach the server" in tab.page.inner_text("#error")
 
 
 def test_denied_microphone_is_explained(playwright: sync_api.Playwright, static_url: str) -> None:
