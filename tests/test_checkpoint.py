@@ -12,7 +12,7 @@ import soundfile
 import torch
 from safetensors.torch import load_file, save_file
 
-from vita.checkpoint import INDEX_FILE, CheckpointError, load_model
+from vita.checkpoint import INDEX_FILE, CheckpointError, load_model, main
 from vita.config import AUDIO_ENCODER_DIR, VISION_TOWER_DIR, VitaConfig
 from vita.model import VitaQwen2ForCausalLM
 from vita.tiny_checkpoint import SEED, ensure_tiny_checkpoint, random_state_dict
@@ -191,6 +191,19 @@ def test_component_folder_found_by_basename_else_clear_error_else_override(copie
     model = load_model(copied, vision_tower_dir=moved, progress=False)
     assert model.config.vision_tower_dir == moved
     assert model.config.audio_encoder_dir == copied / AUDIO_ENCODER_DIR
+
+
+def test_check_command_reports_the_checkpoint_and_fails_on_a_bad_one(
+    tiny_checkpoint: Path, copied: Path, capsys: pytest.CaptureFixture
+) -> None:
+    main([str(tiny_checkpoint)])
+    report = capsys.readouterr().out
+    weight_map = json.loads((tiny_checkpoint / INDEX_FILE).read_text())["weight_map"]
+    numbers = sum(t.numel() for shard in (SHARD_1, SHARD_2) for t in load_file(tiny_checkpoint / shard).values())
+    assert f"OK, {len(weight_map)} tensors in 2 shards, {numbers:,} numbers" in report
+    (copied / SHARD_1).unlink()
+    with pytest.raises(CheckpointError, match=SHARD_1):
+        main([str(copied)])
 
 
 def test_audio_features_of_loaded_model_have_the_llm_width(loaded: VitaQwen2ForCausalLM) -> None:

@@ -8,9 +8,11 @@ are checked strictly before anything is copied.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -165,18 +167,15 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
 
 
-def load_model(
+def prepare_model(
     checkpoint_dir: Path,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = None,
     *,
     vision_tower_dir: Path | None = None,
     audio_encoder_dir: Path | None = None,
-    progress: bool = True,
-) -> VitaQwen2ForCausalLM:
-    """Load the composite model from a VITA-1.5 checkpoint folder (real or tiny)."""
+) -> tuple[VitaQwen2ForCausalLM, dict[str, str]]:
+    """The meta model and the weight map, once config, component folders and every stored
+    name and shape (shard headers only) are checked; no weight is read."""
     checkpoint_dir = Path(checkpoint_dir)
-    dtype = dtype or default_dtype(device)
     config = VitaConfig.from_checkpoint(
         checkpoint_dir, vision_tower_dir=vision_tower_dir, audio_encoder_dir=audio_encoder_dir
     )
@@ -189,9 +188,45 @@ def load_model(
         config = config.with_vocab_size(stored_rows)
     model = build_on_meta(config)
     check_names_and_shapes(state_shapes(model), stored)
-    final_pt = config.audio_encoder_dir / "final.pt"
+    return model, weight_map
+
+
+def load_model(
+    checkpoint_dir: Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    *,
+    vision_tower_dir: Path | None = None,
+    audio_encoder_dir: Path | None = None,
+    progress: bool = True,
+) -> VitaQwen2ForCausalLM:
+    """Load the composite model from a VITA-1.5 checkpoint folder (real or tiny)."""
+    model, weight_map = prepare_model(
+        checkpoint_dir, vision_tower_dir=vision_tower_dir, audio_encoder_dir=audio_encoder_dir
+    )
+    final_pt = model.config.audio_encoder_dir / "final.pt"
     if final_pt.is_file():
         log.info("audio encoder weights come from the main shards; %s is superseded "
                  "(upstream loads it, then the shards overwrite it)", final_pt)
-    load_tensors(model, checkpoint_dir, weight_map, device, dtype, progress)
+    load_tensors(model, checkpoint_dir, weight_map, device, dtype or default_dtype(device), progress)
     return model.eval()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m vita.checkpoint DIR`: check a checkpoint folder without reading its weights."""
+    parser = argparse.ArgumentParser(description="Check a VITA-1.5 checkpoint folder (names, shapes, folders).")
+    parser.add_argument("dir", type=Path)
+    parser.add_argument("--vision-tower-dir", type=Path, help="InternViT folder, if not inside the checkpoint")
+    parser.add_argument("--audio-encoder-dir", type=Path, help="whale folder, if not inside the checkpoint")
+    args = parser.parse_args(argv)
+    model, weight_map = prepare_model(
+        args.dir, vision_tower_dir=args.vision_tower_dir, audio_encoder_dir=args.audio_encoder_dir
+    )
+    numbers = sum(math.prod(shape) for shape in state_shapes(model).values())
+    print(f"{args.dir}: OK, {len(weight_map)} tensors in {len(set(weight_map.values()))} shards, "
+          f"{numbers:,} numbers, {model.config.llm.vocab_size} vocabulary rows; "
+          f"vision tower {model.config.vision_tower_dir}, audio encoder {model.config.audio_encoder_dir}")
+
+
+if __name__ == "__main__":
+    main()
