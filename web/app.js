@@ -60,16 +60,16 @@ class Chat {
     this.running = true;
     this.view.setRunning(true);
     this.view.clearError();
-    this.audioContext = await openAudioContext();
-    this.player = new Player(this.audioContext);
-    this.player.onIdle = () => this.refreshState();
-    this.microphone = new Microphone(this.audioContext, (pcm, level) => this.onMicChunk(pcm, level));
     try {
+      this.audioContext = await openAudioContext();
+      this.player = new Player(this.audioContext);
+      this.player.onIdle = () => this.refreshState();
+      this.microphone = new Microphone(this.audioContext, (pcm, level) => this.onMicChunk(pcm, level));
       await this.microphone.start();
     } catch (error) {
       this.stop();
-      if (!(error instanceof MicrophoneError)) throw error;
-      this.view.showError(error.code, error.message);
+      if (error instanceof MicrophoneError) this.view.showError(error.code, error.message);
+      else this.view.showError("audio_failed", `Audio could not be started in this browser (${error.message}).`);
       return;
     }
     const sessionStart = {
@@ -89,6 +89,7 @@ class Chat {
 
   stop() {
     this.running = false;
+    this.view.clearError();
     this.connection?.close();
     this.microphone?.stop();
     this.camera.stop();
@@ -149,8 +150,8 @@ class Chat {
       this.view.setConnection("reconnecting", `Reconnecting in ${seconds} s`);
       this.view.showError(reason, `${RECONNECT_TEXT[reason] ?? message} Trying again in ${seconds} s.`);
     } else if (status === "offline" && reason === "idle_timeout") {
-      this.view.showError(reason, "Disconnected because nothing was said for a while. Press Start to talk again.");
       this.stop();
+      this.view.showError(reason, "Disconnected because nothing was said for a while. Press Start to talk again.");
     } else {
       this.view.setConnection("offline", "Not connected");
     }
@@ -214,7 +215,7 @@ class Chat {
         if (this.response?.id === event.response_id) this.interrupt();
         break;
       case "error":
-        this.turnPending = false;
+        if (event.code === "internal_error" && this.response) this.response.done = true; // the reply failed
         if (!event.fatal && event.code !== "no_response") this.view.showError(event.code, `Server: ${event.message}`);
         break;
     }

@@ -24,7 +24,7 @@ export class View {
     this.lastUserTurn = null;
   }
 
-  /** @param {string} status offline | connecting | connected | reconnecting | failed */
+  /** @param {string} status offline | connecting | connected | reconnecting */
   setConnection(status, text) {
     this.app.dataset.connection = status;
     $("connection-text").textContent = text;
