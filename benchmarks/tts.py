@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from tts.batch import DecoderBatch
 from tts.config import SAMPLE_RATE, CodecConfig, DecoderConfig
 from tts.synthesizer import PADDING, Synthesizer
 from tts.tiny_checkpoint import write_random_tts_checkpoint, write_tiny_tts_checkpoint
@@ -81,7 +82,7 @@ def component_speed(synth: Synthesizer, *, tokens: int, rows: int, device: str) 
     x = torch.randn(rows, synth.embedding_dim, device=device)
     sync(device)
     start = time.perf_counter()
-    codes = list(synth.decoder.generate(x, max_tokens=tokens))
+    codes = list(DecoderBatch(synth.decoder, slots=1).generate(x, max_tokens=tokens))
     decoder_s = time.perf_counter() - start
     window = torch.randint(0, synth.codec.config.n_codes, (1, 40 + 2 * PADDING), device=device)
     synth.codec.decode(window)

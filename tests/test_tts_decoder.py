@@ -169,3 +169,16 @@ def test_missing_and_unexpected_decoder_tensors_are_named(tts_dir, tmp_path):
     torch.save({**state, "layers.2.mlp.up_proj.weight": torch.zeros(1)}, tmp_path / "decoder" / "final.pt")
     with pytest.raises(WeightMismatchError, match=r"unexpected tensor layers\.2\.mlp\.up_proj\.weight"):
         LLM2TTSCodecAR.load(tmp_path / "decoder")
+
+
+def test_bfloat16_decoder_tracks_float32(tts_dir):
+    text = torch.randn(9, 16, generator=torch.Generator().manual_seed(2))
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        decoder = LLM2TTSCodecAR.load(tts_dir / "decoder", dtype=dtype)
+        cache = KVCache.empty(decoder.config, slots=1, capacity=16, device=torch.device("cpu"), dtype=dtype)
+        position = decoder.prefill(text, cache, slot=0)
+        logits[dtype] = torch.stack([decoder.step([t], [position + i], cache)[0]
+                                     for i, t in enumerate([decoder.config.sos_id, 4, 8])])
+    assert logits[torch.bfloat16].dtype == torch.float32
+    torch.testing.assert_close(logits[torch.bfloat16], logits[torch.float32], atol=0.15, rtol=0.05)
