@@ -72,8 +72,8 @@ class Synthesizer:
         max_tokens: int = 1000,
         generator: torch.Generator | None = None,
     ) -> Iterator[np.ndarray]:
-        """Yield int16 24 kHz segments of `codec_chunk_size * 600` samples (the last one shorter)
-        for `embeddings` [N, embedding_dim]. Stopping the iteration cancels the synthesis.
+        """Yield int16 24 kHz segments of `codec_chunk_size * 600` samples for `embeddings`
+        [N, embedding_dim]; the last one holds the codes left (up to chunk + padding - 1). Stopping the iteration cancels the synthesis.
         `generator` (a CPU generator) makes the token sampling reproducible."""
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_dim:
             raise ValueError(f"embeddings must be [N, {self.embedding_dim}], got {tuple(embeddings.shape)}")
