@@ -79,3 +79,6 @@ def test_mismatched_codec_shape_names_the_tensor(tts_dir, tmp_path):
     (tmp_path / "model.json").write_text(json.dumps(config))
     with pytest.raises(WeightMismatchError, match=r"\[quantizer\]: tensor quantizer_modules\.0\.embedding\.weight"):
         TiCodec.load(tmp_path)
+    torch.save({"generator": {}}, tmp_path / "final.pt")
+    with pytest.raises(WeightMismatchError, match="no 'quantizer' state dict"):
+        TiCodec.load(tmp_path)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tts.config import CODEC_FRAME_SAMPLES, CODEC_LATENT_DIM, GLOBAL_FEATURE_DIM, CodecConfig
-from tts.weights import fold_weight_norm, load_strict, read_checkpoint
+from tts.weights import WeightMismatchError, fold_weight_norm, load_strict, read_checkpoint
 
 LRELU_SLOPE = 0.1
 
@@ -169,8 +169,11 @@ class TiCodec(nn.Module):
         codec_dir = Path(codec_dir)
         config = CodecConfig.from_model_json(codec_dir / "model.json")
         checkpoint = read_checkpoint(codec_dir / "final.pt")
-        model = cls(config)
         where = codec_dir / "final.pt"
+        for part in ("generator", "quantizer"):
+            if part not in checkpoint:
+                raise WeightMismatchError(f"{where}: no '{part}' state dict (found {sorted(checkpoint)})")
+        model = cls(config)
         load_strict(model.generator, fold_weight_norm(checkpoint["generator"]), where=f"{where} [generator]")
         load_strict(model.quantizer, checkpoint["quantizer"], where=f"{where} [quantizer]")
         return model.to(device=device, dtype=torch.float32).eval()
