@@ -41,6 +41,7 @@ class Turn:
     first_audio_at: float | None = None
     done: dict[str, Any] | None = None
     interrupted: bool = False
+    failed: str | None = None  # the server's error message if the reply failed
     late_segments: int = 0  # audio that arrived after response.interrupted (must stay 0)
 
     @property
@@ -105,7 +106,7 @@ async def stream_audio(
 
         def all_done() -> bool:
             enough = expected_turns is None or len(turns) >= expected_turns
-            return enough and all(t.done is not None or t.interrupted for t in turns.values())
+            return enough and all(t.done is not None or t.interrupted or t.failed for t in turns.values())
 
         async def receive() -> None:
             async for message in ws:
@@ -139,6 +140,8 @@ async def stream_audio(
                     turns[event["response_id"]].done = event
                 elif kind == "response.interrupted":
                     turns[event["response_id"]].interrupted = True
+                elif kind == "error" and event.get("response_id") in turns:
+                    turns[event["response_id"]].failed = event["message"]
 
         started = time.monotonic()
         receiver = asyncio.create_task(receive())
@@ -161,7 +164,7 @@ def timing_table(result: ClientResult) -> str:
     rows = ["turn  client first text  client first audio  server first text  server first audio  audio s  state"]
     for turn in result.turns:
         server = (turn.done or {}).get("timings", {})
-        state = "interrupted" if turn.interrupted else (turn.done or {}).get("state", "unfinished")
+        state = "interrupted" if turn.interrupted else "failed" if turn.failed else (turn.done or {}).get("state", "unfinished")
         rows.append(
             f"{turn.response_id:>4}  {turn.latency_ms(turn.first_text_at)!s:>17}  "
             f"{turn.latency_ms(turn.first_audio_at)!s:>18}  {server.get('end_of_speech_to_first_text_ms')!s:>17}  "

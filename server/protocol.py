@@ -43,8 +43,9 @@ Server -> client
     ``response.interrupted``   the reply was stopped (``reason``: "barge_in", "cancel",
                                "reset"); the client must drop any queued audio of it. No further
                                audio of that ``response_id`` follows.
-    ``error``                  ``code`` (one of ``ErrorCode``) and a human ``message``. Errors
-                               are not fatal unless said so; fatal ones (``not_ready``,
+    ``error``                  ``code`` (one of ``ErrorCode``) and a human ``message``; a reply
+                               that failed carries its ``response_id`` (no ``response.done``
+                               follows for it). Errors are not fatal unless said so; fatal ones (``not_ready``,
                                ``server_full``, ``idle_timeout``) are followed by a close of
                                the websocket. On server shutdown the websocket is closed with
                                code 1012.
@@ -271,6 +272,7 @@ class ErrorEvent(_Event):
     code: ErrorCode
     message: str
     fatal: bool = False
+    response_id: int | None = Field(None, description="the reply that failed (internal_error); it ends there")
 
 
 ServerEvent = Union[

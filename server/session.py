@@ -126,10 +126,10 @@ class Session:
     def send(self, event: ServerEvent) -> None:
         self.outgoing.put_event(event)
 
-    def send_error(self, code: ErrorCode, message: str, fatal: bool = False) -> None:
+    def send_error(self, code: ErrorCode, message: str, fatal: bool = False, response_id: int | None = None) -> None:
         self.metrics.errors.labels(code.value).inc()
         log.info("error session=%s code=%s message=%r", self.session_id, code.value, message)
-        self.send(ErrorEvent(code=code, message=message, fatal=fatal))
+        self.send(ErrorEvent(code=code, message=message, fatal=fatal, response_id=response_id))
 
     def _start(self, event: SessionStart) -> None:
         if self.started:
@@ -265,7 +265,7 @@ class Session:
             assert isinstance(output, TurnFailed)
             self._active = None
             self.metrics.turns.labels("error").inc()
-            self.send_error(ErrorCode.INTERNAL_ERROR, f"reply {response_id} failed: {output.message}")
+            self.send_error(ErrorCode.INTERNAL_ERROR, f"reply {response_id} failed: {output.message}", response_id=response_id)
 
     def _finish(self, active: ActiveResponse, output: TurnFinished, now: float) -> None:
         self._active = None
