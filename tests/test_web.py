@@ -14,15 +14,21 @@ from __future__ import annotations
 import functools
 import http.server
 import shutil
+import socket
+import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import uvicorn
 
+from server.app import create_app
 from server.background import BackgroundServer
 from server.settings import ServerSettings
+from server.worker import ModelWorker
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 
@@ -284,6 +290,53 @@ def test_lost_server_is_reported_and_retried(
     assert tab.state()["state"] == "idle"
     tab.wait_for("app.error === 'unreachable'")  # the retry found nobody
     assert "Cannot reach the server" in tab.page.inner_text("#error")
+
+
+@pytest.fixture(scope="module")
+def https_url(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The real app served over TLS (self-signed certificate), as ``vita-server --ssl-certfile``."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    settings = ServerSettings(max_sessions=1, ssl_certfile=cert, ssl_keyfile=key, cache_dir=folder)
+    worker = ModelWorker(settings, tiny_checkpoint, is_tiny=True)
+    app = create_app(settings, worker)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, ssl_certfile=cert, ssl_keyfile=key, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 300
+    while not (server.started and worker.ready):
+        assert worker.load_error is None and time.monotonic() < deadline, worker.load_error or "not ready"
+        time.sleep(0.05)
+    yield f"https://127.0.0.1:{listener.getsockname()[1]}/"
+    server.should_exit = True
+    thread.join(30)
+
+
+def test_page_over_https_talks_over_wss(playwright: sync_api.Playwright, https_url: str) -> None:
+    browser = playwright.chromium.launch(
+        executable_path=str(CHROMIUM),
+        args=["--use-fake-ui-for-media-stream", "--ignore-certificate-errors", *CHROMIUM_ARGS],
+    )
+    try:
+        tab = Tab(browser)
+        with tab.page.expect_websocket() as websocket:
+            tab.page.goto(https_url)
+            tab.page.click("#start")
+        assert websocket.value.url == https_url.replace("https://", "wss://") + "ws"
+        tab.wait_for("app.connection === 'connected' && app.state === 'listening'")
+        assert tab.errors == []
+    finally:
+        browser.close()
 
 
 def test_denied_microphone_is_explained(playwright: sync_api.Playwright, static_url: str) -> None:
