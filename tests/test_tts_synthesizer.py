@@ -121,8 +121,9 @@ def test_interleaved_streams_equal_sequential_ones(synth):
 
 
 def test_rejects_embeddings_of_the_wrong_width(synth):
-    with pytest.raises(ValueError, match=r"\[N, 16\]"):
-        next(synth.synthesize(torch.zeros(4, 64)))
+    for wrong in (torch.zeros(4, 64), torch.zeros(0, 16)):
+        with pytest.raises(ValueError, match=r"\[N >= 1, 16\]"):
+            next(synth.synthesize(wrong))
 
 
 def test_int16_conversion_clips_and_rounds():

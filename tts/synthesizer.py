@@ -75,8 +75,8 @@ class Synthesizer:
         """Yield int16 24 kHz segments of `codec_chunk_size * 600` samples for `embeddings`
         [N, embedding_dim]; the last one holds the codes left (up to chunk + padding - 1). Stopping the iteration cancels the synthesis.
         `generator` (a CPU generator) makes the token sampling reproducible."""
-        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_dim:
-            raise ValueError(f"embeddings must be [N, {self.embedding_dim}], got {tuple(embeddings.shape)}")
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_dim or not len(embeddings):
+            raise ValueError(f"embeddings must be [N >= 1, {self.embedding_dim}], got {tuple(embeddings.shape)}")
         if codec_chunk_size < 1 or padding < 0:
             raise ValueError("codec_chunk_size must be >= 1 and padding >= 0")
         codes: list[int] = []
