@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
 import shutil
 import socket
 import subprocess
@@ -82,14 +83,17 @@ def browser(playwright: sync_api.Playwright) -> Iterator[sync_api.Browser]:
 
 
 class Tab:
-    """A page in its own browser context, with the script errors it reported."""
+    """A page in its own browser context, with the script errors it reported and the
+    websocket frames it sent (text as str, binary as bytes)."""
 
     def __init__(self, browser: sync_api.Browser) -> None:
         self.context = browser.new_context()
         self.page = self.context.new_page()
         self.errors: list[str] = []
+        self.sent: list[str | bytes] = []
         self.page.on("pageerror", lambda error: self.errors.append(str(error)))
         self.page.on("console", lambda message: message.type == "error" and self.errors.append(message.text))
+        self.page.on("websocket", lambda ws: ws.on("framesent", lambda frame: self.sent.append(frame)))
 
     def state(self) -> dict[str, str]:
         """The page's data-* state attributes of #app."""
@@ -215,6 +219,7 @@ def test_spoken_turn_is_answered_with_audio(tab: Tab, server_url: str, tmp_path:
     assert tab.state()["state"] == "idle"
     tab.page.click("#start")
     tab.wait_for("app.connection === 'connected' && app.state === 'listening'")
+    tab.page.wait_for_function("parseFloat(document.getElementById('mic-level').style.width) > 30")  # meter moves
 
     tab.wait_for("app.state === 'speaking'", REPLY_TIMEOUT_MS)
     tab.wait_for("Number(app.audioPlayed) >= 0.5", REPLY_TIMEOUT_MS)
@@ -227,6 +232,16 @@ def test_spoken_turn_is_answered_with_audio(tab: Tab, server_url: str, tmp_path:
     assert tab.page.locator("#transcript li.user").first.inner_text().startswith("You spoke for")
     assert tab.page.locator("#transcript li.assistant").count() == 1
     assert tab.errors == []
+
+    # The audio went out as PCM16 20 ms chunks at the rate the page announced, which is the
+    # browser's own AudioContext rate.
+    session_start = json.loads(tab.sent[0])
+    browser_rate = tab.page.evaluate("new AudioContext().sampleRate")
+    assert (session_start["type"], session_start["sample_rate"], session_start["channels"]) == (
+        "session.start", browser_rate, 1
+    )
+    chunk_sizes = {len(frame) for frame in tab.sent if isinstance(frame, bytes)}
+    assert chunk_sizes == {2 * round(browser_rate * 0.02)}
 
 
 def test_camera_frames_go_with_the_turn(tab: Tab, server_url: str, tmp_path: Path) -> None:

@@ -112,7 +112,8 @@ class Chat {
       await this.camera.start();
       this.view.setCamera(true);
     } catch (error) {
-      this.view.showError("camera_failed", `The camera could not be opened (${error.message}). Voice chat still works.`);
+      const message = `The camera could not be opened (${error.message}). Voice chat still works.`;
+      this.view.showError("camera_failed", message);
     }
   }
 

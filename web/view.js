@@ -93,7 +93,8 @@ export class View {
 
   /** The server attached camera frames to the last turn. */
   userTurnHadFrames(count) {
-    if (this.lastUserTurn && count > 0) this.lastUserTurn.textContent += ` · ${count} camera frame${count > 1 ? "s" : ""}`;
+    if (!this.lastUserTurn || count === 0) return;
+    this.lastUserTurn.textContent += ` · ${count} camera frame${count > 1 ? "s" : ""}`;
   }
 
   userSpeechDiscarded() {
