@@ -126,7 +126,8 @@ async def first_token_under_load(engine: Engine, core: Qwen2Model, others: int, 
     return {
         "ttft_ms": ttft,
         "others_max_gap_ms": 1000 * max(gaps, default=float("nan")),
-        "others_median_gap_before_ms": 1000 * statistics.median(steady),
+        "first_other_gaps_ms": [round(1000 * (b - a), 2) for a, b in zip(runs[0], runs[0][1:]) if before <= a <= after],
+        "others_median_gap_before_ms": 1000 * statistics.median(steady) if steady else float("nan"),
     }
 
 
@@ -196,13 +197,33 @@ async def engine_measurements(engine: Engine, core: Qwen2Model, args) -> dict:
     return results
 
 
+def profile_decode_step(engine: Engine, core: Qwen2Model, path: str) -> None:
+    """Kernel table of one eager (no graph) batch-1 decode forward at a 1024-token bucket."""
+    from torch.profiler import ProfilerActivity, profile
+
+    inputs = (torch.tensor([1], device=engine.device), torch.tensor([[600]], device=engine.device),
+              engine.cache, torch.tensor([0], device=engine.device), 1024)
+    with torch.inference_mode():
+        for _ in range(3):
+            engine.lm_head(core(core.embed_tokens(inputs[0])[:, None], *inputs[1:]))
+        synchronize(engine.device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            engine.lm_head(core(core.embed_tokens(inputs[0])[:, None], *inputs[1:]))
+            synchronize(engine.device)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+    with open(path, "w") as file:
+        file.write(table)
+    print(table[-6000:], flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="decode_results.json")
     parser.add_argument("--tiny", action="store_true", help="small dims (smoke test)")
     parser.add_argument("--layers", type=int, default=None, help="override the layer count")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
-    parser.add_argument("--hf-batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--hf-batches", type=int, nargs="*", default=[1, 16])
+    parser.add_argument("--profile", help="write a kernel profile of one eager batch-1 decode step here")
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--max-len", type=int, default=2048)
@@ -226,6 +247,8 @@ def main() -> None:
         engine.capture_graphs()
         results["graph_capture_s"] = time.perf_counter() - start
         print(f"captured decode graphs in {results['graph_capture_s']:.1f} s", flush=True)
+    if args.profile:
+        profile_decode_step(engine, core, args.profile)
     results |= asyncio.run(engine_measurements(engine, core, args))
     if device.type == "cuda":
         results["engine_peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
