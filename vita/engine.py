@@ -3,9 +3,9 @@
 One background task on the caller's event loop runs *steps*. A step prefills up to
 ``prefill_chunk`` new tokens (one or more chunks of waiting sessions; everything waiting when
 no session is decoding) and then decodes one token for every session that is generating, all
-in one batch. Each session owns a cache slot
-for its whole conversation, so a new turn only prefills its new tokens. On CUDA the decode
-forward is replayed from CUDA graphs captured per (batch bucket, attended-length bucket).
+in one batch. Each session owns a cache slot for its whole conversation, so a new turn only
+prefills its new tokens. On CUDA the decode forward is replayed from CUDA graphs captured per
+(batch bucket, attended-length bucket); prefill runs eagerly.
 
 All public methods must be called from the thread running the engine's event loop (another
 thread uses ``loop.call_soon_threadsafe``); a step never yields mid-way, so they always see the
