@@ -24,10 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 import uvicorn
 
 from server.app import create_app
 from server.background import BackgroundServer
+from server.protocol import OUTPUT_SAMPLE_RATE, decode_audio_segment
 from server.settings import ServerSettings
 from server.worker import ModelWorker
 
@@ -44,7 +46,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
     "--use-fake-device-for-media-stream",
-    f"--use-file-for-fake-audio-capture={SPEECH_WAV}%noloop",  # %noloop: the clip plays once
 ]
 REPLY_TIMEOUT_MS = 120_000
 APP = "document.getElementById('app').dataset"
@@ -72,19 +73,28 @@ def playwright() -> Iterator[sync_api.Playwright]:
         yield driver
 
 
+def launch(
+    playwright: sync_api.Playwright, speech: Path = SPEECH_WAV, grant_media: bool = True, *extra_args: str
+) -> sync_api.Browser:
+    """Headless Chromium with a fake camera and a fake microphone that plays ``speech`` once,
+    then silence. ``grant_media``: mic and camera are granted without asking; otherwise the
+    headless permission prompt answers "no"."""
+    args = [*CHROMIUM_ARGS, f"--use-file-for-fake-audio-capture={speech}%noloop", *extra_args]
+    if grant_media:
+        args.append("--use-fake-ui-for-media-stream")
+    return playwright.chromium.launch(executable_path=str(CHROMIUM), args=args)
+
+
 @pytest.fixture(scope="module")
 def browser(playwright: sync_api.Playwright) -> Iterator[sync_api.Browser]:
-    """Chromium that grants mic and camera without asking."""
-    browser = playwright.chromium.launch(
-        executable_path=str(CHROMIUM), args=["--use-fake-ui-for-media-stream", *CHROMIUM_ARGS]
-    )
+    browser = launch(playwright)
     yield browser
     browser.close()
 
 
 class Tab:
-    """A page in its own browser context, with the script errors it reported and the
-    websocket frames it sent (text as str, binary as bytes)."""
+    """A page in its own browser context, with the script errors it reported, the websocket
+    frames it sent (text as str, binary as bytes) and the reply audio it received."""
 
     def __init__(self, browser: sync_api.Browser) -> None:
         self.context = browser.new_context()
@@ -93,7 +103,17 @@ class Tab:
         self.sent: list[str | bytes] = []
         self.page.on("pageerror", lambda error: self.errors.append(str(error)))
         self.page.on("console", lambda message: message.type == "error" and self.errors.append(message.text))
-        self.page.on("websocket", lambda ws: ws.on("framesent", lambda frame: self.sent.append(frame)))
+        self.audio_bytes: dict[int, int] = {}  # reply audio received, per response_id
+        self.page.on("websocket", self._watch)
+
+    def _watch(self, websocket: sync_api.WebSocket) -> None:
+        websocket.on("framesent", lambda frame: self.sent.append(frame))
+        websocket.on("framereceived", self._received)
+
+    def _received(self, frame: str | bytes) -> None:
+        if isinstance(frame, bytes):
+            response_id, _, pcm = decode_audio_segment(frame)
+            self.audio_bytes[response_id] = self.audio_bytes.get(response_id, 0) + len(pcm)
 
     def state(self) -> dict[str, str]:
         """The page's data-* state attributes of #app."""
@@ -271,6 +291,38 @@ def test_new_conversation_silences_the_reply_at_once(tab: Tab, server_url: str) 
     assert tab.errors == []
 
 
+def test_talking_over_the_reply_stops_it_at_once(
+    playwright: sync_api.Playwright, server_url: str, tmp_path: Path
+) -> None:
+    # The clip, 0.5 s of silence, the clip again: the second utterance starts about 1.5 s into
+    # the reply to the first one (several seconds of audio).
+    clip, rate = sf.read(SPEECH_WAV, dtype="int16")
+    sf.write(tmp_path / "twice.wav", np.concatenate([clip, np.zeros(rate // 2, np.int16), clip]), rate)
+    browser = launch(playwright, tmp_path / "twice.wav")
+    try:
+        tab = Tab(browser)
+        tab.page.goto(server_url)
+        tab.page.click("#start")
+        tab.wait_for("app.state === 'speaking'", REPLY_TIMEOUT_MS)
+        first_reply = tab.page.locator("#transcript li.assistant").first
+        tab.page.locator("#transcript li.assistant.interrupted").wait_for(timeout=10_000)
+        assert tab.state()["state"] != "speaking"
+        heard = float(tab.state()["audioPlayed"])
+        tab.page.wait_for_timeout(300)
+        assert float(tab.state()["audioPlayed"]) == heard  # silent at once, not at the end of a segment
+        assert first_reply.evaluate("reply => reply.classList.contains('interrupted')")
+        assert heard < reply_seconds(tab, response_id=1) - 0.3
+        tab.page.locator("#transcript li.assistant").nth(1).wait_for(timeout=REPLY_TIMEOUT_MS)  # 2nd turn
+        assert tab.errors == []
+    finally:
+        browser.close()
+
+
+def reply_seconds(tab: Tab, response_id: int) -> float:
+    """Seconds of reply audio the server sent for ``response_id`` (from the frames received)."""
+    return tab.audio_bytes.get(response_id, 0) / 2 / OUTPUT_SAMPLE_RATE
+
+
 def test_second_user_is_told_the_server_is_full_and_gets_in_later(browser: sync_api.Browser, server_url: str) -> None:
     first, second = Tab(browser), Tab(browser)
     try:
@@ -338,10 +390,7 @@ def https_url(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 def test_page_over_https_talks_over_wss(playwright: sync_api.Playwright, https_url: str) -> None:
-    browser = playwright.chromium.launch(
-        executable_path=str(CHROMIUM),
-        args=["--use-fake-ui-for-media-stream", "--ignore-certificate-errors", *CHROMIUM_ARGS],
-    )
+    browser = launch(playwright, SPEECH_WAV, True, "--ignore-certificate-errors")
     try:
         tab = Tab(browser)
         with tab.page.expect_websocket() as websocket:
@@ -355,8 +404,7 @@ def test_page_over_https_talks_over_wss(playwright: sync_api.Playwright, https_u
 
 
 def test_denied_microphone_is_explained(playwright: sync_api.Playwright, static_url: str) -> None:
-    # Without --use-fake-ui-for-media-stream, headless Chromium answers the permission prompt "no".
-    browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    browser = launch(playwright, SPEECH_WAV, False)
     try:
         tab = Tab(browser)
         tab.page.goto(static_url)
