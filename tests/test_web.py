@@ -355,6 +355,7 @@ def test_lost_server_is_reported_and_retried(
     tab.wait_for("app.error === 'lost' && app.connection === 'reconnecting'")
     assert "Lost the connection" in tab.page.inner_text("#error")
     assert tab.state()["state"] == "idle"
+    assert tab.page.inner_text("#state-text") == "Waiting for the server…"
     tab.wait_for("app.error === 'unreachable'")  # the retry found nobody
     assert "Cannot reach the server" in tab.page.inner_text("#error")
 

@@ -250,10 +250,10 @@ class Chat {
 
   refreshState() {
     if (this.player) this.view.setPlayback(this.player);
-    if (!this.connection?.ready) this.view.setState("idle");
+    if (!this.connection?.ready) this.view.setState("idle", this.running ? "waiting" : "idle");
     else if (this.player.busy) this.view.setState("speaking");
     else if (this.turnPending || (this.response && !this.response.done)) this.view.setState("thinking");
-    else this.view.setState("listening", this.hearing);
+    else this.view.setState("listening", this.hearing ? "hearing" : "listening");
   }
 }
 

@@ -4,6 +4,7 @@
 
 const STATE_TEXT = {
   idle: "Press Start and talk",
+  waiting: "Waiting for the server…",
   listening: "Listening…",
   hearing: "Hearing you…",
   thinking: "Thinking…",
@@ -31,10 +32,13 @@ export class View {
     this.reconnectButton.hidden = status !== "reconnecting";
   }
 
-  /** @param {string} state idle | listening | thinking | speaking; `hearing` refines listening */
-  setState(state, hearing = false) {
+  /**
+   * @param {string} state idle | listening | thinking | speaking
+   * @param {string} wording a key of STATE_TEXT that says it in more detail (waiting, hearing)
+   */
+  setState(state, wording = state) {
     this.app.dataset.state = state;
-    $("state-text").textContent = STATE_TEXT[state === "listening" && hearing ? "hearing" : state];
+    $("state-text").textContent = STATE_TEXT[wording];
   }
 
   setRunning(running) {
