@@ -30,8 +30,9 @@ export class Connection {
    * @param {object} sessionStart the `session.start` event sent on every (re)connect
    * @param {object} handlers
    *   onStatus(status, detail): status is "connecting" | "connected" | "reconnecting" | "offline";
-   *     detail is {reason, seconds?, message?} (reason: "unreachable" | "lost" | "server_full" |
-   *     "shutting_down" | "idle_timeout" | "closed")
+   *     detail is {reason, seconds?, message?} (reason: "unreachable" | "lost" | "closed" or the
+   *     code of the fatal error that came before the close: "server_full" | "not_ready" |
+   *     "shutting_down" | "idle_timeout")
    *   onEvent(event): every JSON event from the server (session.ready included)
    *   onAudio(responseId, segment, pcmBytes): every reply audio segment
    */
