@@ -111,6 +111,8 @@ class ModelWorker:
             self.engine = self.assistant.make_engine(
                 max_sessions=self.settings.max_sessions, max_len=self.settings.max_context_tokens
             )
+            if self.engine.use_graphs:  # capture now: a capture racing TTS kernels of the other thread fails
+                self.engine.capture_graphs()
             self.synthesizer = Synthesizer.load(self.checkpoint / TTS_DIR_NAME, device=self.settings.device)
             self.ready = True
             log.info("model_loaded checkpoint=%s tiny=%s seconds=%.1f", self.checkpoint, self.is_tiny,
