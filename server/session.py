@@ -85,9 +85,10 @@ class Session:
         self._converter: InputAudioConverter | None = None
         self._detector: vad.TurnDetector | None = None
         self._frames: deque[tuple[float, Image.Image]] = deque()
-        self._response_counter = 0
         self._active: ActiveResponse | None = None
-        self._playback_until = 0.0
+        self._last_response_id = 0
+        self._playing_id: int | None = None  # the reply being generated or played, until interrupted
+        self._playback_until = 0.0  # when the client will have played the audio of it sent so far
 
     # ------------------------------------------------------------------ client input
 
@@ -185,9 +186,8 @@ class Session:
         self.send(SessionUpdated(system_prompt=self.system_prompt, vad=self.vad_settings, generation=self.generation))
 
     def _cancel(self) -> None:
-        if self._active is None:
-            raise ProtocolError(ErrorCode.NO_RESPONSE, "response.cancel: no reply is being generated")
-        self._interrupt("cancel")
+        if not self._interrupt("cancel"):
+            raise ProtocolError(ErrorCode.NO_RESPONSE, "response.cancel: no reply is being generated or played")
 
     def _reset(self) -> None:
         self._interrupt("reset")
@@ -201,8 +201,7 @@ class Session:
     def _on_vad(self, event: vad.VadEvent) -> None:
         if isinstance(event, vad.SpeechStart):
             self.send(SpeechStarted(audio_ms=event.audio_ms))
-            if self._active is not None or time.monotonic() < self._playback_until:
-                self._interrupt("barge_in")
+            self._interrupt("barge_in")
         elif isinstance(event, vad.SpeechEnd):
             self.send(SpeechStopped(audio_ms=event.audio_ms, duration_ms=event.duration_ms, truncated=event.truncated))
             self._start_turn(event.audio)
@@ -218,10 +217,12 @@ class Session:
         return [recent[i] for i in picks]
 
     def _start_turn(self, audio_16k: np.ndarray) -> None:
-        self._interrupt("barge_in")
+        if self._active is not None:
+            self._interrupt("barge_in")
         now = time.monotonic()
-        self._response_counter += 1
-        response_id = self._response_counter
+        self._last_response_id += 1
+        response_id = self._playing_id = self._last_response_id
+        self._playback_until = 0.0
         frames = self._recent_frames(now)
         request = TurnRequest(self.session_id, response_id, audio_16k, frames, self.generation)
         self.send(ResponseStarted(response_id=response_id, video_frames=len(frames)))
@@ -230,17 +231,21 @@ class Session:
         log.info("turn_start session=%s response=%d audio_ms=%d frames=%d", self.session_id, response_id,
                  len(audio_16k) // 16, len(frames))
 
-    def _interrupt(self, reason: str) -> None:
-        """Stop the active reply (if any) and drop its queued audio; the client is told."""
-        self._playback_until = 0.0
+    def _interrupt(self, reason: str) -> bool:
+        """Stop the reply being generated or played (if any) and drop its queued audio; the
+        client is told to drop what it has queued too. Returns whether there was one."""
         active, self._active = self._active, None
-        if active is None:
-            return
-        active.handle.cancel()
-        self.outgoing.discard_audio(active.response_id)
-        self.metrics.turns.labels("interrupted").inc()
-        self.send(ResponseInterrupted(response_id=active.response_id, reason=reason))
-        log.info("turn_interrupted session=%s response=%d reason=%s", self.session_id, active.response_id, reason)
+        response_id, self._playing_id = self._playing_id, None
+        if active is not None:
+            active.handle.cancel()
+            self.metrics.turns.labels("interrupted").inc()
+        elif response_id is None or time.monotonic() >= self._playback_until:
+            return False
+        self.outgoing.discard_audio(response_id)
+        self.send(ResponseInterrupted(response_id=response_id, reason=reason))
+        log.info("turn_interrupted session=%s response=%d reason=%s generating=%s", self.session_id, response_id,
+                 reason, active is not None)
+        return True
 
     def _on_output(self, response_id: int, output: TurnOutput) -> None:
         active = self._active
@@ -300,10 +305,11 @@ class Session:
 
     # ------------------------------------------------------------------ playback and teardown
 
-    def audio_sent(self, samples: int) -> None:
+    def audio_sent(self, response_id: int, samples: int) -> None:
         """The writer sent a reply segment: the client plays it after what it already has."""
-        now = time.monotonic()
-        self._playback_until = max(self._playback_until, now) + samples / OUTPUT_SAMPLE_RATE
+        if response_id == self._playing_id:
+            now = time.monotonic()
+            self._playback_until = max(self._playback_until, now) + samples / OUTPUT_SAMPLE_RATE
 
     def close(self) -> None:
         """Connection gone: stop any reply and free the worker's state of this session."""

@@ -84,15 +84,48 @@ async def test_silence_and_low_noise_start_no_turn(server: BackgroundServer) -> 
 
 
 async def test_two_utterances_get_two_replies(server: BackgroundServer) -> None:
+    """The user waits for each reply to be played (as the client estimates it) before speaking."""
     hello, rate = clip("en_hello")
     describe, _ = clip("en_describe")
-    audio = np.concatenate([hello, silence(6.0), describe])
-    result = await stream_audio(server.ws_url, audio, rate, speed=3, session_update=REPLY_SETTINGS, expected_turns=2)
-    assert [e["response_id"] for e in result.of_type("response.done")] == [1, 2]
-    assert len(result.of_type("vad.speech_stopped")) == 2
-    assert not result.of_type("response.interrupted")
-    assert_complete_reply(result, 1)
-    assert_complete_reply(result, 2)
+    async with websockets.connect(server.ws_url, max_size=None) as ws:
+        await ws.send(json.dumps({"type": "session.start", "sample_rate": rate, **REPLY_SETTINGS}))
+        await receive_json(ws)
+        replies = []
+        for utterance in (hello, describe):
+            await ws.send(np.concatenate([utterance, silence(1.0)]).tobytes())
+            events, audio = await collect_until_done(ws)
+            replies.append((events, audio))
+            await asyncio.sleep(events[-1]["timings"]["audio_ms"] / 1000 + 0.3)  # listening to it
+    for response_id, (events, audio) in enumerate(replies, start=1):
+        kinds = [e["type"] for e in events]
+        assert kinds[:3] == ["vad.speech_started", "vad.speech_stopped", "response.started"]
+        assert kinds[-1] == "response.done" and "response.interrupted" not in kinds
+        done = events[-1]
+        assert done["response_id"] == response_id and done["text"]
+        assert {decode_audio_segment(a)[0] for a in audio} <= {response_id}
+        assert len(audio) == done["audio_segments"]
+
+
+async def test_speaking_over_a_reply_still_playing_interrupts_it(server: BackgroundServer) -> None:
+    """Generation is over but the client is still playing the audio: barge-in stops that too."""
+    hello, rate = clip("en_hello")
+    async with websockets.connect(server.ws_url, max_size=None) as ws:
+        await ws.send(json.dumps({"type": "session.start", "sample_rate": rate, **REPLY_SETTINGS}))
+        await receive_json(ws)
+        for _ in range(5):  # the tiny TTS makes random lengths: until a reply lasts >= 1.5 s
+            await ws.send(np.concatenate([hello, silence(1.0)]).tobytes())
+            events, _ = await collect_until_done(ws)
+            done = events[-1]
+            if done["type"] == "response.done" and done["timings"]["audio_ms"] >= 1_500:
+                break
+        else:
+            pytest.fail("no reply of 1.5 s or more in 5 tries")
+        await ws.send(hello.tobytes())
+        events = [await receive_json(ws) for _ in range(2)]
+    assert events == [
+        {"type": "vad.speech_started", "audio_ms": events[0]["audio_ms"]},
+        {"type": "response.interrupted", "response_id": done["response_id"], "reason": "barge_in"},
+    ]
 
 
 async def test_barge_in_interrupts_the_reply_and_stops_its_audio(server: BackgroundServer) -> None:
@@ -234,7 +267,11 @@ async def test_recent_camera_frames_join_the_turn_and_reset_clears_them(server: 
         assert all(decode_audio_segment(a)[0] == 1 for a in audio)
 
         await ws.send(json.dumps({"type": "session.reset"}))
-        assert (await receive_json(ws))["type"] == "session.cleared"
+        reply = await receive_json(ws)
+        if reply["type"] == "response.interrupted":  # reply 1 was still playing: reset stops it too
+            assert (reply["response_id"], reply["reason"]) == (1, "reset")
+            reply = await receive_json(ws)
+        assert reply["type"] == "session.cleared"
         await ws.send(np.concatenate([hello, silence(1.0)]).tobytes())
         events, _ = await collect_until_done(ws)
         started = next(e for e in events if e["type"] == "response.started")
