@@ -7,6 +7,8 @@ import json
 import os
 import signal
 import socket
+import shutil
+import ssl
 import subprocess
 import sys
 import time
@@ -30,12 +32,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(port: int, process: subprocess.Popen, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
+def wait_ready(url: str, process: subprocess.Popen, context: ssl.SSLContext | None = None) -> None:
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         assert process.poll() is None, process.stdout.read()
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as response:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=1, context=context) as response:
                 if response.status == 200:
                     return
         except OSError:
@@ -44,27 +46,35 @@ def wait_ready(port: int, process: subprocess.Popen, timeout_s: float = 120.0) -
     raise TimeoutError("vita-server did not become ready")
 
 
-@pytest.fixture(scope="module")
-def server_process(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+def start_server(tiny_checkpoint: Path, cache: Path, *flags: str) -> tuple[subprocess.Popen, int]:
     """`vita-server` without --checkpoint: it takes the tiny checkpoint from its cache folder."""
-    cache = tmp_path_factory.mktemp("cache")
     (cache / f"vita_tiny_ckpt_v{TINY_CHECKPOINT_VERSION}").symlink_to(tiny_checkpoint)  # skip regenerating it
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "--port", str(port), "--cache-dir", str(cache), "--max-sessions", "4"],
+        [sys.executable, "-m", "server.cli", "--port", str(port), "--cache-dir", str(cache), *flags],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, "VITA_LOG_FORMAT": "json"},
     )
+    return process, port
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def server_process(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    process, port = start_server(tiny_checkpoint, tmp_path_factory.mktemp("cache"), "--max-sessions", "4")
     try:
-        wait_ready(port, process)
+        wait_ready(f"http://127.0.0.1:{port}", process)
         yield process, port
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 def test_client_saves_the_spoken_reply_and_prints_timings(server_process, tmp_path: Path) -> None:
@@ -131,3 +141,28 @@ def test_sigterm_closes_sessions_and_exits_cleanly(server_process) -> None:
     assert any(entry["message"].startswith("model_loaded") for entry in json_lines)
     assert any(entry["message"].startswith("session_end") for entry in json_lines)
     assert any(entry["message"] == "worker_stopped" for entry in json_lines)  # lifespan shutdown ran
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def test_tls_options_serve_wss(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    (tmp_path / "cache").mkdir()
+    process, port = start_server(tiny_checkpoint, tmp_path / "cache", "--ssl-certfile", str(cert), "--ssl-keyfile", str(key))
+    context = ssl.create_default_context(cafile=str(cert))
+    try:
+        wait_ready(f"https://127.0.0.1:{port}", process, context)
+
+        async def start_session() -> dict:
+            async with websockets.connect(f"wss://127.0.0.1:{port}/ws", ssl=context) as ws:
+                await ws.send(json.dumps({"type": "session.start", "sample_rate": 16_000}))
+                return json.loads(await asyncio.wait_for(ws.recv(), 5))
+
+        assert asyncio.run(start_session())["type"] == "session.ready"
+    finally:
+        stop(process)
+    assert "https://" in process.stdout.read().splitlines()[0]
