@@ -47,6 +47,10 @@ def summarize(clients: int, results: list[ClientResult | BaseException], wall_s:
     turns = [t for r in results if isinstance(r, ClientResult) for t in r.turns]
     done = [t for t in turns if t.done is not None]
     server = [t.done["timings"] for t in done]
+
+    def server_values(name: str) -> dict[str, float | None]:
+        return percentiles([s[name] for s in server if s[name] is not None])
+
     return {
         "clients": clients,
         "turns_done": len(done),
@@ -56,9 +60,9 @@ def summarize(clients: int, results: list[ClientResult | BaseException], wall_s:
         "wall_s": round(wall_s, 2),
         "client_first_text_ms": percentiles([v for t in done if (v := t.latency_ms(t.first_text_at)) is not None]),
         "client_first_audio_ms": percentiles([v for t in done if (v := t.latency_ms(t.first_audio_at)) is not None]),
-        "server_first_text_ms": percentiles([v for s in server if (v := s["end_of_speech_to_first_text_ms"]) is not None]),
-        "server_first_audio_ms": percentiles([v for s in server if (v := s["end_of_speech_to_first_audio_ms"]) is not None]),
-        "tts_real_time_factor": percentiles([v for s in server if (v := s["real_time_factor"]) is not None]),
+        "server_first_text_ms": server_values("end_of_speech_to_first_text_ms"),
+        "server_first_audio_ms": server_values("end_of_speech_to_first_audio_ms"),
+        "tts_real_time_factor": server_values("real_time_factor"),
     }
 
 

@@ -28,9 +28,9 @@ class InputAudioConverter:
             raise InvalidAudio(f"{channels} channels: only mono or stereo")
         self.sample_rate = sample_rate
         self.channels = channels
-        self._resampler = (
-            None if sample_rate == MODEL_SAMPLE_RATE else soxr.ResampleStream(sample_rate, MODEL_SAMPLE_RATE, 1, dtype="float32")
-        )
+        self._resampler = None
+        if sample_rate != MODEL_SAMPLE_RATE:
+            self._resampler = soxr.ResampleStream(sample_rate, MODEL_SAMPLE_RATE, 1, dtype="float32")
 
     def decode(self, frame: bytes) -> np.ndarray:
         """Interleaved PCM16 LE bytes -> mono float32 in [-1, 1] at the input rate."""

@@ -164,11 +164,13 @@ def timing_table(result: ClientResult) -> str:
     rows = ["turn  client first text  client first audio  server first text  server first audio  audio s  state"]
     for turn in result.turns:
         server = (turn.done or {}).get("timings", {})
-        state = "interrupted" if turn.interrupted else "failed" if turn.failed else (turn.done or {}).get("state", "unfinished")
+        state = (turn.done or {}).get("state", "unfinished")
+        state = "interrupted" if turn.interrupted else "failed" if turn.failed else state
         rows.append(
             f"{turn.response_id:>4}  {turn.latency_ms(turn.first_text_at)!s:>17}  "
             f"{turn.latency_ms(turn.first_audio_at)!s:>18}  {server.get('end_of_speech_to_first_text_ms')!s:>17}  "
-            f"{server.get('end_of_speech_to_first_audio_ms')!s:>18}  {turn.audio_samples / OUTPUT_SAMPLE_RATE:7.2f}  {state}"
+            f"{server.get('end_of_speech_to_first_audio_ms')!s:>18}  "
+            f"{turn.audio_samples / OUTPUT_SAMPLE_RATE:7.2f}  {state}"
         )
     return "\n".join(rows)
 

@@ -100,5 +100,6 @@ class OutgoingQueue:
             return encode_audio_segment(item.response_id, item.segment, item.pcm16)
         if isinstance(item, DropNotice):
             del self._pending_drops[item.response_id]
-            return encode_event(ResponseAudioDropped(response_id=item.response_id, segments=item.segments, samples=item.samples))
+            notice = ResponseAudioDropped(response_id=item.response_id, segments=item.segments, samples=item.samples)
+            return encode_event(notice)
         return encode_event(item)

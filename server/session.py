@@ -48,7 +48,16 @@ from server.protocol import (
     VideoFrame,
     parse_client_event,
 )
-from server.turns import AudioSegment, TextDelta, TurnFailed, TurnFinished, TurnHandle, TurnOutput, TurnRequest, TurnRunner
+from server.turns import (
+    AudioSegment,
+    TextDelta,
+    TurnFailed,
+    TurnFinished,
+    TurnHandle,
+    TurnOutput,
+    TurnRequest,
+    TurnRunner,
+)
 from server import vad
 
 log = logging.getLogger("vita.session")
@@ -270,7 +279,8 @@ class Session:
             assert isinstance(output, TurnFailed)
             self._active = None
             self.metrics.turns.labels("error").inc()
-            self.send_error(ErrorCode.INTERNAL_ERROR, f"reply {response_id} failed: {output.message}", response_id=response_id)
+            message = f"reply {response_id} failed: {output.message}"
+            self.send_error(ErrorCode.INTERNAL_ERROR, message, response_id=response_id)
 
     def _finish(self, active: ActiveResponse, output: TurnFinished, now: float) -> None:
         self._active = None

@@ -152,7 +152,8 @@ def test_tls_options_serve_wss(tiny_checkpoint: Path, tmp_path: Path) -> None:
         check=True, capture_output=True,
     )
     (tmp_path / "cache").mkdir()
-    process, port = start_server(tiny_checkpoint, tmp_path / "cache", "--ssl-certfile", str(cert), "--ssl-keyfile", str(key))
+    tls_flags = ("--ssl-certfile", str(cert), "--ssl-keyfile", str(key))
+    process, port = start_server(tiny_checkpoint, tmp_path / "cache", *tls_flags)
     context = ssl.create_default_context(cafile=str(cert))
     try:
         wait_ready(f"https://127.0.0.1:{port}", process, context)
