@@ -254,12 +254,13 @@ def test_spoken_turn_is_answered_with_audio(tab: Tab, server_url: str, tmp_path:
     assert tab.errors == []
 
     # The audio went out as PCM16 20 ms chunks at the rate the page announced, which is the
-    # browser's own AudioContext rate.
+    # browser's own AudioContext rate; the URL's options went into session.start.
     session_start = json.loads(tab.sent[0])
     browser_rate = tab.page.evaluate("new AudioContext().sampleRate")
     assert (session_start["type"], session_start["sample_rate"], session_start["channels"]) == (
         "session.start", browser_rate, 1
     )
+    assert session_start["generation"] == {"temperature": 0, "max_new_tokens": 64, "respect_not_addressed": False}
     chunk_sizes = {len(frame) for frame in tab.sent if isinstance(frame, bytes)}
     assert chunk_sizes == {2 * round(browser_rate * 0.02)}
 

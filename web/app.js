@@ -229,7 +229,8 @@ class Chat {
     const response = this.response;
     if (startAt !== null && response?.id === responseId && !response.heardFirstAudio) {
       response.heardFirstAudio = true;
-      const heardAt = performance.now() + (startAt - this.audioContext.currentTime) * 1000;
+      const { currentTime, outputLatency = 0 } = this.audioContext;
+      const heardAt = performance.now() + (startAt - currentTime + outputLatency) * 1000;
       if (response.endOfSpeechAt !== null) this.view.setReplyLatency(response.reply, heardAt - response.endOfSpeechAt);
     }
     this.refreshState();
