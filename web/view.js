@@ -30,6 +30,7 @@ export class View {
     this.app.dataset.connection = status;
     $("connection-text").textContent = text;
     this.reconnectButton.hidden = status !== "reconnecting";
+    this.newConversationButton.disabled = status !== "connected";
   }
 
   /**
@@ -44,7 +45,7 @@ export class View {
   setRunning(running) {
     this.startButton.textContent = running ? "Stop" : "Start";
     this.startButton.classList.toggle("primary", !running);
-    this.cameraButton.disabled = this.newConversationButton.disabled = !running;
+    this.cameraButton.disabled = !running;
     if (!running) this.setCamera(false);
   }
 
