@@ -14,8 +14,9 @@ Client -> server
     ``video.frame``     one camera image, JPEG or PNG, base64 (``image`` field). Frames of the
                         last second (at most 4) are attached to the next user turn as video.
     ``session.update``  change ``system_prompt``, ``vad`` and/or ``generation`` settings; only
-                        the fields present change, the others keep their value. Answered by
-                        ``session.updated`` with the effective settings.
+                        the fields present change, the others keep their value. VAD changes
+                        apply from the next utterance on; a new system prompt starts a new
+                        conversation. Answered by ``session.updated`` with the effective settings.
     ``response.cancel`` stop the current reply (answered by ``response.interrupted``).
     ``session.reset``   cancel any reply and forget the conversation history; answered by
                         ``session.cleared``.
@@ -68,6 +69,7 @@ MAX_INPUT_SAMPLE_RATE = 48_000
 MAX_AUDIO_FRAME_BYTES = 1 << 20  # 1 MiB: about 5.5 s of 48 kHz stereo PCM16
 MAX_IMAGE_BYTES = 4 << 20  # decoded JPEG/PNG size
 MAX_TEXT_FRAME_BYTES = 8 << 20  # whole JSON message (base64 image or audio included)
+MAX_MESSAGE_BYTES = 16 << 20  # any larger websocket message closes the connection (code 1009)
 AUDIO_HEADER = struct.Struct("<II")  # response_id, segment index
 
 

@@ -174,6 +174,13 @@ class Session:
             raise ProtocolError(ErrorCode.INVALID_AUDIO, str(exc)) from None
         for event in self._detector.feed(samples):
             self._on_vad(event)
+        self._refresh_detector()
+
+    def _refresh_detector(self) -> None:
+        """New VAD settings take effect between utterances, never cutting one short."""
+        assert self._detector is not None
+        if self._detector.settings != self.vad_settings and not self._detector.speaking:
+            self._detector = vad.TurnDetector(self.vad_settings)
 
     async def _take_frame(self, data: bytes) -> None:
         image = await asyncio.to_thread(decode_image, data)
@@ -185,7 +192,7 @@ class Session:
     def _update(self, event: SessionUpdate) -> None:
         if event.vad is not None:
             self.vad_settings = self.vad_settings.model_copy(update=event.vad.model_dump(exclude_unset=True))
-            self._detector = vad.TurnDetector(self.vad_settings)
+            self._refresh_detector()
         if event.generation is not None:
             self.generation = self.generation.model_copy(update=event.generation.model_dump(exclude_unset=True))
         if "system_prompt" in event.model_fields_set and event.system_prompt != self.system_prompt:

@@ -219,6 +219,7 @@ async def test_bad_input_gets_errors_and_the_session_survives(server: Background
             (json.dumps({"type": "response.cancel"}), "no_response"),
             (b"\1\2\3", "invalid_audio"),
             (np.random.default_rng(0).bytes(2 * 1024 * 1024), "frame_too_large"),
+            (json.dumps({"type": "input_audio", "audio": "A" * (9 << 20)}), "frame_too_large"),
         ]
         for message, code in bad:
             await ws.send(message)
@@ -232,6 +233,29 @@ async def test_bad_input_gets_errors_and_the_session_survives(server: Background
             events.append(await receive_json(ws, timeout=60))
         assert [e["type"] for e in events][:3] == ["vad.speech_started", "vad.speech_stopped", "response.started"]
         assert events[-1]["text"]
+
+
+async def test_vad_update_mid_utterance_applies_to_the_next_one(server: BackgroundServer) -> None:
+    hello, rate = clip("en_hello")
+    half = len(hello) // 2
+    async with websockets.connect(server.ws_url, max_size=None) as ws:
+        await ws.send(json.dumps({"type": "session.start", "sample_rate": rate, **REPLY_SETTINGS}))
+        await receive_json(ws)
+        await ws.send(hello[:half].tobytes())
+        assert (await receive_json(ws))["type"] == "vad.speech_started"
+        await ws.send(json.dumps({"type": "session.update", "vad": {"hangover_ms": 200, "min_speech_ms": 0}}))
+        updated = await receive_json(ws)
+        assert (updated["vad"]["hangover_ms"], updated["vad"]["aggressiveness"]) == (200, 2)  # others kept
+        await ws.send(np.concatenate([hello[half:], silence(1.0)]).tobytes())
+        events, _ = await collect_until_done(ws)
+        stops = [e for e in events if e["type"] == "vad.speech_stopped"]
+        assert len(stops) == 1 and stops[0]["duration_ms"] >= 3_000  # not split at the ~370 ms pauses
+        await ws.send(np.concatenate([hello, silence(1.0)]).tobytes())
+        events = [await receive_json(ws, timeout=60) for _ in range(4)]
+        assert [e["type"] for e in events if e["type"].startswith("vad.")][:2] == [
+            "vad.speech_started", "vad.speech_stopped"
+        ]
+        assert next(e for e in events if e["type"] == "vad.speech_stopped")["duration_ms"] < 3_000  # split now
 
 
 def png(color: tuple[int, int, int]) -> str:
