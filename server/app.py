@@ -94,8 +94,11 @@ def create_app(settings: ServerSettings, worker: ModelWorker) -> FastAPI:
 async def refuse(websocket: WebSocket, code: ErrorCode, message: str) -> None:
     """Tell a connection why it cannot have a session, then close it cleanly."""
     log.info("session_refused code=%s", code.value)
-    await websocket.send_text(encode_event(ErrorEvent(code=code, message=message, fatal=True)))
-    await websocket.close(CLOSE_TRY_AGAIN_LATER)
+    try:
+        await websocket.send_text(encode_event(ErrorEvent(code=code, message=message, fatal=True)))
+        await websocket.close(CLOSE_TRY_AGAIN_LATER)
+    except Exception:  # the client left first: nothing more to tell it
+        log.info("session_refused_client_gone code=%s", code.value)
 
 
 async def read_loop(websocket: WebSocket, session: Session, idle_timeout_s: float) -> None:

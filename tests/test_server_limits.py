@@ -65,3 +65,20 @@ async def test_messages_keep_a_session_alive(small_server: BackgroundServer) -> 
     reply = json.loads(await asyncio.wait_for(ws.recv(), 5))
     assert reply["code"] == "no_response"  # still the same live session
     await ws.close()
+
+
+async def test_a_model_that_cannot_load_is_reported_not_ready(tmp_path: Path) -> None:
+    empty = tmp_path / "not_a_checkpoint"
+    empty.mkdir()
+    server = BackgroundServer(ServerSettings(cache_dir=tmp_path), empty, is_tiny=False)
+    with pytest.raises(RuntimeError, match="failed to load"):
+        server.start()
+    try:
+        status, body = server.get_json("/readyz")
+        assert status == 503 and body["status"] == "failed" and body["error"]
+        assert server.get_json("/healthz")[0] == 200  # the process itself is alive
+        async with websockets.connect(server.ws_url) as ws:
+            error = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            assert (error["code"], error["fatal"]) == ("not_ready", True)
+    finally:
+        server.stop()
