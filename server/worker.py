@@ -14,7 +14,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from server.protocol import GenerationSettings
 from server.settings import ServerSettings
@@ -24,7 +24,7 @@ from tts.silence import trim_leading_silence
 from tts.synthesizer import CHUNK_SIZE, FIRST_SENTENCE_CHUNK_SIZE, Synthesizer
 from vita.assistant import VitaAssistant
 from vita.generate import ReplyTextStream
-from vita.prompt import ReplyState
+from vita.prompt import Conversation, ReplyState
 from vita.sampling import SamplingParams
 from vita.tiny_checkpoint import ensure_tiny_checkpoint
 
@@ -72,7 +72,7 @@ class ModelWorker:
         self._thread = threading.Thread(target=self._run_loop, name="vita-worker", daemon=True)
         self._tts_thread = ThreadPoolExecutor(1, thread_name_prefix="vita-tts")
         self._loaded = threading.Event()
-        self._conversations: dict[str, Any] = {}
+        self._conversations: dict[str, Conversation] = {}
         self._turns: dict[str, asyncio.Task[None]] = {}
 
     # ------------------------------------------------------------------ lifecycle
@@ -192,9 +192,6 @@ class ModelWorker:
             sentences.put_nowait(None)
             synthesis_s, samples = await speaker if speaker is not None else (0.0, 0)
             emit(TurnFinished(text=text, state=state, synthesis_seconds=synthesis_s, audio_samples=samples))
-        except asyncio.CancelledError:
-            self.engine.cancel(request.session_id)
-            raise
         except Exception as exc:
             log.exception("turn_failed session=%s response=%d", request.session_id, request.response_id)
             emit(TurnFailed(f"{type(exc).__name__}: {exc}"))
