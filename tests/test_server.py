@@ -87,8 +87,9 @@ async def test_two_utterances_get_two_replies(server: BackgroundServer) -> None:
     """The user waits for each reply to be played (as the client estimates it) before speaking."""
     hello, rate = clip("en_hello")
     describe, _ = clip("en_describe")
+    short_replies = {"generation": {**REPLY_SETTINGS["generation"], "max_new_tokens": 6}}
     async with websockets.connect(server.ws_url, max_size=None) as ws:
-        await ws.send(json.dumps({"type": "session.start", "sample_rate": rate, **REPLY_SETTINGS}))
+        await ws.send(json.dumps({"type": "session.start", "sample_rate": rate, **short_replies}))
         await receive_json(ws)
         replies = []
         for utterance in (hello, describe):
@@ -118,6 +119,7 @@ async def test_speaking_over_a_reply_still_playing_interrupts_it(server: Backgro
             done = events[-1]
             if done["type"] == "response.done" and done["timings"]["audio_ms"] >= 1_500:
                 break
+            await asyncio.sleep(done["timings"]["audio_ms"] / 1000 + 0.2)  # a short one: let it play out
         else:
             pytest.fail("no reply of 1.5 s or more in 5 tries")
         await ws.send(hello.tobytes())
