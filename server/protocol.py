@@ -17,7 +17,8 @@ Client -> server
                         the fields present change, the others keep their value. VAD changes
                         apply from the next utterance on; a new system prompt starts a new
                         conversation. Answered by ``session.updated`` with the effective settings.
-    ``response.cancel`` stop the current reply (answered by ``response.interrupted``).
+    ``response.cancel`` stop the reply being generated or still playing (answered by
+                        ``response.interrupted``, or ``error`` ``no_response`` if there is none).
     ``session.reset``   cancel any reply and forget the conversation history; answered by
                         ``session.cleared``.
 
@@ -35,7 +36,8 @@ Server -> client
     binary frame               one reply audio segment: an 8-byte header (uint32 LE
                                ``response_id``, uint32 LE ``segment`` index from 0) followed by
                                PCM16 LE mono samples at 24 kHz (``OUTPUT_SAMPLE_RATE``). Every
-                               segment is sent as soon as it is synthesised.
+                               segment is sent as soon as it is synthesised; dropped segments
+                               leave gaps in the index.
     ``response.audio.dropped`` the client read too slowly: this many segments of that reply were
                                not sent (the per-session outgoing queue is bounded).
     ``response.done``          the reply is complete: full ``text``, ``state`` ("answer" or
@@ -43,13 +45,15 @@ Server -> client
                                ``timings``.
     ``response.interrupted``   the reply was stopped (``reason``: "barge_in", "cancel",
                                "reset"); the client must drop any queued audio of it. No further
-                               audio of that ``response_id`` follows.
+                               audio of that ``response_id`` follows. It can also come after
+                               ``response.done``: the user spoke while the reply still played.
     ``error``                  ``code`` (one of ``ErrorCode``) and a human ``message``; a reply
                                that failed carries its ``response_id`` (no ``response.done``
-                               follows for it). Errors are not fatal unless said so; fatal ones (``not_ready``,
-                               ``server_full``, ``idle_timeout``) are followed by a close of
-                               the websocket. On server shutdown the websocket is closed with
-                               code 1012.
+                               follows for it). Errors are not fatal unless ``fatal`` is true:
+                               ``not_ready``, ``server_full`` (close code 1013) and
+                               ``idle_timeout`` (1000) are followed by a close of the websocket.
+                               On server shutdown the websocket is closed with code 1012.
+                               Messages over ``MAX_MESSAGE_BYTES`` close it with code 1009.
 """
 
 from __future__ import annotations
