@@ -73,3 +73,19 @@ def test_slow_consumer_gets_buffered_tokens(decoder):
     first = next(slow)
     assert list(fast) == alone(decoder, REQUESTS[0])  # slow advanced meanwhile, into its buffer
     assert [first, *slow] == alone(decoder, REQUESTS[2])
+
+
+def test_utterances_queued_together_start_together(decoder):
+    batch = DecoderBatch(decoder)
+    streams = [open_stream(batch, *r) for r in REQUESTS[:3]]
+    first = next(streams[0])
+    assert all(batch.streams[i] is not None and batch.streams[i].sampled == 1 for i in range(3))
+    assert [first, *streams[0]] == alone(decoder, REQUESTS[0])
+
+
+def test_a_dropped_unstarted_stream_is_cancelled(decoder):
+    batch = DecoderBatch(decoder, slots=1)
+    open_stream(batch, *REQUESTS[0])  # dropped at once, never iterated
+    assert batch.open_streams == 0
+    assert list(open_stream(batch, *REQUESTS[1])) == alone(decoder, REQUESTS[1])
+    assert batch.cache.slots == 1

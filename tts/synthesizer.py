@@ -73,15 +73,20 @@ class Synthesizer:
         generator: torch.Generator | None = None,
     ) -> Iterator[np.ndarray]:
         """Yield int16 24 kHz segments of `codec_chunk_size * 600` samples for `embeddings`
-        [N, embedding_dim]; the last one holds the codes left (up to chunk + padding - 1). Stopping the iteration cancels the synthesis.
+        [N, embedding_dim]; the last one holds the codes left (up to chunk + padding - 1).
+        The call only queues the utterance (safe from any thread); the model runs in the thread
+        that iterates. Stopping the iteration (or dropping the iterator) cancels the synthesis.
         `generator` (a CPU generator) makes the token sampling reproducible."""
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_dim or not len(embeddings):
             raise ValueError(f"embeddings must be [N >= 1, {self.embedding_dim}], got {tuple(embeddings.shape)}")
         if codec_chunk_size < 1 or padding < 0:
             raise ValueError("codec_chunk_size must be >= 1 and padding >= 0")
+        tokens = self.batch.generate(embeddings, top_k=top_k, max_tokens=max_tokens, generator=generator)
+        return self._segments(tokens, codec_chunk_size, padding)
+
+    def _segments(self, tokens: Iterator[int], codec_chunk_size: int, padding: int) -> Iterator[np.ndarray]:
         codes: list[int] = []
         emitted = 0
-        tokens = self.batch.generate(embeddings, top_k=top_k, max_tokens=max_tokens, generator=generator)
         try:
             for token in tokens:
                 codes.append(token)
@@ -89,7 +94,7 @@ class Synthesizer:
                     yield self._decode_frames(codes, emitted, emitted + codec_chunk_size, padding)
                     emitted += codec_chunk_size
         finally:
-            tokens.close()  # frees the decoder slot at once when the consumer stops early
+            tokens.close()  # frees the decoder slot when the consumer stops early
         if len(codes) > emitted:
             yield self._decode_frames(codes, emitted, len(codes), padding)
 
