@@ -73,6 +73,58 @@ def pcm_frames(audio: np.ndarray, sample_rate: int) -> list[bytes]:
     return [data[i : i + step].tobytes() for i in range(0, len(data), step)]
 
 
+class ReplyCollector:
+    """Sorts the server's messages into ``ClientResult`` turns as they arrive."""
+
+    def __init__(self, started: float, speed: float) -> None:
+        self.result = ClientResult()
+        self.turns: dict[int, Turn] = {}
+        self._started = started
+        self._speed = speed
+        self._speech_ends: list[float] = []
+
+    def all_done(self, expected_turns: int | None) -> bool:
+        enough = expected_turns is None or len(self.turns) >= expected_turns
+        return enough and all(t.done is not None or t.interrupted or t.failed for t in self.turns.values())
+
+    def take(self, message: str | bytes, now: float) -> None:
+        if isinstance(message, bytes):
+            self._take_audio(message, now)
+            return
+        event = json.loads(message)
+        self.result.events.append(event)
+        kind, response_id = event["type"], event.get("response_id")
+        turn = self.turns.get(response_id)
+        if kind == "vad.speech_stopped":  # when the speech itself ended, on the sending clock
+            self._speech_ends.append(self._started + event["audio_ms"] / 1000 / self._speed)
+        elif kind == "response.started":
+            turn = Turn(response_id, self._speech_ends[-1] if self._speech_ends else now)
+            self.turns[response_id] = turn
+            self.result.turns.append(turn)
+        elif turn is None:
+            return
+        elif kind == "response.text.delta":
+            turn.first_text_at = turn.first_text_at or now
+            turn.text += event["delta"]
+        elif kind == "response.done":
+            turn.done = event
+        elif kind == "response.interrupted":
+            turn.interrupted = True
+        elif kind == "error":
+            turn.failed = event["message"]
+
+    def _take_audio(self, message: bytes, now: float) -> None:
+        response_id, _, pcm = decode_audio_segment(message)
+        turn = self.turns.get(response_id)
+        if turn is None:
+            self.result.stray_audio += 1
+        elif turn.interrupted:
+            turn.late_segments += 1
+        else:
+            turn.first_audio_at = turn.first_audio_at or now
+            turn.audio.append(np.frombuffer(pcm, dtype="<i2"))
+
+
 async def stream_audio(
     url: str,
     audio: np.ndarray,
@@ -92,58 +144,21 @@ async def stream_audio(
     channels = 1 if audio.ndim == 1 else audio.shape[1]
     silence = np.zeros((int(sample_rate * tail_silence_s),) + audio.shape[1:], dtype=np.int16)
     frames = pcm_frames(np.concatenate([audio, silence]), sample_rate)
-    result = ClientResult()
-    turns: dict[int, Turn] = {}
-    stopped_at: list[float] = []
     async with websockets.connect(url, max_size=None) as ws:
         await ws.send(json.dumps({"type": "session.start", "sample_rate": sample_rate, "channels": channels}))
         ready = json.loads(await ws.recv())
-        result.events.append(ready)
         if ready["type"] != "session.ready":
-            return result
+            return ClientResult(events=[ready])
         if session_update is not None:
             await ws.send(json.dumps({"type": "session.update", **session_update}))
-
-        def all_done() -> bool:
-            enough = expected_turns is None or len(turns) >= expected_turns
-            return enough and all(t.done is not None or t.interrupted or t.failed for t in turns.values())
+        started = time.monotonic()
+        collector = ReplyCollector(started, speed)
+        collector.result.events.append(ready)
 
         async def receive() -> None:
             async for message in ws:
-                now = time.monotonic()
-                if isinstance(message, bytes):
-                    response_id, _, pcm = decode_audio_segment(message)
-                    turn = turns.get(response_id)
-                    if turn is None:
-                        result.stray_audio += 1
-                        continue
-                    if turn.interrupted:
-                        turn.late_segments += 1
-                        continue
-                    turn.first_audio_at = turn.first_audio_at or now
-                    turn.audio.append(np.frombuffer(pcm, dtype="<i2"))
-                    continue
-                event = json.loads(message)
-                result.events.append(event)
-                kind = event["type"]
-                if kind == "vad.speech_stopped":  # when the speech itself ended, on the sending clock
-                    stopped_at.append(started + event["audio_ms"] / 1000 / speed)
-                elif kind == "response.started":
-                    turn = Turn(event["response_id"], stopped_at[-1] if stopped_at else now)
-                    turns[turn.response_id] = turn
-                    result.turns.append(turn)
-                elif kind == "response.text.delta":
-                    turn = turns[event["response_id"]]
-                    turn.first_text_at = turn.first_text_at or now
-                    turn.text += event["delta"]
-                elif kind == "response.done":
-                    turns[event["response_id"]].done = event
-                elif kind == "response.interrupted":
-                    turns[event["response_id"]].interrupted = True
-                elif kind == "error" and event.get("response_id") in turns:
-                    turns[event["response_id"]].failed = event["message"]
+                collector.take(message, time.monotonic())
 
-        started = time.monotonic()
         receiver = asyncio.create_task(receive())
         for i, frame in enumerate(frames):
             await ws.send(frame)
@@ -151,11 +166,11 @@ async def stream_audio(
             if delay > 0:
                 await asyncio.sleep(delay)
         deadline = time.monotonic() + reply_timeout_s
-        while not all_done() and time.monotonic() < deadline and not receiver.done():
+        while not collector.all_done(expected_turns) and time.monotonic() < deadline and not receiver.done():
             await asyncio.sleep(0.02)
         receiver.cancel()
         await asyncio.gather(receiver, return_exceptions=True)
-    return result
+    return collector.result
 
 
 def timing_table(result: ClientResult) -> str:
