@@ -24,6 +24,9 @@ Client -> server
 
 Server -> client
     ``session.ready``          session accepted; echoes the effective settings.
+    ``session.cleared``        the conversation history is forgotten: ``reason`` "reset" (the
+                               client asked) or "context_full" (it outgrew the model's context;
+                               the turn that did not fit is answered in the new conversation).
     ``vad.speech_started``     the VAD heard the start of an utterance (``audio_ms`` = position
                                in the session's input stream).
     ``vad.speech_stopped``     the utterance ended (after the silence hangover) and becomes
@@ -209,6 +212,7 @@ class SessionUpdated(_Event):
 
 class SessionCleared(_Event):
     type: Literal["session.cleared"] = "session.cleared"
+    reason: Literal["reset", "context_full"] = "reset"
 
 
 class SpeechStarted(_Event):

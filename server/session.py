@@ -50,6 +50,7 @@ from server.protocol import (
 )
 from server.turns import (
     AudioSegment,
+    HistoryCleared,
     TextDelta,
     TurnFailed,
     TurnFinished,
@@ -280,6 +281,8 @@ class Session:
             if not self.outgoing.put_audio(response_id, active.segments, output.pcm.astype("<i2").tobytes()):
                 self.metrics.audio_dropped_segments.inc()
             active.segments += 1
+        elif isinstance(output, HistoryCleared):
+            self.send(SessionCleared(reason="context_full"))
         elif isinstance(output, TurnFinished):
             self._finish(active, output, now)
         else:

@@ -35,6 +35,11 @@ class AudioSegment:
 
 
 @dataclass(frozen=True)
+class HistoryCleared:
+    """The conversation outgrew the context: it was restarted before answering this turn."""
+
+
+@dataclass(frozen=True)
 class TurnFinished:
     text: str
     state: Literal["answer", "not_addressed"]
@@ -47,7 +52,7 @@ class TurnFailed:
     message: str
 
 
-TurnOutput = TextDelta | AudioSegment | TurnFinished | TurnFailed
+TurnOutput = TextDelta | AudioSegment | HistoryCleared | TurnFinished | TurnFailed
 OutputCallback = Callable[[TurnOutput], None]
 
 

@@ -18,7 +18,16 @@ from typing import Literal
 
 from server.protocol import GenerationSettings
 from server.settings import ServerSettings
-from server.turns import AudioSegment, OutputCallback, TextDelta, TurnFailed, TurnFinished, TurnOutput, TurnRequest
+from server.turns import (
+    AudioSegment,
+    HistoryCleared,
+    OutputCallback,
+    TextDelta,
+    TurnFailed,
+    TurnFinished,
+    TurnOutput,
+    TurnRequest,
+)
 from tts.sentences import SentenceChunker
 from tts.silence import trim_leading_silence
 from tts.synthesizer import CHUNK_SIZE, FIRST_SENTENCE_CHUNK_SIZE, Synthesizer
@@ -39,6 +48,10 @@ def resolve_checkpoint(settings: ServerSettings) -> tuple[Path, bool]:
     if settings.checkpoint is not None:
         return settings.checkpoint, False
     return ensure_tiny_checkpoint(settings.cache_dir), True
+
+
+class ConversationFull(Exception):
+    """The engine refused a turn before its first token: the conversation no longer fits."""
 
 
 class TurnTask:
@@ -157,6 +170,12 @@ class ModelWorker:
     def _open(self, session_id: str, system_prompt: str | None) -> None:
         self._conversations[session_id] = self.assistant.new_conversation(system_prompt)
 
+    def _restart_conversation(self, session_id: str) -> None:
+        """Forget the history (engine cache included) but keep the session's system prompt."""
+        system_prompt = self._conversations[session_id].system_prompt
+        self.engine.end_session(session_id)
+        self._conversations[session_id] = self.assistant.new_conversation(system_prompt)
+
     def _reset(self, session_id: str, system_prompt: str | None) -> None:
         self._close(session_id)
         self._open(session_id, system_prompt)
@@ -188,7 +207,13 @@ class ModelWorker:
         sentences: asyncio.Queue[str | None] = asyncio.Queue()
         speaker = self._loop.create_task(self._speak(sentences, emit)) if request.generation.speak else None
         try:
-            text, state = await self._generate_reply(request, emit, sentences)
+            try:
+                text, state = await self._generate_reply(request, emit, sentences)
+            except ConversationFull as exc:
+                log.info("conversation_full session=%s detail=%r", request.session_id, str(exc))
+                self._restart_conversation(request.session_id)
+                emit(HistoryCleared())
+                text, state = await self._generate_reply(request, emit, sentences)
             sentences.put_nowait(None)
             synthesis_s, samples = await speaker if speaker is not None else (0.0, 0)
             emit(TurnFinished(text=text, state=state, synthesis_seconds=synthesis_s, audio_samples=samples))
@@ -233,6 +258,10 @@ class ModelWorker:
                     return "", "not_addressed"
                 if delta:
                     publish(delta)
+        except ValueError as exc:  # before any token, only the engine's "does not fit" refusal
+            if token_ids:
+                raise
+            raise ConversationFull(str(exc)) from exc
         finally:  # whatever the engine yielded is part of the conversation, even if cancelled
             self.assistant.end_reply(conversation, token_ids)
         tail = reply.flush()

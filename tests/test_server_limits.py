@@ -7,7 +7,9 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 import websockets
 
 from server.background import BackgroundServer
@@ -82,3 +84,31 @@ async def test_a_model_that_cannot_load_is_reported_not_ready(tmp_path: Path) ->
             assert (error["code"], error["fatal"]) == ("not_ready", True)
     finally:
         server.stop()
+
+
+async def test_a_conversation_outgrowing_the_context_restarts_and_the_turn_is_answered(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    settings = ServerSettings(max_sessions=1, max_context_tokens=512, cache_dir=tmp_path)
+    hello, rate = sf.read("/work/shared/audio/en_hello.wav", dtype="int16")
+    utterance = np.concatenate([hello, np.zeros(rate, dtype=np.int16)]).tobytes()
+    generation = {"respect_not_addressed": False, "temperature": 0.0, "max_new_tokens": 16, "speak": False}
+    with BackgroundServer(settings, tiny_checkpoint) as server:
+        async with websockets.connect(server.ws_url) as ws:
+            await ws.send(json.dumps({"type": "session.start", "sample_rate": rate, "generation": generation}))
+            await ws.recv()
+            events: list[dict] = []
+            for _ in range(12):  # each turn adds audio + reply tokens to the 512-token cache
+                await ws.send(utterance)
+                while (event := json.loads(await asyncio.wait_for(ws.recv(), 30)))["type"] != "response.done":
+                    events.append(event)
+                events.append(event)
+                if any(e["type"] == "session.cleared" for e in events):
+                    break
+    kinds = [e["type"] for e in events]
+    assert "error" not in kinds
+    cleared = kinds.index("session.cleared")
+    assert events[cleared] == {"type": "session.cleared", "reason": "context_full"}
+    assert cleared > kinds.index("response.done")  # earlier turns were answered in the old conversation
+    assert kinds[cleared - 1] == "response.started" and kinds[-1] == "response.done"
+    assert events[-1]["text"]  # the turn that did not fit is answered after the restart
