@@ -7,7 +7,6 @@ worker, whose outputs come back through ``_on_output`` on this loop.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import time
 import uuid
@@ -15,9 +14,8 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
-
 from server.audio_input import InputAudioConverter, InvalidAudio
+from server.images import decode_image
 from server.metrics import ServerMetrics
 from server.outgoing import OutgoingQueue
 from server.protocol import (
@@ -65,7 +63,7 @@ log = logging.getLogger("vita.session")
 
 VIDEO_WINDOW_S = 1.0
 MAX_VIDEO_FRAMES = 4
-MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_BUFFERED_FRAMES = 30  # a second of 30 fps video; older ones fall out of the window anyway
 
 
 @dataclass
@@ -94,7 +92,7 @@ class Session:
         self.generation = GenerationSettings()
         self._converter: InputAudioConverter | None = None
         self._detector: vad.TurnDetector | None = None
-        self._frames: deque[tuple[float, Image.Image]] = deque()
+        self._frames: deque[tuple[float, bytes]] = deque(maxlen=MAX_BUFFERED_FRAMES)
         self._active: ActiveResponse | None = None
         self._last_response_id = 0
         self._playing_id: int | None = None  # the reply being generated or played, until interrupted
@@ -184,9 +182,9 @@ class Session:
             self._detector = vad.TurnDetector(self.vad_settings)
 
     async def _take_frame(self, data: bytes) -> None:
-        image = await asyncio.to_thread(decode_image, data)
+        await asyncio.to_thread(decode_image, data)  # refuse a bad image now, not at the turn
         now = time.monotonic()
-        self._frames.append((now, image))
+        self._frames.append((now, data))
         while self._frames and self._frames[0][0] < now - VIDEO_WINDOW_S:
             self._frames.popleft()
 
@@ -226,7 +224,7 @@ class Session:
             assert isinstance(event, vad.SpeechDiscarded)
             self.send(SpeechDiscarded(audio_ms=event.audio_ms, duration_ms=event.duration_ms))
 
-    def _recent_frames(self, now: float) -> list[Image.Image]:
+    def _recent_frames(self, now: float) -> list[bytes]:
         recent = [image for t, image in self._frames if t >= now - VIDEO_WINDOW_S]
         if len(recent) <= MAX_VIDEO_FRAMES:
             return recent
@@ -338,16 +336,3 @@ class Session:
             active.handle.cancel()
         if self.started:
             self.runner.close_session(self.session_id)
-
-
-def decode_image(data: bytes) -> Image.Image:
-    """JPEG/PNG bytes -> RGB image, or ``ProtocolError`` for anything else."""
-    try:
-        image = Image.open(io.BytesIO(data))
-        if image.format not in ("JPEG", "PNG"):
-            raise ProtocolError(ErrorCode.INVALID_IMAGE, f"image format {image.format} is not JPEG or PNG")
-        if image.width * image.height > MAX_IMAGE_PIXELS:
-            raise ProtocolError(ErrorCode.INVALID_IMAGE, f"image of {image.width}x{image.height} is too large")
-        return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ProtocolError(ErrorCode.INVALID_IMAGE, f"not a readable JPEG/PNG image: {exc}") from None

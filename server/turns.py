@@ -6,19 +6,17 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal, Protocol
 
 import numpy as np
-from PIL import Image
-
 from server.protocol import GenerationSettings
 
 
 @dataclass(frozen=True)
 class TurnRequest:
-    """One user utterance (16 kHz int16) with the camera frames of its last second."""
+    """One user utterance (16 kHz int16) with the camera frames (JPEG/PNG) of its last second."""
 
     session_id: str
     response_id: int
     audio_16k: np.ndarray
-    frames: list[Image.Image] = field(default_factory=list)
+    frames: list[bytes] = field(default_factory=list)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
 

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
+from server.images import decode_image
 from server.protocol import GenerationSettings
 from server.settings import ServerSettings
 from server.turns import (
@@ -233,7 +234,8 @@ class ModelWorker:
         the session turned ``respect_not_addressed`` off.
         """
         conversation = self._conversations[request.session_id]
-        embeds = self.assistant.turn_embeddings(conversation, audio_16k=request.audio_16k, frames=request.frames)
+        frames = [decode_image(data) for data in request.frames]
+        embeds = self.assistant.turn_embeddings(conversation, audio_16k=request.audio_16k, frames=frames)
         reply = ReplyTextStream(self.assistant.tokenizer)
         chunker = SentenceChunker()
         text = ""
