@@ -11,7 +11,8 @@ from server.protocol import GenerationSettings
 
 @dataclass(frozen=True)
 class TurnRequest:
-    """One user utterance (16 kHz int16) with the camera frames (JPEG/PNG) of its last second."""
+    """One user utterance (16 kHz mono int16, as the VAD cut it) with the camera frames (JPEG/PNG)
+    of its last second."""
 
     session_id: str
     response_id: int

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from server.images import decode_image
 from server.protocol import GenerationSettings
 from server.settings import ServerSettings
@@ -235,11 +236,11 @@ class ModelWorker:
         """
         conversation = self._conversations[request.session_id]
         frames = [decode_image(data) for data in request.frames]
-        embeds = self.assistant.turn_embeddings(conversation, audio_16k=request.audio_16k, frames=frames)
+        waveform = request.audio_16k.astype(np.float32) / 32768.0  # the encoder takes floats in [-1, 1]
+        embeds = self.assistant.turn_embeddings(conversation, audio_16k=waveform, frames=frames)
         reply = ReplyTextStream(self.assistant.tokenizer)
         chunker = SentenceChunker()
         text = ""
-        token_ids: list[int] = []
 
         def silenced() -> bool:
             return reply.state is ReplyState.NOT_ADDRESSED and request.generation.respect_not_addressed
@@ -253,7 +254,6 @@ class ModelWorker:
 
         try:
             async for token_id in self.engine.generate(request.session_id, embeds, sampling_params(request.generation)):
-                token_ids.append(token_id)
                 delta = reply.push(token_id)
                 if silenced():
                     self.engine.cancel(request.session_id)
@@ -261,11 +261,11 @@ class ModelWorker:
                 if delta:
                     publish(delta)
         except ValueError as exc:  # before any token, only the engine's "does not fit" refusal
-            if token_ids:
+            if reply.token_ids:
                 raise
             raise ConversationFull(str(exc)) from exc
         finally:  # whatever the engine yielded is part of the conversation, even if cancelled
-            self.assistant.end_reply(conversation, token_ids)
+            self.assistant.end_reply(conversation, reply.token_ids)
         tail = reply.flush()
         if silenced():
             return "", "not_addressed"

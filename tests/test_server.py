@@ -23,7 +23,12 @@ from PIL import Image
 from server.background import BackgroundServer
 from server.client import ClientResult, stream_audio
 from server.protocol import AUDIO_HEADER, OUTPUT_SAMPLE_RATE, decode_audio_segment
+from server.protocol import VadSettings
 from server.settings import ServerSettings
+from server.vad import SpeechEnd, TurnDetector
+from vita.assistant import VitaAssistant
+from vita.generate import ReplyTextStream, generate_text
+from vita.sampling import SamplingParams
 
 AUDIO = Path("/work/shared/audio")
 REPLY_SETTINGS = {"generation": {"respect_not_addressed": False, "temperature": 0.0, "max_new_tokens": 24}}
@@ -384,3 +389,20 @@ def test_health_ready_metrics_and_page(server: BackgroundServer) -> None:
         assert name in metrics
     page = server.get_text("/")
     assert page == (Path(__file__).resolve().parent.parent / "web" / "index.html").read_text()
+
+
+async def test_reply_equals_the_reference_pipeline_on_the_same_utterance(
+    server: BackgroundServer, tiny_checkpoint: Path
+) -> None:
+    """Greedy reply through websocket, VAD, worker and engine == plain single-stream generation on
+    the utterance the VAD cuts, encoded by the assistant directly (floats in [-1, 1])."""
+    hello, rate = clip("en_hello")
+    result = await stream_audio(server.ws_url, hello, rate, speed=4, session_update=REPLY_SETTINGS, expected_turns=1)
+
+    detector = TurnDetector(VadSettings())
+    utterance = next(e for e in detector.feed(np.concatenate([hello, silence(1.5)])) if isinstance(e, SpeechEnd))
+    assistant = VitaAssistant.load(tiny_checkpoint)
+    embeds = assistant.turn_embeddings(assistant.new_conversation(), audio_16k=utterance.audio / 32768.0)
+    params = SamplingParams(temperature=0.0, max_tokens=REPLY_SETTINGS["generation"]["max_new_tokens"])
+    expected = "".join(generate_text(assistant.model, ReplyTextStream(assistant.tokenizer), embeds, params))
+    assert expected and result.turns[0].text == expected
