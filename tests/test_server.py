@@ -391,18 +391,44 @@ def test_health_ready_metrics_and_page(server: BackgroundServer) -> None:
     assert page == (Path(__file__).resolve().parent.parent / "web" / "index.html").read_text()
 
 
+@pytest.fixture(scope="module")
+def assistant(tiny_checkpoint: Path) -> VitaAssistant:
+    return VitaAssistant.load(tiny_checkpoint)
+
+
+def reference_reply(assistant: VitaAssistant, client_audio: np.ndarray, frames: list[Image.Image] = ()) -> str:
+    """Greedy reply of plain single-stream generation on the utterance the VAD cuts from
+    ``client_audio`` (16 kHz), encoded by the assistant directly (floats in [-1, 1])."""
+    detector = TurnDetector(VadSettings())
+    utterance = next(e for e in detector.feed(client_audio) if isinstance(e, SpeechEnd))
+    embeds = assistant.turn_embeddings(
+        assistant.new_conversation(), audio_16k=utterance.audio / 32768.0, frames=list(frames)
+    )
+    params = SamplingParams(temperature=0.0, max_tokens=REPLY_SETTINGS["generation"]["max_new_tokens"])
+    return "".join(generate_text(assistant.model, ReplyTextStream(assistant.tokenizer), embeds, params))
+
+
 async def test_reply_equals_the_reference_pipeline_on_the_same_utterance(
-    server: BackgroundServer, tiny_checkpoint: Path
+    server: BackgroundServer, assistant: VitaAssistant
 ) -> None:
-    """Greedy reply through websocket, VAD, worker and engine == plain single-stream generation on
-    the utterance the VAD cuts, encoded by the assistant directly (floats in [-1, 1])."""
+    """Websocket, VAD, worker and engine add nothing to what the model is asked."""
     hello, rate = clip("en_hello")
     result = await stream_audio(server.ws_url, hello, rate, speed=4, session_update=REPLY_SETTINGS, expected_turns=1)
-
-    detector = TurnDetector(VadSettings())
-    utterance = next(e for e in detector.feed(np.concatenate([hello, silence(1.5)])) if isinstance(e, SpeechEnd))
-    assistant = VitaAssistant.load(tiny_checkpoint)
-    embeds = assistant.turn_embeddings(assistant.new_conversation(), audio_16k=utterance.audio / 32768.0)
-    params = SamplingParams(temperature=0.0, max_tokens=REPLY_SETTINGS["generation"]["max_new_tokens"])
-    expected = "".join(generate_text(assistant.model, ReplyTextStream(assistant.tokenizer), embeds, params))
+    expected = reference_reply(assistant, np.concatenate([hello, silence(1.5)]))
     assert expected and result.turns[0].text == expected
+
+
+async def test_camera_frames_reach_the_model(server: BackgroundServer, assistant: VitaAssistant) -> None:
+    hello, rate = clip("en_hello")
+    colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (250, 250, 250)]
+    async with websockets.connect(server.ws_url, max_size=None) as ws:
+        await ws.send(json.dumps({"type": "session.start", "sample_rate": rate, **REPLY_SETTINGS}))
+        await receive_json(ws)
+        for color in colors:
+            await ws.send(json.dumps({"type": "video.frame", "image": png(color)}))
+        await ws.send(np.concatenate([hello, silence(1.0)]).tobytes())
+        events, _ = await collect_until_done(ws)
+    frames = [Image.open(io.BytesIO(base64.b64decode(png(color)))) for color in colors]
+    with_frames = reference_reply(assistant, np.concatenate([hello, silence(1.0)]), frames)
+    assert events[-1]["text"] == with_frames
+    assert with_frames != reference_reply(assistant, np.concatenate([hello, silence(1.0)]))  # frames matter
