@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from PIL import Image
 from server.images import decode_image
 from server.protocol import GenerationSettings
 from server.settings import ServerSettings
@@ -43,6 +44,8 @@ log = logging.getLogger("vita.worker")
 
 TTS_DIR_NAME = "vita_tts_ckpt"
 STOP_TIMEOUT_S = 10.0
+WARM_UP_SESSION = "warm-up"
+WARM_UP_CODES = 60  # 1.5 s of audio: one full codec chunk with its padding
 
 
 def resolve_checkpoint(settings: ServerSettings) -> tuple[Path, bool]:
@@ -115,11 +118,11 @@ class ModelWorker:
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self._loop)
-        self._loop.call_soon(self._load)
+        self._loop.create_task(self._start_up())
         self._loop.run_forever()
         self._loop.close()
 
-    def _load(self) -> None:
+    async def _start_up(self) -> None:
         try:
             started = time.perf_counter()
             self.assistant = VitaAssistant.load(self.checkpoint, device=self.settings.device)
@@ -129,6 +132,7 @@ class ModelWorker:
             if self.engine.use_graphs:  # capture now: a capture racing TTS kernels of the other thread fails
                 self.engine.capture_graphs()
             self.synthesizer = Synthesizer.load(self.checkpoint / TTS_DIR_NAME, device=self.settings.device)
+            await self._warm_up()
             self.ready = True
             log.info("model_loaded checkpoint=%s tiny=%s seconds=%.1f", self.checkpoint, self.is_tiny,
                      time.perf_counter() - started)
@@ -137,6 +141,18 @@ class ModelWorker:
             log.exception("model_load_failed")
         finally:
             self._loaded.set()
+
+    async def _warm_up(self) -> None:
+        """One quiet turn with one frame through every model, so the first user does not pay for
+        lazy initialisation and a checkpoint that cannot answer fails before /readyz says ready."""
+        noise = np.random.default_rng(0).normal(0.0, 1e-3, 16_000).astype(np.float32)
+        frame = Image.new("RGB", (448, 448))
+        embeds = self.assistant.turn_embeddings(self.assistant.new_conversation(), audio_16k=noise, frames=[frame])
+        async for _ in self.engine.generate(WARM_UP_SESSION, embeds, SamplingParams(max_tokens=2)):
+            pass
+        self.engine.end_session(WARM_UP_SESSION)
+        for _ in self.synthesizer.synthesize(self.assistant.speech_embeddings("hello."), max_tokens=WARM_UP_CODES):
+            pass
 
     async def _shutdown(self) -> None:
         turns = list(self._turns.values())
