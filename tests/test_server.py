@@ -34,6 +34,10 @@ AUDIO = Path("/work/shared/audio")
 REPLY_SETTINGS = {"generation": {"respect_not_addressed": False, "temperature": 0.0, "max_new_tokens": 24}}
 
 
+def replies_of(max_new_tokens: int) -> dict:
+    return {"generation": {**REPLY_SETTINGS["generation"], "max_new_tokens": max_new_tokens}}
+
+
 def clip(name: str) -> tuple[np.ndarray, int]:
     audio, rate = sf.read(AUDIO / f"{name}.wav", dtype="int16")
     return audio, rate
@@ -92,10 +96,8 @@ async def test_two_utterances_get_two_replies(server: BackgroundServer) -> None:
     """The user waits for each reply to be played (as the client estimates it) before speaking."""
     hello, rate = clip("en_hello")
     describe, _ = clip("en_describe")
-    short_replies = {"generation": {**REPLY_SETTINGS["generation"], "max_new_tokens": 6}}
     async with websockets.connect(server.ws_url, max_size=None) as ws:
-        await ws.send(json.dumps({"type": "session.start", "sample_rate": rate, **short_replies}))
-        await receive_json(ws)
+        await start_session(ws, rate, replies_of(6))
         replies = []
         for utterance in (hello, describe):
             await ws.send(np.concatenate([utterance, silence(1.0)]).tobytes())
@@ -116,8 +118,7 @@ async def test_speaking_over_a_reply_still_playing_interrupts_it(server: Backgro
     """Generation is over but the client is still playing the audio: barge-in stops that too."""
     hello, rate = clip("en_hello")
     async with websockets.connect(server.ws_url, max_size=None) as ws:
-        await ws.send(json.dumps({"type": "session.start", "sample_rate": rate, **REPLY_SETTINGS}))
-        await receive_json(ws)
+        await start_session(ws, rate)
         for _ in range(5):  # the tiny TTS makes random lengths: until a reply lasts >= 1.5 s
             await ws.send(np.concatenate([hello, silence(1.0)]).tobytes())
             events, _ = await collect_until_done(ws)
@@ -138,10 +139,8 @@ async def test_speaking_over_a_reply_still_playing_interrupts_it(server: Backgro
 async def test_barge_in_interrupts_the_reply_and_stops_its_audio(server: BackgroundServer) -> None:
     hello, rate = clip("en_hello")
     describe, _ = clip("en_describe")
-    long_reply = {"generation": {**REPLY_SETTINGS["generation"], "max_new_tokens": 400}}
     async with websockets.connect(server.ws_url, max_size=None) as ws:
-        await ws.send(json.dumps({"type": "session.start", "sample_rate": rate, **long_reply}))
-        await receive_json(ws)
+        await start_session(ws, rate, replies_of(400))
         await ws.send(np.concatenate([hello, silence(1.0)]).tobytes())
         while not isinstance(await asyncio.wait_for(ws.recv(), 30), bytes):
             pass  # until reply 1 is speaking
@@ -246,8 +245,7 @@ async def test_vad_update_mid_utterance_applies_to_the_next_one(server: Backgrou
     hello, rate = clip("en_hello")
     half = len(hello) // 2
     async with websockets.connect(server.ws_url, max_size=None) as ws:
-        await ws.send(json.dumps({"type": "session.start", "sample_rate": rate, **REPLY_SETTINGS}))
-        await receive_json(ws)
+        await start_session(ws, rate)
         await ws.send(hello[:half].tobytes())
         assert (await receive_json(ws))["type"] == "vad.speech_started"
         await ws.send(json.dumps({"type": "session.update", "vad": {"hangover_ms": 200, "min_speech_ms": 0}}))
@@ -263,6 +261,11 @@ async def test_vad_update_mid_utterance_applies_to_the_next_one(server: Backgrou
             "vad.speech_started", "vad.speech_stopped"
         ]
         assert next(e for e in events if e["type"] == "vad.speech_stopped")["duration_ms"] < 3_000  # split now
+
+
+async def start_session(ws: websockets.ClientConnection, rate: int, settings: dict = REPLY_SETTINGS) -> None:
+    await ws.send(json.dumps({"type": "session.start", "sample_rate": rate, **settings}))
+    assert (await receive_json(ws))["type"] == "session.ready"
 
 
 def png(color: tuple[int, int, int]) -> str:
@@ -286,8 +289,7 @@ async def collect_until_done(ws: websockets.ClientConnection, timeout: float = 6
 async def test_recent_camera_frames_join_the_turn_and_reset_clears_them(server: BackgroundServer) -> None:
     hello, rate = clip("en_hello")
     async with websockets.connect(server.ws_url, max_size=None) as ws:
-        await ws.send(json.dumps({"type": "session.start", "sample_rate": rate, **REPLY_SETTINGS}))
-        assert (await receive_json(ws))["type"] == "session.ready"
+        await start_session(ws, rate)
         for color in [(255, 0, 0), (0, 255, 0), (0, 0, 255), (9, 9, 9), (200, 200, 0), (0, 90, 90)]:
             await ws.send(json.dumps({"type": "video.frame", "image": png(color)}))
         await ws.send(np.concatenate([hello, silence(1.0)]).tobytes())  # all within a second
@@ -313,9 +315,7 @@ async def test_recent_camera_frames_join_the_turn_and_reset_clears_them(server: 
 async def test_response_cancel_stops_the_reply(server: BackgroundServer) -> None:
     hello, rate = clip("en_hello")
     async with websockets.connect(server.ws_url, max_size=None) as ws:
-        long_reply = {"generation": {**REPLY_SETTINGS["generation"], "max_new_tokens": 400}}
-        await ws.send(json.dumps({"type": "session.start", "sample_rate": rate, **long_reply}))
-        await receive_json(ws)
+        await start_session(ws, rate, replies_of(400))
         await ws.send(np.concatenate([hello, silence(1.0)]).tobytes())
         while True:
             message = await asyncio.wait_for(ws.recv(), 30)
@@ -339,8 +339,7 @@ async def test_slow_reader_gets_bounded_queue_and_a_drop_notice(tiny_checkpoint:
         tiny_window.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: small TCP window
         tiny_window.connect(("127.0.0.1", small.port))
         async with websockets.connect(small.ws_url, sock=tiny_window, max_size=None, max_queue=1) as ws:
-            big_reply = {"generation": {**REPLY_SETTINGS["generation"], "max_new_tokens": 120}}
-            await ws.send(json.dumps({"type": "session.start", "sample_rate": rate, **big_reply}))
+            await ws.send(json.dumps({"type": "session.start", "sample_rate": rate, **replies_of(120)}))
             await ws.send(np.concatenate([hello, silence(1.0)]).tobytes())
             for _ in range(600):  # not reading while the whole reply is produced
                 await asyncio.sleep(0.1)
@@ -363,7 +362,7 @@ async def test_early_disconnects_leave_the_server_healthy(server: BackgroundServ
     async with websockets.connect(server.ws_url) as ws:  # gone before session.start
         pass
     async with websockets.connect(server.ws_url) as ws:  # gone in the middle of a reply
-        await ws.send(json.dumps({"type": "session.start", "sample_rate": rate, **REPLY_SETTINGS}))
+        await start_session(ws, rate)
         await ws.send(np.concatenate([hello, silence(1.0)]).tobytes())
         while (await receive_json(ws))["type"] != "response.started":
             pass
@@ -422,8 +421,7 @@ async def test_camera_frames_reach_the_model(server: BackgroundServer, assistant
     hello, rate = clip("en_hello")
     colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (250, 250, 250)]
     async with websockets.connect(server.ws_url, max_size=None) as ws:
-        await ws.send(json.dumps({"type": "session.start", "sample_rate": rate, **REPLY_SETTINGS}))
-        await receive_json(ws)
+        await start_session(ws, rate)
         for color in colors:
             await ws.send(json.dumps({"type": "video.frame", "image": png(color)}))
         await ws.send(np.concatenate([hello, silence(1.0)]).tobytes())
