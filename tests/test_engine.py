@@ -57,8 +57,8 @@ def make_engine(model, **overrides) -> Engine:
     return Engine(*model, **(options | overrides))
 
 
-async def collect(engine: Engine, session_id: str, embeds: torch.Tensor, params=GREEDY) -> list[int]:
-    return [token async for token in engine.generate(session_id, embeds, params)]
+async def collect(engine: Engine, session_id: str, embeds: torch.Tensor, params=GREEDY, prefix=None) -> list[int]:
+    return [token async for token in engine.generate(session_id, embeds, params, prefix)]
 
 
 async def test_concurrent_sessions_match_reference_greedy(model):
@@ -166,14 +166,74 @@ async def test_single_token_turns_keep_the_conversation_consistent(model):
     await engine.close()
 
 
-async def test_shared_prefix_equals_full_prefill(model):
+async def test_named_prefixes_are_prefilled_once_and_equal_full_prefill(model):
     engine = make_engine(model)
-    system, user_a, user_b = prompt(model, 19, seed=50), prompt(model, 5, seed=51), prompt(model, 8, seed=52)
-    engine.set_shared_prefix(system)
-    a, b = await asyncio.gather(collect(engine, "a", user_a), collect(engine, "b", user_b))
+    system_x, system_y = prompt(model, 19, seed=50), prompt(model, 13, seed=53)
+    users = {sid: prompt(model, n, seed=51 + i) for i, (sid, n) in enumerate((("a", 5), ("b", 8), ("c", 6)))}
+    engine.register_prefix("x", system_x)
+    engine.register_prefix("y", system_y)
+    assert engine.prefilled_tokens == 19 + 13
+    assert (engine.prefix_length("x"), engine.prefix_length("y"), engine.prefix_length("z")) == (19, 13, None)
+    processed = []
+    hook = model[0].register_forward_pre_hook(lambda _, args: processed.append(args[0].shape[:2].numel()))
+    try:
+        a, b, c = await asyncio.gather(
+            collect(engine, "a", users["a"], prefix="x"),
+            collect(engine, "b", users["b"], prefix="y"),
+            collect(engine, "c", users["c"], prefix="x"),
+        )
+        follow_up = prompt(model, 4, seed=54)
+        a2 = await collect(engine, "a", follow_up)
+    finally:
+        hook.remove()
+        await engine.close()
+    assert a == reference_greedy(model, torch.cat([system_x, users["a"]]), 12)
+    assert b == reference_greedy(model, torch.cat([system_y, users["b"]]), 12)
+    assert c == reference_greedy(model, torch.cat([system_x, users["c"]]), 12)
+    assert a2 == reference_greedy(model, torch.cat([system_x, users["a"], token_embeds(model, a), follow_up]), 12)
+    # only the turns themselves were prefilled: 5 + 8 + 6, then the last reply token + 4
+    assert engine.prefilled_tokens == 19 + 13 + 5 + 8 + 6 + 1 + 4
+    decode_steps = len(a) - 1 + len(b) - 1 + len(c) - 1 + len(a2) - 1
+    assert sum(processed) == 5 + 8 + 6 + 1 + 4 + decode_steps  # the counter is what the model ran
+
+
+async def test_prefix_misuse_is_refused_and_old_prefixes_are_forgotten(model):
+    engine = make_engine(model, max_prefixes=2)
+    for i, key in enumerate("pqr"):
+        engine.register_prefix(key, prompt(model, 4 + i, seed=55 + i))
+        if key == "q":
+            await collect(engine, "uses-p", prompt(model, 2, seed=58), prefix="p")  # p is now the newest
+    assert (engine.prefix_length("p"), engine.prefix_length("q"), engine.prefix_length("r")) == (4, None, 6)
+    with pytest.raises(KeyError):
+        await collect(engine, "a", prompt(model, 3, seed=59), prefix="q")
+    with pytest.raises(RuntimeError):
+        await collect(engine, "uses-p", prompt(model, 3, seed=59), prefix="p")  # not its first turn
+    with pytest.raises(ValueError):
+        await collect(engine, "b", prompt(model, engine.max_len - 5, seed=60), prefix="r")  # 6 + 123 > 128
+    with pytest.raises(ValueError):
+        engine.register_prefix("too-long", prompt(model, engine.max_len, seed=61))
+    # refused turns took no slot: three sessions still fit beside "uses-p"
+    embeds = prompt(model, 3, seed=62)
+    for sid in ("c", "d", "e"):
+        assert await collect(engine, sid, embeds, prefix="r") == reference_greedy(
+            model, torch.cat([prompt(model, 6, seed=57), embeds]), 12
+        )
     await engine.close()
-    assert a == reference_greedy(model, torch.cat([system, user_a]), 12)
-    assert b == reference_greedy(model, torch.cat([system, user_b]), 12)
+
+
+async def test_a_first_turn_cancelled_before_its_first_token_forgets_the_session(model):
+    engine = make_engine(model, max_sessions=1)
+    system, user = prompt(model, 10, seed=63), prompt(model, 30, seed=64)
+    engine.register_prefix("s", system)
+    stream = engine.generate("a", user, GREEDY, prefix="s")
+    first = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0)
+    engine.cancel("a")
+    with pytest.raises(StopAsyncIteration):
+        await first
+    retry = prompt(model, 7, seed=65)
+    assert await collect(engine, "b", retry, prefix="s") == reference_greedy(model, torch.cat([system, retry]), 12)
+    await engine.close()
 
 
 async def test_turn_stops_when_cache_is_full_and_oversized_turns_are_refused(model):

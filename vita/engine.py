@@ -4,7 +4,9 @@ One background task on the caller's event loop runs *steps*. A step prefills up 
 ``prefill_chunk`` new tokens (one or more chunks of waiting sessions; everything waiting when
 no session is decoding) and then decodes one token for every session that is generating, all
 in one batch. Each session owns a cache slot for its whole conversation, so a new turn only
-prefills its new tokens. On CUDA the decode forward is replayed from CUDA graphs captured per
+prefills its new tokens. Named prefixes (a system prompt) are prefilled once and kept as
+compact key/value copies (the few most recently used); a session that starts from one gets
+those copied into its slot and prefills only what follows. On CUDA the decode forward is replayed from CUDA graphs captured per
 (batch bucket, attended-length bucket); prefill runs eagerly.
 
 All public methods must be called from the thread running the engine's event loop (another
@@ -15,6 +17,7 @@ engine between steps.
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -35,6 +38,7 @@ class _Request:
     params: SamplingParams
     start_length: int  # cache length before this turn
     start_pending: int | None
+    opens_session: bool  # the session's first turn: dropping it forgets the session
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     prefilled: int = 0
     tokens: list[int] = field(default_factory=list)  # sampled so far
@@ -44,6 +48,18 @@ class _Request:
     @property
     def prompt_end(self) -> int:
         return self.start_length + self.embeds.shape[0]
+
+
+@dataclass
+class _Prefix:
+    """Keys and values of a prefilled prefix, per layer ``[length, kv_heads, head_dim]``."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[0]
 
 
 @dataclass
@@ -98,6 +114,7 @@ class Engine:
         dtype: torch.dtype,
         stop_token_ids: Iterable[int],
         prefill_chunk: int = 256,
+        max_prefixes: int = 4,
         seed: int = 0,
         cuda_graphs: bool | None = None,
     ):
@@ -108,8 +125,10 @@ class Engine:
         self.max_len = max_len
         self.stop_token_ids = frozenset(stop_token_ids)
         self.prefill_chunk = prefill_chunk
+        self.max_prefixes = max_prefixes
+        self.prefilled_tokens = 0  # every token a prefill forward has processed, prefixes included
         self.padding_slot = max_sessions
-        self.prefix_slot = max_sessions + 1
+        self.prefix_slot = max_sessions + 1  # where prefixes are computed before being copied out
         self.cache = KVCache(model_core.config, max_sessions + 2, max_len, self.device, dtype)
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
@@ -119,20 +138,23 @@ class Engine:
         self._free_slots = list(range(max_sessions))
         self._prefill_queue: list[_Session] = []
         self._decoding: list[_Session] = []
-        self._prefix_len = 0
+        self._prefixes: OrderedDict[str, _Prefix] = OrderedDict()  # least recently used first
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
 
     # ----------------------------------------------------------------- public API
 
-    async def generate(self, session_id: str, new_embeds: torch.Tensor, params: SamplingParams) -> AsyncIterator[int]:
+    async def generate(
+        self, session_id: str, new_embeds: torch.Tensor, params: SamplingParams, prefix: str | None = None
+    ) -> AsyncIterator[int]:
         """Append ``new_embeds [T, hidden]`` to the session's conversation and stream sampled token ids.
 
-        Ends after a stop token, ``params.max_tokens`` tokens, a full cache, or ``cancel``. The
+        ``prefix`` names a registered prefix the conversation starts from; only a session's first
+        turn may give one (``KeyError`` if unknown, ``RuntimeError`` if the session exists). Ends after a stop token, ``params.max_tokens`` tokens, a full cache, or ``cancel``. The
         conversation keeps exactly the tokens this iterator yielded (the last one included); leaving
         the iterator early cancels the turn.
         """
-        request = self._submit(session_id, new_embeds, params)
+        request = self._submit(session_id, new_embeds, params, prefix)
         received_all = False
         try:
             while (item := await request.queue.get()) is not _FINISHED:
@@ -151,7 +173,8 @@ class Engine:
     def cancel(self, session_id: str) -> None:
         """Stop the session's current turn now, keeping only the tokens already yielded.
 
-        A turn cancelled before yielding anything leaves the conversation as it was before it.
+        A turn cancelled before yielding anything leaves the conversation as it was before it (a
+        first turn: no session at all).
         """
         session = self._sessions.get(session_id)
         if session is None or session.request is None:
@@ -160,6 +183,8 @@ class Engine:
         self._finish(session)
         if request.consumed == 0:
             session.length, session.pending = request.start_length, request.start_pending
+            if request.opens_session:
+                self._release(session_id)
         else:
             session.length = request.prompt_end + request.consumed - 1
             session.pending = request.tokens[request.consumed - 1]
@@ -170,19 +195,33 @@ class Engine:
     def end_session(self, session_id: str) -> None:
         """Forget the conversation and free its cache slot."""
         self.cancel(session_id)
-        session = self._sessions.pop(session_id, None)
-        if session is not None:
-            self._free_slots.append(session.slot)
+        self._release(session_id)
 
-    def set_shared_prefix(self, embeds: torch.Tensor) -> None:
-        """Prefill ``embeds [P, hidden]`` (e.g. the system prompt) once; new sessions start from a copy."""
-        if embeds.shape[0] > self.max_len:
-            raise ValueError(f"shared prefix of {embeds.shape[0]} tokens exceeds max_len {self.max_len}")
+    def register_prefix(self, key: str, embeds: torch.Tensor) -> None:
+        """Prefill ``embeds [P, hidden]`` (e.g. a system prompt) once under ``key``.
+
+        Sessions that start with ``prefix=key`` copy its keys and values. Only the
+        ``max_prefixes`` most recently used prefixes are kept; registering more forgets the oldest.
+        """
+        if not 0 < embeds.shape[0] < self.max_len:
+            raise ValueError(f"a prefix needs 1 to {self.max_len - 1} tokens, got {embeds.shape[0]}")
         with torch.inference_mode():
             embeds = embeds.to(self.device, self.cache.k[0].dtype)
             for start in range(0, embeds.shape[0], self.prefill_chunk):
                 self._forward_chunk(self.prefix_slot, start, embeds[start : start + self.prefill_chunk])
-        self._prefix_len = embeds.shape[0]
+        length = embeds.shape[0]
+        self._prefixes[key] = _Prefix(
+            keys=[k[self.prefix_slot, :length].clone() for k in self.cache.k],
+            values=[v[self.prefix_slot, :length].clone() for v in self.cache.v],
+        )
+        self._prefixes.move_to_end(key)
+        while len(self._prefixes) > self.max_prefixes:
+            self._prefixes.popitem(last=False)
+
+    def prefix_length(self, key: str) -> int | None:
+        """Tokens of the registered prefix ``key``; None if it is not (or no longer) registered."""
+        prefix = self._prefixes.get(key)
+        return prefix.length if prefix is not None else None
 
     def capture_graphs(self) -> None:
         """Capture every decode graph up front (otherwise each is captured on first use)."""
@@ -201,31 +240,55 @@ class Engine:
 
     # ----------------------------------------------------------------- requests
 
-    def _submit(self, session_id: str, new_embeds: torch.Tensor, params: SamplingParams) -> _Request:
+    def _submit(
+        self, session_id: str, new_embeds: torch.Tensor, params: SamplingParams, prefix_key: str | None
+    ) -> _Request:
         session = self._sessions.get(session_id)
         if session is not None and session.request is not None and not session.request.done:
             raise RuntimeError(f"session {session_id!r} is already generating")
-        if session is None:
-            if not self._free_slots:
-                raise RuntimeError(f"all {self.max_sessions} session slots are in use")
-            session = _Session(slot=min(self._free_slots))
-            self._free_slots.remove(session.slot)
-            if self._prefix_len:
-                self.cache.copy_slot(self.prefix_slot, session.slot, self._prefix_len)
-                session.length = self._prefix_len
-            self._sessions[session_id] = session
+        if session is not None and prefix_key is not None:
+            raise RuntimeError(f"session {session_id!r} has started: only its first turn may name a prefix")
+        prefix = self._use_prefix(prefix_key) if prefix_key is not None else None
         embeds = new_embeds.to(self.device, self.cache.k[0].dtype)
-        if session.pending is not None:
+        if session is not None and session.pending is not None:
             with torch.inference_mode():
                 last = self.model.embed_tokens(torch.tensor([session.pending], device=self.device))
             embeds = torch.cat([last.to(embeds.dtype), embeds])
-        if embeds.shape[0] == 0 or session.length + embeds.shape[0] > self.max_len:
-            raise ValueError(f"turn of {embeds.shape[0]} tokens does not fit after {session.length} cached tokens")
-        session.request = _Request(embeds, params, session.length, session.pending)
+        cached = session.length if session is not None else prefix.length if prefix is not None else 0
+        if embeds.shape[0] == 0 or cached + embeds.shape[0] > self.max_len:
+            raise ValueError(f"turn of {embeds.shape[0]} tokens does not fit after {cached} cached tokens")
+        opens_session = session is None
+        if opens_session:
+            session = self._open_session(session_id, prefix)
+        session.request = _Request(embeds, params, session.length, session.pending, opens_session)
         session.pending = None
         self._prefill_queue.append(session)
         self._ensure_loop()
         return session.request
+
+    def _use_prefix(self, key: str) -> _Prefix:
+        if key not in self._prefixes:
+            raise KeyError(f"no prefix registered as {key!r}")
+        self._prefixes.move_to_end(key)
+        return self._prefixes[key]
+
+    def _open_session(self, session_id: str, prefix: _Prefix | None) -> _Session:
+        """Take a free slot for a new session, holding a copy of ``prefix`` if given."""
+        if not self._free_slots:
+            raise RuntimeError(f"all {self.max_sessions} session slots are in use")
+        session = _Session(slot=min(self._free_slots))
+        self._free_slots.remove(session.slot)
+        if prefix is not None:
+            for store, saved in zip(self.cache.k + self.cache.v, prefix.keys + prefix.values):
+                store[session.slot, : prefix.length] = saved
+            session.length = prefix.length
+        self._sessions[session_id] = session
+        return session
+
+    def _release(self, session_id: str) -> None:
+        session = self._sessions.pop(session_id, None)
+        if session is not None:
+            self._free_slots.append(session.slot)
 
     def _deliver(self, session: _Session, token: int) -> None:
         request = session.request
@@ -320,6 +383,7 @@ class Engine:
         positions = torch.arange(start, start + embeds.shape[0], device=self.device)[None]
         slots = torch.tensor([slot], device=self.device)
         kv_len = self._kv_bucket(start + embeds.shape[0])
+        self.prefilled_tokens += embeds.shape[0]
         return self.model(embeds[None], positions, self.cache, slots, kv_len)
 
     def _decode_logits(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, kv_len: int) -> torch.Tensor:
