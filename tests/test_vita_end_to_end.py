@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +14,14 @@ from transformers import AutoTokenizer
 
 from tts.synthesizer import Synthesizer
 from vita.assistant import VitaAssistant
+from vita.engine import Engine
 from vita.generate import ReplyTextStream, generate_ids, generate_text
 from vita.prompt import (
     SYSTEM_PROMPTS,
     Conversation,
     ReplyState,
     parse_reply_state,
+    system_block,
     user_content,
 )
 from vita.sampling import SamplingParams
@@ -274,17 +277,78 @@ def test_speech_embeddings_are_token_embeddings_reshaped_for_the_tts(
 async def test_engine_conversation_matches_a_no_cache_recompute(
     assistant: VitaAssistant, hello_wave: np.ndarray
 ) -> None:
-    """Two turns through the engine; the cache then holds turn 1, every reply id, turn 2."""
+    """Two turns through the engine, once from the system prompt's prefix and once prefilling the
+    whole first turn; the cache then holds turn 1, every reply id, turn 2."""
     engine = assistant.make_engine(max_sessions=2, max_len=1024)
-    conversation = assistant.new_conversation()
+    from_prefix, full = assistant.new_conversation(), assistant.new_conversation()
     stop_ids = assistant.tokenizer.stop_ids
-    first = assistant.turn_embeddings(conversation, text="Hello there")
-    first_reply = [token async for token in engine.generate("s", first, GREEDY)]
-    assert first_reply == no_cache_greedy(assistant.model, first, REPLY_TOKENS, stop_ids)
-    assistant.end_reply(conversation, first_reply)
-    second = assistant.turn_embeddings(conversation, audio_16k=hello_wave)
-    second_reply = [token async for token in engine.generate("s", second, GREEDY)]
-    with torch.inference_mode():
-        history = torch.cat([first, assistant.model.model.embed_tokens(torch.tensor(first_reply)), second])
-    assert second_reply == no_cache_greedy(assistant.model, history, REPLY_TOKENS, stop_ids)
+    history = None
+    for turn in ({"text": "Hello there"}, {"audio_16k": hello_wave}):
+        embeds, prefix = assistant.engine_turn(engine, from_prefix, **turn)
+        assert prefix == (SYSTEM_PROMPTS["audio"] if history is None else None)
+        full_embeds = assistant.turn_embeddings(full, **turn)
+        reply, full_reply = await asyncio.gather(
+            collect(engine, "prefix", embeds, prefix), collect(engine, "full", full_embeds)
+        )
+        history = full_embeds if history is None else torch.cat([history, full_embeds])
+        assert reply == full_reply == no_cache_greedy(assistant.model, history, REPLY_TOKENS, stop_ids)
+        assistant.end_reply(from_prefix, reply)
+        assistant.end_reply(full, full_reply)
+        with torch.inference_mode():
+            history = torch.cat([history, assistant.model.model.embed_tokens(torch.tensor(reply))])
+    await engine.close()
+
+
+async def collect(engine: Engine, session_id: str, embeds: torch.Tensor, prefix: str | None = None) -> list[int]:
+    return [token async for token in engine.generate(session_id, embeds, GREEDY, prefix)]
+
+
+async def test_each_system_prompt_is_prefilled_once_per_engine(
+    assistant: VitaAssistant, tiny_checkpoint: Path
+) -> None:
+    reference_tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    custom = "You are a pirate. Answer in rhymes."
+    engine = assistant.make_engine(max_sessions=3, max_len=1024)
+    stop_ids = assistant.tokenizer.stop_ids
+    for session_id, system_prompt in (("a", None), ("pirate", custom), ("b", None)):
+        conversation = assistant.new_conversation(system_prompt)
+        known = engine.prefix_length(conversation.system_prompt) is not None
+        before = engine.prefilled_tokens
+        embeds, prefix = assistant.engine_turn(engine, conversation, text="hi")
+        reply = await collect(engine, session_id, embeds, prefix)
+
+        system_tokens = len(reference_tokenizer(system_block(conversation.system_prompt)).input_ids)
+        assert engine.prefix_length(prefix) == system_tokens
+        assert engine.prefilled_tokens - before == (0 if known else system_tokens) + embeds.shape[0]
+        full = assistant.turn_embeddings(assistant.new_conversation(system_prompt), text="hi")
+        assert full.shape[0] == system_tokens + embeds.shape[0]
+        torch.testing.assert_close(full[system_tokens:], embeds, rtol=0, atol=0)
+        assert reply == no_cache_greedy(assistant.model, full, REPLY_TOKENS, stop_ids)
+    assert [engine.prefix_length(key) is not None for key in (SYSTEM_PROMPTS["audio"], custom)] == [True, True]
+    await engine.close()
+
+
+async def test_reset_and_dropped_first_turns_start_again_from_the_prefix(assistant: VitaAssistant) -> None:
+    engine = assistant.make_engine(max_sessions=1, max_len=1024)
+    stop_ids = assistant.tokenizer.stop_ids
+    conversation = assistant.new_conversation()
+    embeds, prefix = assistant.engine_turn(engine, conversation, text="this turn is dropped")
+    stream = engine.generate("s", embeds, GREEDY, prefix)
+    first_token = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0)
+    engine.cancel("s")
+    with pytest.raises(StopAsyncIteration):
+        await first_token
+    assistant.end_reply(conversation, [])
+
+    for system_prompt in (None, "You are a pirate."):  # the dropped turn's retry, then a reset
+        if system_prompt is not None:
+            engine.end_session("s")
+            conversation = assistant.new_conversation(system_prompt)
+        embeds, prefix = assistant.engine_turn(engine, conversation, text="Hello there")
+        assert prefix == conversation.system_prompt
+        reply = await collect(engine, "s", embeds, prefix)
+        full = assistant.turn_embeddings(assistant.new_conversation(system_prompt), text="Hello there")
+        assert reply == no_cache_greedy(assistant.model, full, REPLY_TOKENS, stop_ids)
+        assistant.end_reply(conversation, reply)
     await engine.close()

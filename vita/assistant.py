@@ -3,6 +3,10 @@
 A turn is the user's speech (16 kHz), optional camera frames and optional text. Frames are
 attached as a short video: up to `MAX_VIDEO_FRAMES`, evenly spaced, one 448 px tile (256
 tokens) each, before the audio in the user message.
+
+Through an engine, a conversation's system block is an engine prefix: prefilled once per
+distinct system prompt (the engine keeps the few most recently used) and copied into each new
+session, so the first turn only brings the tokens after it.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -21,11 +26,18 @@ from vita.config import VitaConfig
 from vita.engine import Engine
 from vita.image_tiles import frames_to_tiles, sample_frames
 from vita.model import VitaQwen2ForCausalLM
-from vita.prompt import SYSTEM_PROMPTS, Conversation, user_content
+from vita.prompt import SYSTEM_PROMPTS, Conversation, system_block, user_content
 from vita.tokenizer import VitaTokenizer
 
 MAX_VIDEO_FRAMES = 4
 TTS_DECODER_CONFIG = Path("vita_tts_ckpt") / "decoder" / "model.json"
+
+
+class EngineTurn(NamedTuple):
+    """A turn as `Engine.generate` takes it: embeddings of the new tokens and the prefix to start from."""
+
+    embeds: torch.Tensor  # [T, hidden]
+    prefix: str | None  # key of the engine prefix (a first turn's system block), else None
 
 
 @dataclass
@@ -84,14 +96,51 @@ class VitaAssistant:
         frames: Sequence[Image.Image] = (),
         text: str | None = None,
     ) -> torch.Tensor:
-        """Embeddings `[T, hidden]` of the turn's new tokens only; records the turn in `conv`."""
+        """Embeddings `[T, hidden]` of the turn's new tokens only (the first turn's include the
+        system block); records the turn in `conv`."""
+        return self._embed_turn(conv, audio_16k, frames, text, skip_system_block=False)
+
+    def engine_turn(
+        self,
+        engine: Engine,
+        conv: Conversation,
+        *,
+        audio_16k: np.ndarray | None = None,
+        frames: Sequence[Image.Image] = (),
+        text: str | None = None,
+    ) -> EngineTurn:
+        """`turn_embeddings` for `engine`: a first turn starts from the engine prefix of the
+        conversation's system block (registered on first use, keyed by the system prompt) and
+        brings only the tokens after it."""
+        first_turn = conv.turns == 0
+        embeds = self._embed_turn(conv, audio_16k, frames, text, skip_system_block=first_turn)
+        if not first_turn:
+            return EngineTurn(embeds, None)
+        key = conv.system_prompt
+        if engine.prefix_length(key) is None:
+            engine.register_prefix(key, self.model.splice_embeddings(self.tokenizer.encode(system_block(key))))
+        return EngineTurn(embeds, key)
+
+    def _embed_turn(
+        self,
+        conv: Conversation,
+        audio_16k: np.ndarray | None,
+        frames: Sequence[Image.Image],
+        text: str | None,
+        skip_system_block: bool,
+    ) -> torch.Tensor:
+        """Encode the turn's media, record the turn in `conv` and embed its text (on a first turn
+        without the system block if `skip_system_block`)."""
         if audio_16k is None and not frames and not text:
             raise ValueError("a turn needs audio, frames or text")
         video = sample_frames(list(frames), min_frames=1, max_frames=MAX_VIDEO_FRAMES)
         image_features = self.model.encode_images(frames_to_tiles(video)) if video else None
         audio_features = [self.model.encode_audio(audio_16k)] if audio_16k is not None else []
         content = user_content(len(video), audio=audio_16k is not None, text=text)
-        ids = self.tokenizer.encode_with_placeholders(conv.next_turn_text(content))
+        turn_text = conv.next_turn_text(content)
+        if skip_system_block:
+            turn_text = turn_text.removeprefix(system_block(conv.system_prompt))
+        ids = self.tokenizer.encode_with_placeholders(turn_text)
         return self.model.splice_embeddings(ids, image_features, audio_features)
 
     def end_reply(self, conv: Conversation, token_ids: Sequence[int]) -> None:
