@@ -54,7 +54,8 @@ def summarize(clients: int, results: list[ClientResult | BaseException], wall_s:
     return {
         "clients": clients,
         "turns_done": len(done),
-        "turns_unfinished": len(turns) - len(done),
+        "turns_interrupted": sum(t.done is None and t.interrupted for t in turns),  # barge-in: next utterance
+        "turns_unfinished": sum(t.done is None and not t.interrupted for t in turns),
         "failed_clients": sum(isinstance(r, BaseException) for r in results),
         "errors": sum(len(r.of_type("error")) for r in results if isinstance(r, ClientResult)),
         "wall_s": round(wall_s, 2),
@@ -85,13 +86,15 @@ def fmt(stats: dict[str, float | None]) -> str:
 
 
 def table(levels: list[dict[str, Any]]) -> str:
-    header = (f"{'clients':>7} {'turns':>5} {'err':>3}  {'client text ms':>16} {'client audio ms':>16}  "
+    header = (f"{'clients':>7} {'turns':>5} {'cut':>3} {'err':>3}  {'client text ms':>16} {'client audio ms':>16}  "
               f"{'server text ms':>16} {'server audio ms':>16}  {'tts rtf p50':>11}")
-    rows = [header, "(latencies p50/p90/max from end of speech)"]
+    rows = [header, "(turns = replies done, cut = interrupted by the next utterance, err = errors or unfinished;"
+                    " latencies p50/p90/max from end of speech)"]
     for level in levels:
         rtf = level["tts_real_time_factor"]["p50"]
         rows.append(
-            f"{level['clients']:>7} {level['turns_done']:>5} {level['errors'] + level['failed_clients']:>3}  "
+            f"{level['clients']:>7} {level['turns_done']:>5} {level['turns_interrupted']:>3} "
+            f"{level['errors'] + level['failed_clients'] + level['turns_unfinished']:>3}  "
             f"{fmt(level['client_first_text_ms']):>16} {fmt(level['client_first_audio_ms']):>16}  "
             f"{fmt(level['server_first_text_ms']):>16} {fmt(level['server_first_audio_ms']):>16}  "
             f"{'-' if rtf is None else f'{rtf:.3f}':>11}"
