@@ -147,8 +147,9 @@ class ModelWorker:
         lazy initialisation and a checkpoint that cannot answer fails before /readyz says ready."""
         noise = np.random.default_rng(0).normal(0.0, 1e-3, 16_000).astype(np.float32)
         frame = Image.new("RGB", (448, 448))
-        embeds = self.assistant.turn_embeddings(self.assistant.new_conversation(), audio_16k=noise, frames=[frame])
-        async for _ in self.engine.generate(WARM_UP_SESSION, embeds, SamplingParams(max_tokens=2)):
+        conversation = self.assistant.new_conversation()  # also prefills the default system prompt once
+        embeds, prefix = self.assistant.engine_turn(self.engine, conversation, audio_16k=noise, frames=[frame])
+        async for _ in self.engine.generate(WARM_UP_SESSION, embeds, SamplingParams(max_tokens=2), prefix):
             pass
         self.engine.end_session(WARM_UP_SESSION)
         for _ in self.synthesizer.synthesize(self.assistant.speech_embeddings("hello."), max_tokens=WARM_UP_CODES):
@@ -253,7 +254,7 @@ class ModelWorker:
         conversation = self._conversations[request.session_id]
         frames = [decode_image(data) for data in request.frames]
         waveform = request.audio_16k.astype(np.float32) / 32768.0  # the encoder takes floats in [-1, 1]
-        embeds = self.assistant.turn_embeddings(conversation, audio_16k=waveform, frames=frames)
+        embeds, prefix = self.assistant.engine_turn(self.engine, conversation, audio_16k=waveform, frames=frames)
         reply = ReplyTextStream(self.assistant.tokenizer)
         chunker = SentenceChunker()
         text = ""
@@ -269,7 +270,8 @@ class ModelWorker:
                 sentences.put_nowait(sentence)
 
         try:
-            async for token_id in self.engine.generate(request.session_id, embeds, sampling_params(request.generation)):
+            params = sampling_params(request.generation)
+            async for token_id in self.engine.generate(request.session_id, embeds, params, prefix):
                 delta = reply.push(token_id)
                 if silenced():
                     self.engine.cancel(request.session_id)
