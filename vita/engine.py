@@ -6,8 +6,9 @@ no session is decoding) and then decodes one token for every session that is gen
 in one batch. Each session owns a cache slot for its whole conversation, so a new turn only
 prefills its new tokens. Named prefixes (a system prompt) are prefilled once and kept as
 compact key/value copies (the few most recently used); a session that starts from one gets
-those copied into its slot and prefills only what follows. On CUDA the decode forward is replayed from CUDA graphs captured per
-(batch bucket, attended-length bucket); prefill runs eagerly.
+those copied into its slot and prefills only what follows. On CUDA the decode forward is
+replayed from CUDA graphs captured per (batch bucket, attended-length bucket); prefill runs
+eagerly.
 
 All public methods must be called from the thread running the engine's event loop (another
 thread uses ``loop.call_soon_threadsafe``); a step never yields mid-way, so they always see the
@@ -149,10 +150,11 @@ class Engine:
     ) -> AsyncIterator[int]:
         """Append ``new_embeds [T, hidden]`` to the session's conversation and stream sampled token ids.
 
-        ``prefix`` names a registered prefix the conversation starts from; only a session's first
-        turn may give one (``KeyError`` if unknown, ``RuntimeError`` if the session exists). Ends after a stop token, ``params.max_tokens`` tokens, a full cache, or ``cancel``. The
+        Ends after a stop token, ``params.max_tokens`` tokens, a full cache, or ``cancel``. The
         conversation keeps exactly the tokens this iterator yielded (the last one included); leaving
-        the iterator early cancels the turn.
+        the iterator early cancels the turn. ``prefix`` names a registered prefix the conversation
+        starts from; only a session's first turn may give one (``KeyError`` if unknown,
+        ``RuntimeError`` if the session exists).
         """
         request = self._submit(session_id, new_embeds, params, prefix)
         received_all = False
