@@ -88,12 +88,6 @@ class KVCache:
         """Keys and values of the first ``kv_len`` positions of each slot: ``[B, kv_heads, kv_len, head_dim]``."""
         return self.k[layer][slot_ids, :kv_len].transpose(1, 2), self.v[layer][slot_ids, :kv_len].transpose(1, 2)
 
-    def copy_slot(self, src: int, dst: int, length: int) -> None:
-        """Copy the first ``length`` positions of slot ``src`` into slot ``dst`` (all layers)."""
-        for k, v in zip(self.k, self.v):
-            k[dst, :length] = k[src, :length]
-            v[dst, :length] = v[src, :length]
-
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned scale (statistics in fp32)."""
