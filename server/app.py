@@ -106,7 +106,7 @@ async def read_loop(websocket: WebSocket, session: Session, idle_timeout_s: floa
     while True:
         try:
             message = await asyncio.wait_for(websocket.receive(), idle_timeout_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11 on
             session.send_error(ErrorCode.IDLE_TIMEOUT, f"no message for {idle_timeout_s:g} s", fatal=True)
             return
         except (WebSocketDisconnect, RuntimeError):
