@@ -10,7 +10,9 @@ import asyncio
 import base64
 import io
 import json
+import re
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +24,7 @@ from PIL import Image
 
 from server.background import BackgroundServer
 from server.client import ClientResult, stream_audio
-from server.protocol import AUDIO_HEADER, OUTPUT_SAMPLE_RATE, decode_audio_segment
-from server.protocol import VadSettings
+from server.protocol import AUDIO_HEADER, OUTPUT_SAMPLE_RATE, VadSettings, decode_audio_segment
 from server.settings import ServerSettings
 from server.vad import SpeechEnd, TurnDetector
 from vita.assistant import VitaAssistant
@@ -114,20 +115,32 @@ async def test_two_utterances_get_two_replies(server: BackgroundServer) -> None:
         assert len(audio) == done["audio_segments"]
 
 
+async def receive_reply_and_playback_end(ws: websockets.ClientConnection) -> tuple[dict, float]:
+    """The reply's last event, and when a client playing its audio as it arrives would finish."""
+    playback_end = 0.0
+    while True:
+        message = await asyncio.wait_for(ws.recv(), 60)
+        now = time.monotonic()
+        if isinstance(message, bytes):
+            playback_end = max(playback_end, now) + (len(message) - AUDIO_HEADER.size) / 2 / OUTPUT_SAMPLE_RATE
+        elif (event := json.loads(message))["type"] in ("response.done", "response.interrupted"):
+            return event, playback_end
+
+
 async def test_speaking_over_a_reply_still_playing_interrupts_it(server: BackgroundServer) -> None:
     """Generation is over but the client is still playing the audio: barge-in stops that too."""
     hello, rate = clip("en_hello")
     async with websockets.connect(server.ws_url, max_size=None) as ws:
         await start_session(ws, rate)
-        for _ in range(5):  # the tiny TTS makes random lengths: until a reply lasts >= 1.5 s
+        for _ in range(5):  # the tiny TTS makes random lengths: until a second or more is left to play
             await ws.send(np.concatenate([hello, silence(1.0)]).tobytes())
-            events, _ = await collect_until_done(ws)
-            done = events[-1]
-            if done["type"] == "response.done" and done["timings"]["audio_ms"] >= 1_500:
+            done, playback_end = await receive_reply_and_playback_end(ws)
+            assert done["type"] == "response.done"
+            if playback_end - time.monotonic() >= 1.0:
                 break
-            await asyncio.sleep(done["timings"]["audio_ms"] / 1000 + 0.2)  # a short one: let it play out
+            await asyncio.sleep(max(0.0, playback_end - time.monotonic()) + 0.3)  # let it play out
         else:
-            pytest.fail("no reply of 1.5 s or more in 5 tries")
+            pytest.fail("no reply with a second left to play in 5 tries")
         await ws.send(hello.tobytes())
         events = [await receive_json(ws) for _ in range(2)]
     assert events == [
@@ -331,6 +344,11 @@ async def test_response_cancel_stops_the_reply(server: BackgroundServer) -> None
         assert json.loads(message)["code"] == "no_response"
 
 
+def metric(server: BackgroundServer, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} (\S+)$", server.get_text("/metrics"), re.MULTILINE)
+    return float(match[1]) if match else 0.0
+
+
 async def test_slow_reader_gets_bounded_queue_and_a_drop_notice(tiny_checkpoint: Path, tmp_path: Path) -> None:
     settings = ServerSettings(max_sessions=2, outgoing_audio_limit_s=0.25, cache_dir=tmp_path)
     hello, rate = clip("en_hello")
@@ -340,21 +358,24 @@ async def test_slow_reader_gets_bounded_queue_and_a_drop_notice(tiny_checkpoint:
         tiny_window.connect(("127.0.0.1", small.port))
         async with websockets.connect(small.ws_url, sock=tiny_window, max_size=None, max_queue=1) as ws:
             await ws.send(json.dumps({"type": "session.start", "sample_rate": rate, **replies_of(120)}))
-            await ws.send(np.concatenate([hello, silence(1.0)]).tobytes())
-            for _ in range(600):  # not reading while the whole reply is produced
-                await asyncio.sleep(0.1)
-                if 'vita_turns_total{outcome="answer"} 1.0' in small.get_text("/metrics"):
+            for turn in range(1, 6):  # random reply lengths: until one outgrows the buffers
+                await ws.send(np.concatenate([hello, silence(1.0)]).tobytes())
+                for _ in range(600):  # not reading while the whole reply is produced
+                    await asyncio.sleep(0.1)
+                    if metric(small, 'vita_turns_total{outcome="answer"}') == turn:
+                        break
+                if metric(small, "vita_audio_dropped_segments_total") > 0:
                     break
+                done, playback_end = await receive_reply_and_playback_end(ws)  # short: read it, play it out
+                await asyncio.sleep(max(0.0, playback_end - time.monotonic()) + 0.3)
             events, audio = await collect_until_done(ws)
-            dropped = [e for e in events if e["type"] == "response.audio.dropped"]
-            done = events[-1]
-            assert done["type"] == "response.done"
-            assert dropped and dropped[0]["segments"] > 0
-            received = len(audio)
-            assert received + sum(d["segments"] for d in dropped) == done["audio_segments"]
-            samples = sum((len(a) - AUDIO_HEADER.size) // 2 for a in audio)
-            assert samples + sum(d["samples"] for d in dropped) == round(done["timings"]["audio_ms"] * 24)
-        assert "vita_audio_dropped_segments_total" in small.get_text("/metrics")
+    dropped = [e for e in events if e["type"] == "response.audio.dropped"]
+    done = events[-1]
+    assert done["type"] == "response.done"
+    assert dropped and dropped[0]["segments"] > 0
+    assert len(audio) + sum(d["segments"] for d in dropped) == done["audio_segments"]
+    samples = sum((len(a) - AUDIO_HEADER.size) // 2 for a in audio)
+    assert samples + sum(d["samples"] for d in dropped) == round(done["timings"]["audio_ms"] * 24)
 
 
 async def test_early_disconnects_leave_the_server_healthy(server: BackgroundServer) -> None:
