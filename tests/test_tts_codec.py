@@ -1,5 +1,6 @@
 """TiCodec decoder: loading, weight-norm folding, output length, locality of each code."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from tts.codec import TiCodec
-from tts.tiny_checkpoint import write_tiny_tts_checkpoint
+from tts.tiny_checkpoint import tiny_codec_config, write_tiny_tts_checkpoint
 from tts.weights import WeightMismatchError, fold_weight_norm
 
 
@@ -44,16 +45,43 @@ def test_output_is_600_samples_per_code_in_unit_range(codec):
         assert audio.std() > 1e-3
 
 
-def test_a_code_only_changes_audio_within_the_receptive_field(codec):
+def resblock2_codec() -> TiCodec:
+    """A variant with ResBlock2, 2 code groups x 2 residual layers (4 codes per frame)."""
+    config = dataclasses.replace(tiny_codec_config(), resblock="2", resblock_kernel_sizes=(3, 7),
+                                 resblock_dilation_sizes=((1, 3), (1, 3)), n_code_groups=2, residul_layer=2)
+    torch.manual_seed(0)
+    return TiCodec(config).eval()
+
+
+@pytest.mark.parametrize("variant", ["tiny", "resblock2"])
+def test_a_code_only_changes_audio_within_the_receptive_field(codec, variant):
+    codec = codec if variant == "tiny" else resblock2_codec()
     reach = codec.generator.receptive_field_frames()
-    codes = torch.randint(0, codec.config.n_codes, (1, 4 * reach))
+    per_frame = codec.config.codes_per_frame
+    codes = torch.randint(0, codec.config.n_codes, (1, 4 * reach, per_frame))
     changed = codes.clone()
     j = 2 * reach
-    changed[0, j] = (codes[0, j] + 1) % codec.config.n_codes
-    diff = (codec.decode(codes) - codec.decode(changed))[0].abs()
+    changed[0, j, per_frame - 1] = (codes[0, j, per_frame - 1] + 1) % codec.config.n_codes
+    audio = codec.decode(codes)
+    assert audio.shape == (1, 4 * reach * 600)
+    diff = (audio - codec.decode(changed))[0].abs()
     assert diff[: (j - reach) * 600].max() == 0
     assert diff[(j + reach + 1) * 600 :].max() == 0
     assert diff[j * 600 : (j + 1) * 600].max() > 0
+
+
+def test_multi_code_frames_sum_residual_layers_of_grouped_codebooks():
+    codec = resblock2_codec()
+    codes = torch.randint(0, codec.config.n_codes, (2, 5, 4))
+    q = codec.quantizer
+    books = [q.quantizer_modules, q.quantizer_modules2]
+    expected = sum(
+        torch.cat([books[layer][g].embedding.weight[codes[..., 2 * layer + g]] for g in range(2)], dim=-1)
+        for layer in range(2)
+    ).transpose(1, 2)
+    torch.testing.assert_close(q.embed(codes), expected)
+    with pytest.raises(ValueError, match="expected 4 codes per frame"):
+        codec.decode(codes[..., :1])
 
 
 def test_global_tokens_change_the_voice(codec):

@@ -53,10 +53,11 @@ class Synthesizer:
 
     @classmethod
     def load(cls, tts_dir: Path, device: str = "cpu", dtype: torch.dtype | None = None) -> "Synthesizer":
-        """Load `tts_dir/{decoder,codec}`; the decoder runs in `dtype` (default bf16 on CUDA, else
-        float32), the codec in float32."""
+        """Load `tts_dir/{decoder,codec}`; the decoder runs in `dtype` (default bf16 on CUDA where
+        supported, as upstream, else float32), the codec in float32."""
         if dtype is None:
-            dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+            cuda_bf16 = torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported()
+            dtype = torch.bfloat16 if cuda_bf16 else torch.float32
         tts_dir = Path(tts_dir)
         decoder = LLM2TTSCodecAR.load(tts_dir / "decoder", device=device, dtype=dtype)
         codec = TiCodec.load(tts_dir / "codec", device=device)
