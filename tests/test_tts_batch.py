@@ -89,3 +89,9 @@ def test_a_dropped_unstarted_stream_is_cancelled(decoder):
     assert batch.open_streams == 0
     assert list(open_stream(batch, *REQUESTS[1])) == alone(decoder, REQUESTS[1])
     assert batch.cache.slots == 1
+
+
+def test_rejects_empty_budgets(decoder):
+    for bad in ({"max_tokens": 0}, {"top_k": 0}):
+        with pytest.raises(ValueError, match="at least 1"):
+            DecoderBatch(decoder).generate(text(3, 0), **bad)

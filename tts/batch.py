@@ -60,6 +60,8 @@ class DecoderBatch:
     ) -> Iterator[int]:
         """Queue `text_embeddings` [T, idim]; the iterator yields its codec tokens until eos or
         `max_tokens` draws. `generator` is a CPU generator; it makes this stream's draws reproducible."""
+        if max_tokens < 1 or top_k < 1:
+            raise ValueError("max_tokens and top_k must be at least 1")
         stream = Stream(text_embeddings, top_k, max_tokens, generator)
         self.queued.append(stream)
         tokens = self._tokens(stream)
