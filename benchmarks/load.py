@@ -32,7 +32,7 @@ from server.worker import resolve_checkpoint
 
 MAX_CLIENTS = 64
 MAX_DURATION_S = 600.0
-DEFAULT_WAV = Path("/work/shared/audio/en_hello.wav")
+DEFAULT_WAV = Path(__file__).resolve().parents[2] / "shared" / "audio" / "en_hello.wav"  # shared/ beside the checkout
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:

@@ -16,8 +16,9 @@ from vita.checkpoint import INDEX_FILE, CheckpointError, load_model, main
 from vita.config import AUDIO_ENCODER_DIR, VISION_TOWER_DIR, VitaConfig
 from vita.model import VitaQwen2ForCausalLM
 from vita.tiny_checkpoint import SEED, ensure_tiny_checkpoint, random_state_dict
+from shared_data import AUDIO
 
-HELLO_WAV = Path("/work/shared/audio/en_hello.wav")
+HELLO_WAV = AUDIO / "en_hello.wav"
 SHARD_1 = "model-00001-of-00002.safetensors"
 SHARD_2 = "model-00002-of-00002.safetensors"
 

@@ -21,9 +21,10 @@ import soundfile as sf
 import websockets
 
 from vita.tiny_checkpoint import TINY_CHECKPOINT_VERSION
+from shared_data import AUDIO
 
 REPO = Path(__file__).resolve().parent.parent
-HELLO = Path("/work/shared/audio/en_hello.wav")
+HELLO = AUDIO / "en_hello.wav"
 
 
 def free_port() -> int:

@@ -13,9 +13,9 @@ from vita.checkpoint import build_on_meta, state_shapes
 from vita.config import VitaConfig
 from vita.model import VitaQwen2ForCausalLM
 from vita.tokenizer import AUDIO_TOKEN_INDEX, IMAGE_TOKEN_INDEX
+from shared_data import REFERENCE_TSV
 
-REFERENCE_TSV = Path("/work/shared/reference/vita15_state_dict.tsv")
-# Component totals from /work/shared/reference/README.md ("Parameter totals").
+# Component totals from shared/reference/README.md ("Parameter totals").
 COMPONENT_TOTALS = {
     "llm": (339, 7_615_616_512),
     "model.vision_tower.vision_tower.": (340, 304_012_288),

@@ -30,8 +30,8 @@ from server.vad import SpeechEnd, TurnDetector
 from vita.assistant import VitaAssistant
 from vita.generate import ReplyTextStream, generate_text
 from vita.sampling import SamplingParams
+from shared_data import AUDIO
 
-AUDIO = Path("/work/shared/audio")
 REPLY_SETTINGS = {"generation": {"respect_not_addressed": False, "temperature": 0.0, "max_new_tokens": 24}}
 
 

@@ -14,6 +14,7 @@ import websockets
 
 from server.background import BackgroundServer
 from server.settings import ServerSettings
+from shared_data import AUDIO
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,7 @@ async def test_a_conversation_outgrowing_the_context_restarts_and_the_turn_is_an
     tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
     settings = ServerSettings(max_sessions=1, max_context_tokens=512, cache_dir=tmp_path)
-    hello, rate = sf.read("/work/shared/audio/en_hello.wav", dtype="int16")
+    hello, rate = sf.read(AUDIO / "en_hello.wav", dtype="int16")
     utterance = np.concatenate([hello, np.zeros(rate, dtype=np.int16)]).tobytes()
     generation = {"respect_not_addressed": False, "temperature": 0.0, "max_new_tokens": 16, "speak": False}
     with BackgroundServer(settings, tiny_checkpoint) as server:

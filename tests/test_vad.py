@@ -12,8 +12,8 @@ import soundfile as sf
 
 from server.protocol import VadSettings
 from server.vad import SpeechDiscarded, SpeechEnd, SpeechStart, TurnDetector, VadEvent
+from shared_data import AUDIO
 
-AUDIO = Path("/work/shared/audio")
 RATE = 16_000
 FRAME_MS = 30
 

@@ -34,8 +34,8 @@ from vita.intern_vit import (
     build_mm_projector,
     pixel_shuffle,
 )
+from shared_data import REFERENCE_TSV
 
-REFERENCE_TSV = Path("/work/shared/reference/vita15_state_dict.tsv")
 TOWER_PREFIX = "model.vision_tower."
 PROJECTOR_PREFIX = "model.mm_projector."
 LLM_HIDDEN = 3584

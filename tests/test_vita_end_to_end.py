@@ -26,8 +26,9 @@ from vita.prompt import (
 )
 from vita.sampling import SamplingParams
 from vita.tokenizer import AUDIO_TOKEN_INDEX, IMAGE_TOKEN_INDEX, VitaTokenizer
+from shared_data import AUDIO
 
-HELLO_WAV = Path("/work/shared/audio/en_hello.wav")
+HELLO_WAV = AUDIO / "en_hello.wav"
 REPLY_TOKENS = 10
 GREEDY = SamplingParams(temperature=0.0, max_tokens=REPLY_TOKENS)
 

@@ -32,12 +32,13 @@ from server.background import BackgroundServer
 from server.protocol import OUTPUT_SAMPLE_RATE, decode_audio_segment
 from server.settings import ServerSettings
 from server.worker import ModelWorker
+from shared_data import AUDIO
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 
 CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
-SPEECH_WAV = Path("/work/shared/audio/en_hello.wav")  # 16 kHz mono int16 speech
+SPEECH_WAV = AUDIO / "en_hello.wav"  # 16 kHz mono int16 speech
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",

@@ -28,9 +28,9 @@ from vita.whale import (
     sinusoid_positions,
     write_global_cmvn,
 )
+from shared_data import AUDIO, REFERENCE_TSV
 
-AUDIO = Path("/work/shared/audio")
-TSV = Path("/work/shared/reference/vita15_state_dict.tsv")
+TSV = REFERENCE_TSV
 PREFIX = "model.audio_encoder."
 
 
