@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
     parser.add_argument("--cache-dir", type=Path, help="where the tiny checkpoint is generated")
     parser.add_argument("--host")
     parser.add_argument("--port", type=int)
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 ...")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default auto: cuda when available)")
     parser.add_argument("--max-sessions", type=int)
     parser.add_argument("--idle-timeout-s", type=float)
     parser.add_argument("--ssl-certfile", type=Path)
@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
 def banner(settings: ServerSettings, checkpoint: Path, is_tiny: bool) -> str:
     scheme = "https" if settings.ssl_certfile else "http"
     lines = [
-        f"vita-server on {scheme}://{settings.host}:{settings.port}/ (websocket /ws), device {settings.device}",
+        f"vita-server on {scheme}://{settings.host}:{settings.port}/ (websocket /ws), device {settings.resolved_device()}",
         f"checkpoint: {checkpoint}",
     ]
     if is_tiny:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import torch
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -18,7 +19,7 @@ class ServerSettings(BaseSettings):
 
     checkpoint: Path | None = Field(None, description="VITA-1.5 folder; None = tiny random checkpoint")
     cache_dir: Path = Field(Path.home() / ".cache" / "vita-realtime", description="tiny checkpoint cache")
-    device: str = "cpu"
+    device: str = Field("auto", description="cpu, cuda, cuda:1 ...; auto = cuda when available")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65_535)
     ssl_certfile: Path | None = None
@@ -33,3 +34,9 @@ class ServerSettings(BaseSettings):
     log_format: Literal["json", "kv"] = "kv"
     log_level: str = "INFO"
     shutdown_grace_s: float = Field(5.0, ge=0, description="time given to open sessions on shutdown")
+
+    def resolved_device(self) -> str:
+        """The torch device to run on: ``auto`` picks CUDA when it is available."""
+        if self.device != "auto":
+            return self.device
+        return "cuda" if torch.cuda.is_available() else "cpu"

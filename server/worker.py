@@ -125,13 +125,13 @@ class ModelWorker:
     async def _start_up(self) -> None:
         try:
             started = time.perf_counter()
-            self.assistant = VitaAssistant.load(self.checkpoint, device=self.settings.device)
+            self.assistant = VitaAssistant.load(self.checkpoint, device=self.settings.resolved_device())
             self.engine = self.assistant.make_engine(
                 max_sessions=self.settings.max_sessions, max_len=self.settings.max_context_tokens
             )
             if self.engine.use_graphs:  # capture now: a capture racing TTS kernels of the other thread fails
                 self.engine.capture_graphs()
-            self.synthesizer = Synthesizer.load(self.checkpoint / TTS_DIR_NAME, device=self.settings.device)
+            self.synthesizer = Synthesizer.load(self.checkpoint / TTS_DIR_NAME, device=self.settings.resolved_device())
             await self._warm_up()
             self.ready = True
             log.info("model_loaded checkpoint=%s tiny=%s seconds=%.1f", self.checkpoint, self.is_tiny,
