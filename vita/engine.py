@@ -131,6 +131,8 @@ class Engine:
         self.padding_slot = max_sessions
         self.prefix_slot = max_sessions + 1  # where prefixes are computed before being copied out
         self.cache = KVCache(model_core.config, max_sessions + 2, max_len, self.device, dtype)
+        self._kv_buckets = kv_buckets(max_len)
+        self._batch_buckets = batch_buckets(max_sessions)
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
@@ -227,8 +229,8 @@ class Engine:
 
     def capture_graphs(self) -> None:
         """Capture every decode graph up front (otherwise each is captured on first use)."""
-        for batch in self._batch_buckets():
-            for kv_len in self._kv_buckets():
+        for batch in self._batch_buckets:
+            for kv_len in self._kv_buckets:
                 self._graph(batch, kv_len)
 
     async def close(self) -> None:
@@ -407,19 +409,23 @@ class Engine:
 
     # ----------------------------------------------------------------- shape buckets
 
-    def _kv_buckets(self) -> list[int]:
-        buckets, size = [], 256
-        while size < self.max_len:
-            buckets.append(size)
-            size *= 2
-        return buckets + [self.max_len]
-
     def _kv_bucket(self, length: int) -> int:
-        return next(b for b in self._kv_buckets() if b >= length)
-
-    def _batch_buckets(self) -> list[int]:
-        small = [b for b in (1, 2, 4) if b < self.max_sessions]
-        return small + list(range(8, self.max_sessions, 8)) + [self.max_sessions]
+        return next(b for b in self._kv_buckets if b >= length)
 
     def _batch_bucket(self, size: int) -> int:
-        return next(b for b in self._batch_buckets() if b >= size)
+        return next(b for b in self._batch_buckets if b >= size)
+
+
+def kv_buckets(max_len: int) -> tuple[int, ...]:
+    """Attended lengths a forward is padded to: powers of two from 256, then ``max_len``."""
+    buckets, size = [], 256
+    while size < max_len:
+        buckets.append(size)
+        size *= 2
+    return (*buckets, max_len)
+
+
+def batch_buckets(max_sessions: int) -> tuple[int, ...]:
+    """Decode batch sizes a CUDA graph is captured for: 1, 2, 4, multiples of 8, then ``max_sessions``."""
+    small = [b for b in (1, 2, 4) if b < max_sessions]
+    return (*small, *range(8, max_sessions, 8), max_sessions)
