@@ -86,12 +86,15 @@ class Generator(nn.Module):
                 self.resblocks.append(resblock(channels, size, dilations))
         self.conv_post = nn.Conv1d(channels, 1, 7, padding=3)
 
+    def stage_resblocks(self, stage: int) -> nn.ModuleList:
+        """The resblocks (one per kernel size) whose mean follows upsampling stage ``stage``."""
+        return self.resblocks[stage * self.num_kernels : (stage + 1) * self.num_kernels]
+
     def forward(self, latent: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
         x = self.conv_pre(latent)
         for stage, up in enumerate(self.ups):
             x = up(F.leaky_relu(x, LRELU_SLOPE))
-            blocks = self.resblocks[stage * self.num_kernels : (stage + 1) * self.num_kernels]
-            x = sum(block(x) for block in blocks) / self.num_kernels
+            x = sum(block(x) for block in self.stage_resblocks(stage)) / self.num_kernels
             if x.shape[1] == style.shape[-1]:
                 x = x + style.unsqueeze(-1)
         x = self.conv_post(F.leaky_relu(x, LRELU_SLOPE))
@@ -102,8 +105,7 @@ class Generator(nn.Module):
         reach = self.conv_pre.padding[0]  # in frames
         for stage, up in enumerate(self.ups):
             reach = (reach + 1) * up.stride[0] + up.kernel_size[0]  # now in this stage's samples
-            blocks = self.resblocks[stage * self.num_kernels : (stage + 1) * self.num_kernels]
-            reach += max(block.reach() for block in blocks)
+            reach += max(block.reach() for block in self.stage_resblocks(stage))
         reach += self.conv_post.padding[0]
         return math.ceil(reach / CODEC_FRAME_SAMPLES)
 
@@ -116,6 +118,11 @@ class Codebook(nn.Module):
         self.embedding = nn.Embedding(n_codes, dim)
 
 
+def residual_layer_name(layer: int) -> str:
+    """Checkpoint name of residual layer ``layer``'s codebooks: `quantizer_modules`, then `quantizer_modules2`, ..."""
+    return "quantizer_modules" if layer == 0 else f"quantizer_modules{layer + 1}"
+
+
 class Quantizer(nn.Module):
     """Code groups x residual layers of local codebooks, plus the global (style) codebooks."""
 
@@ -123,8 +130,8 @@ class Quantizer(nn.Module):
         super().__init__()
         group_dim = CODEC_LATENT_DIM // config.n_code_groups
         for layer in range(config.residul_layer):
-            name = "quantizer_modules" if layer == 0 else f"quantizer_modules{layer + 1}"
-            self.add_module(name, nn.ModuleList(Codebook(config.n_codes, group_dim) for _ in range(config.n_code_groups)))
+            codebooks = nn.ModuleList(Codebook(config.n_codes, group_dim) for _ in range(config.n_code_groups))
+            self.add_module(residual_layer_name(layer), codebooks)
         global_dim = GLOBAL_FEATURE_DIM // config.global_code_num
         self.quantizer_modules_globaltokens = nn.ModuleList(
             Codebook(config.n_codes, global_dim) for _ in range(config.global_code_num)
@@ -136,8 +143,7 @@ class Quantizer(nn.Module):
         """codes [B, T, groups * layers] (layer-major) -> latent [B, 512, T], summed over layers."""
         latent = 0
         for layer in range(self.residul_layer):
-            name = "quantizer_modules" if layer == 0 else f"quantizer_modules{layer + 1}"
-            codebooks = getattr(self, name)
+            codebooks = getattr(self, residual_layer_name(layer))
             columns = codes[..., layer * self.n_code_groups : (layer + 1) * self.n_code_groups]
             latent = latent + torch.cat(
                 [book.embedding(columns[..., g]) for g, book in enumerate(codebooks)], dim=-1
