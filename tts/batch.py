@@ -48,6 +48,7 @@ class DecoderBatch:
 
     @property
     def open_streams(self) -> int:
+        """Utterances queued or decoding that nobody has cancelled."""
         return sum(not s.cancelled for s in [*self.queued, *self.streams] if s is not None)
 
     def generate(

@@ -61,6 +61,7 @@ class KVCache:
 
     @classmethod
     def empty(cls, config: DecoderConfig, slots: int, capacity: int, device: torch.device, dtype: torch.dtype) -> "KVCache":
+        """A zeroed cache of `slots` utterances, `capacity` positions each."""
         shape = (config.transformer_num_blocks, slots, config.transformer_attention_heads, capacity, config.head_dim)
         return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
@@ -84,7 +85,7 @@ class KVCache:
     def prefill_store(self, slot: int) -> KVStore:
         """Store for a whole sequence [1, H, T, D] into `slot` at positions 0..T-1; full attention."""
 
-        def store(layer: int, k: torch.Tensor, v: torch.Tensor):
+        def store(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
             length = k.shape[2]
             self.keys[layer, slot, :, :length] = k[0]
             self.values[layer, slot, :, :length] = v[0]
@@ -100,7 +101,7 @@ class KVCache:
         span = max(positions) + 1
         mask = (torch.arange(span, device=device)[None, :] <= where[:, None]).view(len(positions), 1, 1, span)
 
-        def store(layer: int, k: torch.Tensor, v: torch.Tensor):
+        def store(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             self.keys[layer, rows, :, where] = k[:, :, 0]
             self.values[layer, rows, :, where] = v[:, :, 0]
             return self.keys[layer, : len(positions), :, :span], self.values[layer, : len(positions), :, :span], mask

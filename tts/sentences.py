@@ -10,6 +10,7 @@ MIN_CHARS = 5
 
 
 def speakable(unit: str) -> bool:
+    """True if `unit` holds a letter or digit (something the TTS can say)."""
     return any(ch.isalnum() for ch in unit)
 
 

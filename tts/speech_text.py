@@ -132,6 +132,7 @@ def read_number(text: str, chinese: bool) -> str:
 
 
 def strip_markdown(text: str) -> str:
+    """Drop code fences, link targets, headings, list and quote markers, emphasis and table bars."""
     text = re.sub(r"```\w*", " ", text)
     text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", text)
     text = re.sub(r"(?m)^\s{0,3}(?:#{1,6}|>|[-*+](?=\s)|[-*_]{3,}\s*$)", " ", text)

@@ -23,6 +23,7 @@ TINY_EOS_BIAS = 1.5  # with a zero eos row, random-text utterances end after ~25
 
 
 def tiny_decoder_config(llm_hidden: int = 64) -> DecoderConfig:
+    """A 2-block decoder whose input width is `llm_hidden // 4`."""
     if llm_hidden % 4:
         raise ValueError("llm_hidden must be a multiple of 4")
     dim = llm_hidden // 4
@@ -38,6 +39,7 @@ def tiny_decoder_config(llm_hidden: int = 64) -> DecoderConfig:
 
 
 def tiny_codec_config() -> CodecConfig:
+    """A small codec with the real 600x upsampling and one 128-channel stage."""
     return CodecConfig(
         upsample_rates=(8, 5, 5, 3),
         upsample_kernel_sizes=(16, 11, 11, 5),

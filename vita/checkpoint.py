@@ -123,6 +123,7 @@ def build_on_meta(config: VitaConfig) -> VitaQwen2ForCausalLM:
 
 
 def state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every state_dict entry, in state_dict order."""
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 

@@ -126,6 +126,7 @@ class VitaConfig:
         }
 
     def with_vocab_size(self, vocab_size: int) -> VitaConfig:
+        """This config with `vocab_size` rows of `embed_tokens` / `lm_head`."""
         return dataclasses.replace(self, llm=dataclasses.replace(self.llm, vocab_size=vocab_size))
 
 

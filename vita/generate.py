@@ -70,10 +70,12 @@ class ReplyTextStream:
         return bool(self.token_ids) and self.token_ids[-1] in self.tokenizer.stop_ids
 
     def push(self, token_id: int) -> str:
+        """Add one reply id; returns the text it releases ('' while held back)."""
         self.token_ids.append(token_id)
         return self._release(self.decoder.push(token_id))
 
     def flush(self) -> str:
+        """End of the reply: returns the text still held back, settling `state`."""
         delta = self._release(self.decoder.flush())
         if self.state_known:
             return delta

@@ -71,6 +71,7 @@ def parse_reply_state(text: str) -> tuple[ReplyState | None, str]:
 
 
 def system_block(system_prompt: str) -> str:
+    """The ChatML system message that opens a conversation."""
     return f"{IM_START}system\n{system_prompt}{REPLY_END}"
 
 

@@ -33,6 +33,7 @@ class SamplingBatch:
 
     @classmethod
     def from_params(cls, params: list[SamplingParams], device: torch.device | str) -> SamplingBatch:
+        """One row per request, in order."""
         table = torch.tensor([[p.temperature, p.top_p, p.top_k] for p in params], dtype=torch.float32)
         table = table.to(device, non_blocking=True)
         return cls(

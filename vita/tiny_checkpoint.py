@@ -115,7 +115,6 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-
 def random_state_dict(config: VitaConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Seeded random values for every tensor of the model, in state_dict order.
 

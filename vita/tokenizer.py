@@ -36,6 +36,7 @@ class VitaTokenizer:
 
     @classmethod
     def from_dir(cls, checkpoint_dir: Path) -> "VitaTokenizer":
+        """Load `tokenizer.json` from a checkpoint folder."""
         path = Path(checkpoint_dir) / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {path}")
@@ -72,9 +73,11 @@ class VitaTokenizer:
         return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Text of `ids` (special tokens dropped unless `skip_special_tokens` is False)."""
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def stream_decoder(self) -> "StreamDecoder":
+        """A fresh incremental decoder for one stream of ids."""
         return StreamDecoder(self)
 
 
