@@ -84,11 +84,11 @@ def _weight_normed(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def write_random_tts_checkpoint(
-    dir: Path, decoder_config: DecoderConfig, codec_config: CodecConfig, *, seed: int = 0, eos_bias: float | None = None
+    tts_dir: Path, decoder_config: DecoderConfig, codec_config: CodecConfig, *, seed: int = 0, eos_bias: float | None = None
 ) -> None:
     """Random weights for any shapes in the upstream layout; `eos_bias` (with a zero eos row in
     `out_fnn`) sets how soon random utterances end, None leaves eos random."""
-    dir = Path(dir)
+    tts_dir = Path(tts_dir)
     generator = torch.Generator().manual_seed(seed)
     decoder = LLM2TTSCodecAR(decoder_config)
     codec = TiCodec(codec_config)
@@ -99,24 +99,24 @@ def write_random_tts_checkpoint(
             decoder.out_fnn.weight[decoder_config.eos_id] = 0.0
             decoder.out_fnn.bias[decoder_config.eos_id] = eos_bias
 
-    (dir / "decoder").mkdir(parents=True, exist_ok=True)
-    (dir / "decoder" / "model.json").write_text(json.dumps(decoder_config.to_model_json(), indent=2))
-    torch.save({"model": decoder.state_dict()}, dir / "decoder" / "final.pt")
+    (tts_dir / "decoder").mkdir(parents=True, exist_ok=True)
+    (tts_dir / "decoder" / "model.json").write_text(json.dumps(decoder_config.to_model_json(), indent=2))
+    torch.save({"model": decoder.state_dict()}, tts_dir / "decoder" / "final.pt")
 
-    (dir / "codec").mkdir(parents=True, exist_ok=True)
-    (dir / "codec" / "model.json").write_text(json.dumps(codec_config.to_model_json(), indent=2))
+    (tts_dir / "codec").mkdir(parents=True, exist_ok=True)
+    (tts_dir / "codec" / "model.json").write_text(json.dumps(codec_config.to_model_json(), indent=2))
     torch.save(
         {
             "generator": _weight_normed(codec.generator.state_dict()),
             "quantizer": codec.quantizer.state_dict(),
             "encoder": {},  # the audio -> codes encoder is never used for synthesis
         },
-        dir / "codec" / "final.pt",
+        tts_dir / "codec" / "final.pt",
     )
 
 
-def write_tiny_tts_checkpoint(dir: Path, llm_hidden: int = 64, seed: int = 0) -> None:
-    """Write `dir/decoder/{model.json,final.pt}` and `dir/codec/{model.json,final.pt}`."""
+def write_tiny_tts_checkpoint(tts_dir: Path, llm_hidden: int = 64, seed: int = 0) -> None:
+    """Write `tts_dir/decoder/{model.json,final.pt}` and `tts_dir/codec/{model.json,final.pt}`."""
     write_random_tts_checkpoint(
-        dir, tiny_decoder_config(llm_hidden), tiny_codec_config(), seed=seed, eos_bias=TINY_EOS_BIAS
+        tts_dir, tiny_decoder_config(llm_hidden), tiny_codec_config(), seed=seed, eos_bias=TINY_EOS_BIAS
     )
