@@ -43,13 +43,14 @@ def rotary_cos_sin(
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-KVStore = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
-
-
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate [B, H, T, D] by the half-split convention (x1, x2) -> (-x2, x1)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+# (layer, new k, new v) -> keys and values to attend over, and the attention mask (None: attend to all).
+KVStore = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
 
 
 class KVCache:
@@ -110,7 +111,7 @@ class KVCache:
 
 
 class SelfAttention(nn.Module):
-    """Multi-head attention without bias; full attention over what the KV store exposes."""
+    """Multi-head attention without bias: over the sequence itself, or over what a KV store exposes (under its mask)."""
 
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
