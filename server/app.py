@@ -23,7 +23,6 @@ from server.worker import ModelWorker
 log = logging.getLogger("vita.app")
 
 CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
 CLOSE_TRY_AGAIN_LATER = 1013
 FLUSH_TIMEOUT_S = 2.0
 

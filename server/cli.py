@@ -16,7 +16,6 @@ from server.protocol import MAX_MESSAGE_BYTES
 from server.settings import ServerSettings
 from server.worker import ModelWorker, resolve_checkpoint
 
-log = logging.getLogger("vita.cli")
 
 class JsonLinesFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message (and exception text)."""

@@ -41,7 +41,6 @@ class OutgoingQueue:
         self._pending_drops: dict[int, DropNotice] = {}
         self._wakeup = asyncio.Event()
         self._closed = False
-        self.dropped_segments = 0
 
     @property
     def queued_audio_bytes(self) -> int:
@@ -53,7 +52,6 @@ class OutgoingQueue:
     def put_audio(self, response_id: int, segment: int, pcm16: bytes) -> bool:
         """Queue one reply audio segment; returns False (and records it) when it was dropped."""
         if self._audio_bytes + len(pcm16) > self.audio_limit_bytes:
-            self.dropped_segments += 1
             notice = self._pending_drops.get(response_id)
             if notice is None:
                 notice = self._pending_drops[response_id] = DropNotice(response_id, 0, 0)

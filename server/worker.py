@@ -89,7 +89,6 @@ class ModelWorker:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="vita-worker", daemon=True)
         self._tts_thread = ThreadPoolExecutor(1, thread_name_prefix="vita-tts")
-        self._loaded = threading.Event()
         self._conversations: dict[str, Conversation] = {}
         self._turns: dict[str, asyncio.Task[None]] = {}
 
@@ -98,9 +97,6 @@ class ModelWorker:
     def start(self) -> None:
         """Start the worker thread; the model loads there (``ready`` turns True when done)."""
         self._thread.start()
-
-    def wait_loaded(self, timeout: float | None = None) -> bool:
-        return self._loaded.wait(timeout)
 
     def stop(self) -> None:
         """Cancel every turn, stop the engine and the thread."""
@@ -139,8 +135,6 @@ class ModelWorker:
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("model_load_failed")
-        finally:
-            self._loaded.set()
 
     async def _warm_up(self) -> None:
         """One quiet turn with one frame through every model, so the first user does not pay for

@@ -48,10 +48,6 @@ export class Microphone {
     this.node = null;
   }
 
-  get sampleRate() {
-    return this.audioContext.sampleRate;
-  }
-
   /** Asks for the mic and starts delivering chunks. Throws MicrophoneError. */
   async start() {
     if (!window.isSecureContext || !navigator.mediaDevices?.getUserMedia) {
