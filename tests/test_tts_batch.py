@@ -1,7 +1,5 @@
 """DecoderBatch: streams decoded together give the tokens they give alone; slots come and go."""
 
-from pathlib import Path
-
 import pytest
 import torch
 

@@ -7,7 +7,6 @@ length rule, a per-element loop of the attention formula, and plain numpy statis
 import json
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import kaldi_native_fbank as knf
 import numpy as np
