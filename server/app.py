@@ -15,7 +15,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from server.metrics import ServerMetrics
 from server.outgoing import OutgoingQueue
-from server.protocol import OUTPUT_SAMPLE_RATE, ErrorCode, ErrorEvent, decode_audio_segment, encode_event
+from server.protocol import AUDIO_HEADER, OUTPUT_SAMPLE_RATE, ErrorCode, ErrorEvent, encode_event
 from server.session import Session
 from server.settings import ServerSettings
 from server.worker import ModelWorker
@@ -127,8 +127,8 @@ async def write_loop(websocket: WebSocket, outgoing: OutgoingQueue, session: Ses
     while (message := await outgoing.get()) is not None:
         if isinstance(message, bytes):
             await websocket.send_bytes(message)
-            response_id, _, pcm16 = decode_audio_segment(message)
-            session.audio_sent(response_id, len(pcm16) // 2)
+            response_id, _ = AUDIO_HEADER.unpack_from(message)  # the header only: no copy of the samples
+            session.audio_sent(response_id, (len(message) - AUDIO_HEADER.size) // 2)
         else:
             await websocket.send_text(message)
 
