@@ -68,7 +68,7 @@ import struct
 from enum import Enum
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 
 OUTPUT_SAMPLE_RATE = 24_000
 MIN_INPUT_SAMPLE_RATE = 8_000
@@ -100,6 +100,11 @@ class ErrorCode(str, Enum):
 
 class _Event(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def base64_bytes(max_bytes: int) -> BeforeValidator:
+    """Field validator turning base64 text into at most ``max_bytes`` bytes (``decode_base64``)."""
+    return BeforeValidator(lambda value: decode_base64(value, max_bytes))
 
 
 # ---------------------------------------------------------------- settings carried by events
@@ -145,22 +150,14 @@ class SessionStart(_Event):
 
 class InputAudio(_Event):
     type: Literal["input_audio"] = "input_audio"
-    audio: bytes = Field(description="base64 PCM16 LE at the session's rate and channels")
-
-    @field_validator("audio", mode="before")
-    @classmethod
-    def _decode(cls, value: Any) -> bytes:
-        return decode_base64(value, MAX_AUDIO_FRAME_BYTES)
+    audio: Annotated[bytes, base64_bytes(MAX_AUDIO_FRAME_BYTES)] = Field(
+        description="base64 PCM16 LE at the session's rate and channels"
+    )
 
 
 class VideoFrame(_Event):
     type: Literal["video.frame"] = "video.frame"
-    image: bytes = Field(description="base64 JPEG or PNG")
-
-    @field_validator("image", mode="before")
-    @classmethod
-    def _decode(cls, value: Any) -> bytes:
-        return decode_base64(value, MAX_IMAGE_BYTES)
+    image: Annotated[bytes, base64_bytes(MAX_IMAGE_BYTES)] = Field(description="base64 JPEG or PNG")
 
 
 class SessionUpdate(_Event):
