@@ -38,7 +38,7 @@ class _Request:
     embeds: torch.Tensor  # [T, hidden], includes the previous turn's last token
     params: SamplingParams
     start_length: int  # cache length before this turn
-    start_pending: int | None
+    start_pending: int | None  # the session's last token not yet in the cache, restored if the turn is dropped
     opens_session: bool  # the session's first turn: dropping it forgets the session
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     prefilled: int = 0
