@@ -35,6 +35,7 @@ from tts.sentences import SentenceChunker
 from tts.silence import trim_leading_silence
 from tts.synthesizer import CHUNK_SIZE, FIRST_SENTENCE_CHUNK_SIZE, Synthesizer
 from vita.assistant import VitaAssistant
+from vita.engine import Engine
 from vita.generate import ReplyTextStream
 from vita.prompt import Conversation, ReplyState
 from vita.sampling import SamplingParams
@@ -79,6 +80,10 @@ class TurnTask:
 class ModelWorker:
     """Owns the model; implements ``server.turns.TurnRunner`` for the sessions."""
 
+    assistant: VitaAssistant  # these three are loaded in the worker thread, then ``ready`` turns True
+    engine: Engine
+    synthesizer: Synthesizer
+
     def __init__(self, settings: ServerSettings, checkpoint: Path, is_tiny: bool) -> None:
         self.settings = settings
         self.checkpoint = checkpoint
@@ -121,13 +126,14 @@ class ModelWorker:
     async def _start_up(self) -> None:
         try:
             started = time.perf_counter()
-            self.assistant = VitaAssistant.load(self.checkpoint, device=self.settings.resolved_device())
+            device = self.settings.resolved_device()
+            self.assistant = VitaAssistant.load(self.checkpoint, device=device)
             self.engine = self.assistant.make_engine(
                 max_sessions=self.settings.max_sessions, max_len=self.settings.max_context_tokens
             )
             if self.engine.use_graphs:  # capture now: a capture racing TTS kernels of the other thread fails
                 self.engine.capture_graphs()
-            self.synthesizer = Synthesizer.load(self.checkpoint / TTS_DIR_NAME, device=self.settings.resolved_device())
+            self.synthesizer = Synthesizer.load(self.checkpoint / TTS_DIR_NAME, device=device)
             await self._warm_up()
             self.ready = True
             log.info("model_loaded checkpoint=%s tiny=%s seconds=%.1f", self.checkpoint, self.is_tiny,
@@ -316,6 +322,7 @@ class ModelWorker:
 
 
 def sampling_params(generation: GenerationSettings) -> SamplingParams:
+    """The engine's sampling parameters for a session's generation settings."""
     return SamplingParams(
         temperature=generation.temperature,
         top_p=generation.top_p,
