@@ -5,6 +5,7 @@ CI clones the repository with ``shared/`` beside it; ``VITA_SHARED_DIR`` overrid
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -16,3 +17,13 @@ _CANDIDATES = [
 SHARED = next((p for p in _CANDIDATES if p is not None and (p / "audio").is_dir()), Path("/work/shared"))
 AUDIO = SHARED / "audio"
 REFERENCE_TSV = SHARED / "reference" / "vita15_state_dict.tsv"
+
+
+def reference_rows(prefix: str = "") -> list[tuple[str, tuple[int, ...], int]]:
+    """Rows ``(name, shape, numel)`` of the reference state dict whose name starts with ``prefix``."""
+    rows = []
+    for line in REFERENCE_TSV.read_text().splitlines():
+        name, shape, numel = line.split("\t")
+        if name.startswith(prefix):
+            rows.append((name, tuple(json.loads(shape)), int(numel)))
+    return rows

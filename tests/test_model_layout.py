@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -12,7 +11,7 @@ from vita.checkpoint import build_on_meta, state_shapes
 from vita.config import VitaConfig
 from vita.model import VitaQwen2ForCausalLM
 from vita.tokenizer import AUDIO_TOKEN_INDEX, IMAGE_TOKEN_INDEX
-from shared_data import REFERENCE_TSV
+from shared_data import REFERENCE_TSV, reference_rows
 
 # Component totals from shared/reference/README.md ("Parameter totals").
 COMPONENT_TOTALS = {
@@ -24,14 +23,6 @@ COMPONENT_TOTALS = {
 }
 
 
-def read_reference() -> list[tuple[str, tuple[int, ...], int]]:
-    rows = []
-    for line in REFERENCE_TSV.read_text().splitlines():
-        name, shape, numel = line.split("\t")
-        rows.append((name, tuple(json.loads(shape)), int(numel)))
-    return rows
-
-
 @pytest.fixture(scope="module")
 def full_shapes() -> dict[str, tuple[int, ...]]:
     return state_shapes(build_on_meta(VitaConfig.full()))
@@ -39,7 +30,7 @@ def full_shapes() -> dict[str, tuple[int, ...]]:
 
 @pytest.mark.skipif(not REFERENCE_TSV.is_file(), reason="reference TSV not available")
 def test_full_model_state_dict_equals_reference_names_shapes_and_order(full_shapes) -> None:
-    reference = read_reference()
+    reference = reference_rows()
     assert list(full_shapes) == [name for name, _, _ in reference]
     assert list(full_shapes.values()) == [shape for _, shape, _ in reference]
     assert len(full_shapes) == 1159

@@ -33,20 +33,15 @@ from vita.intern_vit import (
     build_mm_projector,
     pixel_shuffle,
 )
-from shared_data import REFERENCE_TSV
+from shared_data import REFERENCE_TSV, reference_rows
 
 TOWER_PREFIX = "model.vision_tower."
 PROJECTOR_PREFIX = "model.mm_projector."
 LLM_HIDDEN = 3584
 
 
-def reference_rows(prefix: str) -> list[tuple[str, tuple[int, ...]]]:
-    rows = []
-    for line in REFERENCE_TSV.read_text().splitlines():
-        name, shape, _ = line.split("\t")
-        if name.startswith(prefix):
-            rows.append((name, tuple(json.loads(shape))))
-    return rows
+def reference_shapes(prefix: str) -> list[tuple[str, tuple[int, ...]]]:
+    return [(name, shape) for name, shape, _ in reference_rows(prefix)]
 
 
 def named_shapes(module: torch.nn.Module, prefix: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -58,11 +53,11 @@ def test_full_tower_and_projector_match_checkpoint_names_and_shapes():
     with torch.device("meta"):
         tower = InternViTVisionTower(VisionConfig.full())
         projector = build_mm_projector(tower.hidden_size, LLM_HIDDEN)
-    expected_tower = reference_rows(TOWER_PREFIX)
+    expected_tower = reference_shapes(TOWER_PREFIX)
     assert len(expected_tower) == 340
     assert tower.config.tokens_per_tile == 256 and tower.hidden_size == 4096
     assert named_shapes(tower, TOWER_PREFIX) == expected_tower
-    assert named_shapes(projector, PROJECTOR_PREFIX) == reference_rows(PROJECTOR_PREFIX)
+    assert named_shapes(projector, PROJECTOR_PREFIX) == reference_shapes(PROJECTOR_PREFIX)
 
 
 # The `vision_config` block shipped with VITA-1.5's vLLM demo (= OpenGVLab InternViT-300M-448px).
