@@ -14,7 +14,6 @@ const RECONNECT_TEXT = {
   unreachable: "Cannot reach the server.",
   lost: "Lost the connection to the server.",
   server_full: "The server is full right now: every seat is taken.",
-  shutting_down: "The server is restarting.",
   not_ready: "The server is still loading the model.",
 };
 

@@ -32,7 +32,7 @@ export class Connection {
    *   onStatus(status, detail): status is "connecting" | "connected" | "reconnecting" | "offline";
    *     detail is {reason, seconds?, message?} (reason: "unreachable" | "lost" | "closed" or the
    *     code of the fatal error that came before the close: "server_full" | "not_ready" |
-   *     "shutting_down" | "idle_timeout")
+   *     "idle_timeout"; a server shutting down closes without one, so it reads "lost")
    *   onEvent(event): every JSON event from the server (session.ready included)
    *   onAudio(responseId, segment, pcmBytes): every reply audio segment
    */
