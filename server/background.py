@@ -53,6 +53,7 @@ class BackgroundServer:
             return error.code, json.loads(error.read())
 
     def get_text(self, path: str) -> str:
+        """Body of a GET as text."""
         with urllib.request.urlopen(self.http_url + path, timeout=5) as response:
             return response.read().decode()
 
@@ -72,6 +73,7 @@ class BackgroundServer:
         raise TimeoutError("server did not become ready")
 
     def stop(self) -> None:
+        """Ask uvicorn to exit (the app stops the worker) and wait for its thread."""
         self._server.should_exit = True
         self._thread.join(30)
 

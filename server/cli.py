@@ -63,6 +63,7 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
 
 
 def banner(settings: ServerSettings, checkpoint: Path, is_tiny: bool) -> str:
+    """What the server prints on start: its URL, device and checkpoint (and a warning if tiny)."""
     scheme = "https" if settings.ssl_certfile else "http"
     lines = [
         f"vita-server on {scheme}://{settings.host}:{settings.port}/ (websocket /ws), device {settings.resolved_device()}",

@@ -54,6 +54,8 @@ class Turn:
 
 @dataclass
 class ClientResult:
+    """Every event the client received and its replies, in order."""
+
     events: list[dict[str, Any]] = field(default_factory=list)
     turns: list[Turn] = field(default_factory=list)
     stray_audio: int = 0  # segments for a response the client never saw start
@@ -84,10 +86,12 @@ class ReplyCollector:
         self._speech_ends: list[float] = []
 
     def all_done(self, expected_turns: int | None) -> bool:
+        """Every started reply is done, interrupted or failed (and enough of them started)."""
         enough = expected_turns is None or len(self.turns) >= expected_turns
         return enough and all(t.done is not None or t.interrupted or t.failed for t in self.turns.values())
 
     def take(self, message: str | bytes, now: float) -> None:
+        """File one server message (JSON text or audio frame) received at ``now``."""
         if isinstance(message, bytes):
             self._take_audio(message, now)
             return

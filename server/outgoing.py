@@ -16,6 +16,8 @@ from server.protocol import ResponseAudioDropped, ServerEvent, encode_audio_segm
 
 @dataclass
 class AudioItem:
+    """One queued reply audio segment."""
+
     response_id: int
     segment: int
     pcm16: bytes
@@ -23,6 +25,8 @@ class AudioItem:
 
 @dataclass
 class DropNotice:
+    """The ``response.audio.dropped`` notice of one reply, counting up while it waits in the queue."""
+
     response_id: int
     segments: int
     samples: int

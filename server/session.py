@@ -101,6 +101,7 @@ class Session:
     # ------------------------------------------------------------------ client input
 
     async def handle_text(self, text: str) -> None:
+        """One JSON text frame; a bad one is answered with an ``error`` event."""
         try:
             event = parse_client_event(text)
             if isinstance(event, SessionStart):
@@ -121,6 +122,7 @@ class Session:
             self.send_error(exc.code, exc.message)
 
     def handle_bytes(self, data: bytes) -> None:
+        """One binary frame of PCM16 input audio; a bad one is answered with an ``error`` event."""
         try:
             if not self.started:
                 raise ProtocolError(ErrorCode.SESSION_NOT_STARTED, "send session.start before audio")
@@ -133,9 +135,11 @@ class Session:
             self.send_error(exc.code, exc.message)
 
     def send(self, event: ServerEvent) -> None:
+        """Queue an event for the client (events are never dropped)."""
         self.outgoing.put_event(event)
 
     def send_error(self, code: ErrorCode, message: str, fatal: bool = False, response_id: int | None = None) -> None:
+        """Count, log and send an ``error`` event."""
         self.metrics.errors.labels(code.value).inc()
         log.info("error session=%s code=%s message=%r", self.session_id, code.value, message)
         self.send(ErrorEvent(code=code, message=message, fatal=fatal, response_id=response_id))

@@ -65,10 +65,15 @@ class TurnRunner(Protocol):
 
     model_name: str
 
-    def open_session(self, session_id: str, system_prompt: str | None) -> None: ...
+    def open_session(self, session_id: str, system_prompt: str | None) -> None:
+        """Start the session's conversation (``None``: VITA's default system prompt)."""
 
-    def reset_session(self, session_id: str, system_prompt: str | None) -> None: ...
+    def reset_session(self, session_id: str, system_prompt: str | None) -> None:
+        """Stop its turn and start its conversation afresh."""
 
-    def close_session(self, session_id: str) -> None: ...
+    def close_session(self, session_id: str) -> None:
+        """Stop its turn and forget the session."""
 
-    def start_turn(self, request: TurnRequest, on_output: OutputCallback) -> TurnHandle: ...
+    def start_turn(self, request: TurnRequest, on_output: OutputCallback) -> TurnHandle:
+        """Answer one turn; ``on_output`` is called on the caller's event loop, last with
+        ``TurnFinished`` or ``TurnFailed`` unless the turn is cancelled."""

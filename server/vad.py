@@ -63,6 +63,7 @@ class TurnDetector:
 
     @property
     def speaking(self) -> bool:
+        """Inside an utterance (started, not ended yet)."""
         return self._utterance is not None
 
     def feed(self, samples: np.ndarray) -> list[VadEvent]:
