@@ -36,6 +36,7 @@ DEFAULT_WAV = Path(__file__).resolve().parents[2] / "shared" / "audio" / "en_hel
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
+    """p50, p90 and max of ``values`` (all None when there are none)."""
     if not values:
         return {"p50": None, "p90": None, "max": None}
     array = np.asarray(values)
@@ -68,6 +69,7 @@ def summarize(clients: int, results: list[ClientResult | BaseException], wall_s:
 
 
 async def run_level(url: str, clients: int, audio: np.ndarray, rate: int, args: argparse.Namespace) -> dict[str, Any]:
+    """``clients`` concurrent conversations of ``args.turns`` utterances each, summarised."""
     gap = np.zeros((int(rate * args.gap_s),) + audio.shape[1:], dtype=np.int16)
     conversation = np.concatenate([part for _ in range(args.turns) for part in (audio, gap)][:-1])
     update = {"generation": {"max_new_tokens": args.max_new_tokens, "respect_not_addressed": False}}
@@ -82,10 +84,12 @@ async def run_level(url: str, clients: int, audio: np.ndarray, rate: int, args: 
 
 
 def fmt(stats: dict[str, float | None]) -> str:
+    """``p50/p90/max`` in whole numbers, ``-`` where missing."""
     return "/".join("-" if stats[k] is None else f"{stats[k]:.0f}" for k in ("p50", "p90", "max"))
 
 
 def table(levels: list[dict[str, Any]]) -> str:
+    """One row per concurrency level, for the terminal."""
     header = (f"{'clients':>7} {'turns':>5} {'cut':>3} {'err':>3}  {'client text ms':>16} {'client audio ms':>16}  "
               f"{'server text ms':>16} {'server audio ms':>16}  {'tts rtf p50':>11}")
     rows = [header, "(turns = replies done, cut = interrupted by the next utterance, err = errors or unfinished;"
@@ -103,6 +107,7 @@ def table(levels: list[dict[str, Any]]) -> str:
 
 
 def machine() -> dict[str, Any]:
+    """Where the benchmark ran: OS, CPU count and GPU name."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"platform": platform.platform(), "cpus": os.cpu_count(), "gpu": gpu}
 
