@@ -41,9 +41,6 @@ def create_app(settings: ServerSettings, worker: ModelWorker) -> FastAPI:
             worker.stop()
 
     app = FastAPI(title="vita-realtime", lifespan=lifespan)
-    app.state.metrics = metrics
-    app.state.sessions = sessions
-    app.state.worker = worker
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
