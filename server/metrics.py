@@ -9,7 +9,7 @@ RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0)
 
 
 class ServerMetrics:
-    """Sessions, turns, errors and the latency histograms the issue asks for."""
+    """Sessions, turns, errors, dropped audio, end-of-speech latencies and the TTS real-time factor."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
