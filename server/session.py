@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
-from server.audio_input import InputAudioConverter, InvalidAudio
+from server.audio_input import MODEL_SAMPLE_RATE, InputAudioConverter, InvalidAudio
 from server.images import decode_image
 from server.metrics import ServerMetrics
 from server.outgoing import OutgoingQueue
@@ -248,7 +248,7 @@ class Session:
         handle = self.runner.start_turn(request, lambda output: self._on_output(response_id, output))
         self._active = ActiveResponse(response_id, handle, end_of_speech=now)
         log.info("turn_start session=%s response=%d audio_ms=%d frames=%d", self.session_id, response_id,
-                 len(audio_16k) // 16, len(frames))
+                 len(audio_16k) * 1000 // MODEL_SAMPLE_RATE, len(frames))
 
     def _interrupt(self, reason: str) -> bool:
         """Stop the reply being generated or played (if any) and drop its queued audio; the

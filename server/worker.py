@@ -18,6 +18,7 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image
+from server.audio_input import MODEL_SAMPLE_RATE
 from server.images import decode_image
 from server.protocol import GenerationSettings
 from server.settings import ServerSettings
@@ -145,7 +146,7 @@ class ModelWorker:
     async def _warm_up(self) -> None:
         """One quiet turn with one frame through every model, so the first user does not pay for
         lazy initialisation and a checkpoint that cannot answer fails before /readyz says ready."""
-        noise = np.random.default_rng(0).normal(0.0, 1e-3, 16_000).astype(np.float32)
+        noise = np.random.default_rng(0).normal(0.0, 1e-3, MODEL_SAMPLE_RATE).astype(np.float32)  # 1 s
         frame = Image.new("RGB", (448, 448))
         conversation = self.assistant.new_conversation()  # also prefills the default system prompt once
         embeds, prefix = self.assistant.engine_turn(self.engine, conversation, audio_16k=noise, frames=[frame])
