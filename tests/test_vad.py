@@ -4,7 +4,6 @@ The reference for where speech is: frame energy of the clip (speech frames are >
 the digital silence around them), computed independently of webrtcvad.
 """
 
-from pathlib import Path
 
 import numpy as np
 import pytest
