@@ -156,7 +156,6 @@ def test_system_prompts_differ_only_in_their_modality_sentence() -> None:
 )
 def test_parse_reply_state(text: str, state: ReplyState | None, rest: str) -> None:
     assert parse_reply_state(text) == (state, rest)
-    assert (state or ReplyState.SPOKEN_ANSWER).should_speak == (state is not ReplyState.NOT_ADDRESSED)
 
 
 def test_reply_text_stream_splits_off_the_state_token(tokenizer: VitaTokenizer) -> None:

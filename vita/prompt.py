@@ -52,10 +52,6 @@ class ReplyState(enum.Enum):
     NOT_ADDRESSED = "☟"
     TEXT_ANSWER = "☜"
 
-    @property
-    def should_speak(self) -> bool:
-        return self is not ReplyState.NOT_ADDRESSED
-
 
 def parse_reply_state(text: str) -> tuple[ReplyState | None, str]:
     """Split a reply (or its beginning) into its leading state token and the remaining text.
