@@ -35,7 +35,8 @@ def randomize(module: torch.nn.Module, seed: int) -> None:
                 param.add_(1.0)
 
 
-def make_pair(dtype: torch.dtype) -> tuple[Qwen2Model, torch.nn.Linear, Qwen2ForCausalLM]:
+def make_pair(dtype: torch.dtype, fused: bool = False) -> tuple[Qwen2Model, torch.nn.Linear, Qwen2ForCausalLM]:
+    """Our model (``fused``: after ``prepare_for_inference``), an lm_head, and transformers' twin."""
     config = LLMConfig.tiny(vocab_size=VOCAB)
     ours = Qwen2Model(config)
     randomize(ours, seed=0)
@@ -46,7 +47,10 @@ def make_pair(dtype: torch.dtype) -> tuple[Qwen2Model, torch.nn.Linear, Qwen2For
     state["lm_head.weight"] = lm_head.weight.detach()
     missing, unexpected = reference.load_state_dict(state, strict=True)
     assert not missing and not unexpected
-    return ours.to(dtype).eval(), lm_head.to(dtype), reference.to(dtype)
+    ours = ours.to(dtype).eval()
+    if fused:
+        ours.prepare_for_inference()
+    return ours, lm_head.to(dtype), reference.to(dtype)
 
 
 def relative_error(actual: torch.Tensor, exact: torch.Tensor) -> float:
@@ -95,9 +99,10 @@ def test_from_hf_config_round_trips_both_rope_styles():
     assert LLMConfig.from_hf_config(legacy) == config
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prefill_logits_match_transformers(dtype):
-    ours, lm_head, _ = make_pair(dtype)
+def test_prefill_logits_match_transformers(dtype, fused):
+    ours, lm_head, _ = make_pair(dtype, fused)
     ids = torch.randint(0, VOCAB, (2, 23), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = Expected(dtype, lambda d: make_pair(d)[2](input_ids=ids).logits)
@@ -108,10 +113,11 @@ def test_prefill_logits_match_transformers(dtype):
         expected.check(lm_head(ours(embeds, positions, cache, torch.tensor([2, 0]), kv_len=32)))
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_batched_decode_over_slots_matches_transformers(dtype):
+def test_batched_decode_over_slots_matches_transformers(dtype, fused):
     """Two sequences of different lengths in arbitrary slots, prefilled in chunks, then decoded together."""
-    ours, lm_head, _ = make_pair(dtype)
+    ours, lm_head, _ = make_pair(dtype, fused)
     references = {d: make_pair(d)[2] for d in {torch.float32, dtype}}
     generator = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, VOCAB, (n,), generator=generator) for n in (9, 17)]
@@ -148,3 +154,34 @@ def test_cached_step_decode_matches_transformers_cache():
             past = out.past_key_values
             hidden = ours(ours.embed_tokens(ids[:, t : t + 1]), torch.tensor([[t]]), cache, torch.tensor([0]), 16)
             torch.testing.assert_close(lm_head(hidden)[0, 0], out.logits[0, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_prepare_for_inference_keeps_the_checkpoint_tensors_in_place():
+    """Fused q/k/v and gate/up: same state_dict names and values, parameters are views of the fused weights."""
+    ours, _, _ = make_pair(torch.float32)
+    before = {name: tensor.clone() for name, tensor in ours.state_dict().items()}
+    ours.prepare_for_inference()
+    after = ours.state_dict()
+    assert list(after) == list(before)
+    for name, tensor in before.items():
+        assert torch.equal(after[name], tensor), name
+    attn, mlp = ours.layers[1].self_attn, ours.layers[1].mlp
+    fused_qkv, fused_bias = attn.fused_qkv
+    assert attn.v_proj.weight.untyped_storage().data_ptr() == fused_qkv.untyped_storage().data_ptr()
+    assert attn.q_proj.bias.untyped_storage().data_ptr() == fused_bias.untyped_storage().data_ptr()
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == mlp.fused_gate_up.untyped_storage().data_ptr()
+
+
+def test_compiled_pointwise_steps_match_transformers():
+    """The torch.compile'd elementwise steps (what CUDA runs) through prefill and cached decode, on CPU."""
+    ours, lm_head, reference = make_pair(torch.float32)
+    ours.prepare_for_inference(compile_pointwise=True)
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
+    cache = KVCache(ours.config, slots=3, max_len=32, device="cpu", dtype=torch.float32)
+    slots = torch.tensor([2, 0])
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits
+        prefill = ours(ours.embed_tokens(ids[:, :8]), torch.arange(8).expand(2, 8), cache, slots, kv_len=32)
+        step = ours(ours.embed_tokens(ids[:, 8:]), torch.tensor([[8], [8]]), cache, slots, kv_len=32)
+        torch.testing.assert_close(lm_head(prefill), expected[:, :8], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(lm_head(step), expected[:, 8:], atol=1e-4, rtol=1e-4)

@@ -7,8 +7,9 @@ in one batch. Each session owns a cache slot for its whole conversation, so a ne
 prefills its new tokens. Named prefixes (a system prompt) are prefilled once and kept as
 compact key/value copies (the few most recently used); a session that starts from one gets
 those copied into its slot and prefills only what follows. On CUDA the decode forward is
-replayed from CUDA graphs captured per (batch bucket, attended-length bucket); prefill runs
-eagerly.
+replayed from CUDA graphs captured per (batch bucket, attended-length bucket), with the
+elementwise steps compiled into fused kernels; prefill runs eagerly. The engine fuses the model's
+q/k/v and gate/up projections in place (``Qwen2Model.prepare_for_inference``).
 
 All public methods must be called from the thread running the engine's event loop (another
 thread uses ``loop.call_soon_threadsafe``); a step never yields mid-way, so they always see the
@@ -53,14 +54,13 @@ class _Request:
 
 @dataclass
 class _Prefix:
-    """Keys and values of a prefilled prefix, per layer ``[length, kv_heads, head_dim]``."""
+    """Keys and values of a prefilled prefix, per layer ``[length, 2 * kv_heads, head_dim]``."""
 
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
+    kv: list[torch.Tensor]
 
     @property
     def length(self) -> int:
-        return self.keys[0].shape[0]
+        return self.kv[0].shape[0]
 
 
 @dataclass
@@ -118,8 +118,11 @@ class Engine:
         max_prefixes: int = 4,
         seed: int = 0,
         cuda_graphs: bool | None = None,
+        compile_pointwise: bool | None = None,
     ):
         self.model = model_core
+        on_cuda = torch.device(device).type == "cuda"
+        model_core.prepare_for_inference(compile_pointwise=on_cuda if compile_pointwise is None else compile_pointwise)
         self.lm_head = lm_head
         self.device = torch.device(device)
         self.max_sessions = max_sessions
@@ -134,7 +137,7 @@ class Engine:
         self._kv_buckets = kv_buckets(max_len)
         self._batch_buckets = batch_buckets(max_sessions)
         self.generator = torch.Generator(self.device).manual_seed(seed)
-        self.use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.use_graphs = on_cuda if cuda_graphs is None else cuda_graphs
         self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._sessions: dict[str, _Session] = {}
@@ -210,14 +213,11 @@ class Engine:
         if not 0 < embeds.shape[0] < self.max_len:
             raise ValueError(f"a prefix needs 1 to {self.max_len - 1} tokens, got {embeds.shape[0]}")
         with torch.inference_mode():
-            embeds = embeds.to(self.device, self.cache.k[0].dtype)
+            embeds = embeds.to(self.device, self.cache.dtype)
             for start in range(0, embeds.shape[0], self.prefill_chunk):
                 self._forward_chunk(self.prefix_slot, start, embeds[start : start + self.prefill_chunk])
         length = embeds.shape[0]
-        self._prefixes[key] = _Prefix(
-            keys=[k[self.prefix_slot, :length].clone() for k in self.cache.k],
-            values=[v[self.prefix_slot, :length].clone() for v in self.cache.v],
-        )
+        self._prefixes[key] = _Prefix([layer[self.prefix_slot, :length].clone() for layer in self.cache.layers])
         self._prefixes.move_to_end(key)
         while len(self._prefixes) > self.max_prefixes:
             self._prefixes.popitem(last=False)
@@ -253,7 +253,7 @@ class Engine:
         if session is not None and prefix_key is not None:
             raise RuntimeError(f"session {session_id!r} has started: only its first turn may name a prefix")
         prefix = self._use_prefix(prefix_key) if prefix_key is not None else None
-        embeds = new_embeds.to(self.device, self.cache.k[0].dtype)
+        embeds = new_embeds.to(self.device, self.cache.dtype)
         if session is not None and session.pending is not None:
             with torch.inference_mode():
                 last = self.model.embed_tokens(torch.tensor([session.pending], device=self.device))
@@ -283,8 +283,8 @@ class Engine:
         session = _Session(slot=min(self._free_slots))
         self._free_slots.remove(session.slot)
         if prefix is not None:
-            for store, saved in zip(self.cache.k + self.cache.v, prefix.keys + prefix.values):
-                store[session.slot, : prefix.length] = saved
+            for layer, saved in zip(self.cache.layers, prefix.kv):
+                layer[session.slot, : prefix.length] = saved
             session.length = prefix.length
         self._sessions[session_id] = session
         return session
@@ -395,6 +395,8 @@ class Engine:
         return self.lm_head(hidden[:, 0])
 
     def _sample(self, logits: torch.Tensor, params: list[SamplingParams]) -> list[int]:
+        if all(p.temperature == 0 for p in params):  # greedy: no parameter tensors to build
+            return logits.argmax(dim=-1).tolist()
         batch = SamplingBatch.from_params(params, self.device)
         return sample(logits, batch, self.generator).tolist()
 

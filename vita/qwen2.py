@@ -7,7 +7,10 @@ Key names mirror the checkpoint: ``embed_tokens``, ``layers.N.self_attn.{q,k,v,o
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -63,30 +66,35 @@ class LLMConfig:
 
 
 class KVCache:
-    """Static per-layer key/value slots ``[slots, max_len, kv_heads, head_dim]``, owned by the caller.
+    """Static per-layer slots ``[slots, max_len, 2 * kv_heads, head_dim]`` (key heads, then value heads), owned by the caller.
 
     A slot holds one sequence; position ``p`` of a sequence lives at index ``p`` of its slot.
     """
 
     def __init__(self, config: LLMConfig, slots: int, max_len: int, device: torch.device | str, dtype: torch.dtype):
-        shape = (slots, max_len, config.num_key_value_heads, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        shape = (slots, max_len, 2 * config.num_key_value_heads, config.head_dim)
+        self.layers = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.kv_heads = config.num_key_value_heads
         self.slots = slots
         self.max_len = max_len
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].dtype
 
     def flat_index(self, slot_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Row of ``(slot_ids[b], positions[b, t])`` in a layer viewed as ``[slots * max_len, ...]``, flattened."""
         return (slot_ids[:, None] * self.max_len + positions).reshape(-1)
 
-    def write(self, layer: int, flat_index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store ``k``/``v`` ``[B, T, kv_heads, head_dim]`` at the rows given by ``flat_index``."""
-        for store, new in ((self.k[layer], k), (self.v[layer], v)):
-            store.view(-1, *store.shape[2:]).index_copy_(0, flat_index, new.reshape(-1, *new.shape[2:]))
+    def write(self, layer: int, flat_index: torch.Tensor, kv: torch.Tensor) -> None:
+        """Store keys and values ``kv [B, T, 2 * kv_heads, head_dim]`` at the rows given by ``flat_index``."""
+        store = self.layers[layer]
+        store.view(-1, *store.shape[2:]).index_copy_(0, flat_index, kv.reshape(-1, *kv.shape[2:]))
 
     def read(self, layer: int, slot_ids: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the first ``kv_len`` positions of each slot: ``[B, kv_heads, kv_len, head_dim]``."""
-        return self.k[layer][slot_ids, :kv_len].transpose(1, 2), self.v[layer][slot_ids, :kv_len].transpose(1, 2)
+        kv = self.layers[layer][slot_ids, :kv_len].transpose(1, 2)
+        return kv[:, : self.kv_heads], kv[:, self.kv_heads :]
 
 
 class RMSNorm(nn.Module):
@@ -101,6 +109,40 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual step then norm: ``(x + delta, rms_norm(x + delta))``."""
+    x = x + delta
+    return x, F.rms_norm(x, weight.shape, weight, eps)
+
+
+def rotate_heads(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of ``x [B, T, heads, head_dim]``: ``x * cos + [-x2, x1] * sin``.
+
+    ``signed_sin`` has its first half negated, so that rotate-half becomes a plain roll.
+    """
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of the fused ``[gate | up]`` projection."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class Pointwise(NamedTuple):
+    """The elementwise steps of a layer, eager or each compiled into one fused kernel."""
+
+    add_rms_norm: Callable = add_rms_norm
+    rotate_heads: Callable = rotate_heads
+    silu_and_mul: Callable = silu_and_mul
+
+
+@functools.cache
+def compiled_pointwise() -> Pointwise:
+    """``Pointwise`` with every step through ``torch.compile`` (shapes dynamic, compiled on first call)."""
+    return Pointwise(*(torch.compile(step, dynamic=True, fullgraph=True) for step in Pointwise()))
+
+
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for rotate-half RoPE at arbitrary positions."""
 
@@ -109,20 +151,19 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``positions [B, T]`` -> cos and signed sin ``[B, T, 1, head_dim]`` (broadcast over heads).
-
-        The signed sin has its first half negated, so that rotate-half becomes a plain roll.
-        """
+    def forward(
+        self, positions: torch.Tensor, dtype: torch.dtype, rotated_heads: int, kept_heads: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables for ``positions [B, T]`` over ``rotated_heads + kept_heads`` heads: cos and signed
+        sin ``[B, T, heads, head_dim]``, the last ``kept_heads`` heads left as they are (cos 1, sin 0)."""
         freqs = positions[..., None].float() * self.inv_freq
-        cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1)
-        signed_sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
-        return cos[:, :, None].to(dtype), signed_sin[:, :, None].to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [B, T, heads, head_dim]``: ``x * cos + rotate_half(x) * sin`` with rotate_half = [-x2, x1]."""
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+        cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1)[:, :, None]
+        signed_sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)[:, :, None]
+        rotated = (*positions.shape, rotated_heads, cos.shape[-1])
+        kept = cos.new_zeros(*positions.shape, kept_heads, cos.shape[-1])
+        cos = torch.cat((cos.expand(rotated), kept + 1), dim=2)
+        signed_sin = torch.cat((signed_sin.expand(rotated), kept), dim=2)
+        return cos.to(dtype), signed_sin.to(dtype)
 
 
 def attention_bias(allowed: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
@@ -148,6 +189,26 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: t
     return out.reshape(batch, length, heads * head_dim)
 
 
+def fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) stacking the outputs of ``linears`` that share an input.
+
+    Each Linear's parameters become views of it: no second copy, and the names and
+    ``state_dict`` stay those of the checkpoint. Moving the module afterwards breaks the sharing.
+    """
+    with torch.no_grad():
+        weight = torch.cat([linear.weight for linear in linears])
+        has_bias = linears[0].bias is not None
+        bias = torch.cat([linear.bias for linear in linears]) if has_bias else None
+    start = 0
+    for linear in linears:
+        rows = slice(start, start + linear.out_features)
+        linear.weight = nn.Parameter(weight[rows], requires_grad=False)
+        if has_bias:
+            linear.bias = nn.Parameter(bias[rows], requires_grad=False)
+        start = rows.stop
+    return weight, bias
+
+
 class Qwen2Attention(nn.Module):
     """Self-attention with biased q/k/v projections, RoPE and grouped KV heads."""
 
@@ -162,6 +223,13 @@ class Qwen2Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=True)
         self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=True)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.fused_qkv: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """``[q | k | v]`` of ``x``: one matrix product once fused, else three."""
+        if self.fused_qkv is not None:
+            return F.linear(x, *self.fused_qkv)
+        return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
 
     def forward(
         self,
@@ -169,16 +237,19 @@ class Qwen2Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         bias: torch.Tensor,
         cache: CacheAccess | None,
+        ops: Pointwise,
     ) -> torch.Tensor:
+        """``rope`` covers all q, k and v heads (the value heads unrotated), so the keys and
+        values come out side by side and go into the cache in one write."""
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        qkv = self.project_qkv(x).view(batch, length, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        qkv = ops.rotate_heads(qkv, *rope)
+        q, kv = qkv[:, :, : self.num_heads], qkv[:, :, self.num_heads :]
         if cache is None:
-            k, v = k.transpose(1, 2), v.transpose(1, 2)
+            kv = kv.transpose(1, 2)
+            k, v = kv[:, : self.num_kv_heads], kv[:, self.num_kv_heads :]
         else:
-            k, v = cache.write_and_read(self.layer_idx, k, v)
+            k, v = cache.write_and_read(self.layer_idx, kv)
         return self.o_proj(grouped_attention(q, k, v, bias))
 
 
@@ -190,9 +261,14 @@ class Qwen2MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.fused_gate_up: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, ops: Pointwise) -> torch.Tensor:
+        if self.fused_gate_up is not None:
+            gate_up = F.linear(x, self.fused_gate_up)
+        else:
+            gate_up = torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)
+        return self.down_proj(ops.silu_and_mul(gate_up))
 
 
 class Qwen2DecoderLayer(nn.Module):
@@ -208,12 +284,22 @@ class Qwen2DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        delta: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         bias: torch.Tensor,
         cache: CacheAccess | None,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, bias, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        ops: Pointwise,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the previous block's output ``delta`` to the residual stream ``x`` and run the layer.
+
+        Returns the stream and this layer's MLP output, which the next layer (or the final norm)
+        adds, so each residual add shares a kernel with the norm after it.
+        """
+        norm = self.input_layernorm
+        x, h = ops.add_rms_norm(x, delta, norm.weight, norm.eps)
+        norm = self.post_attention_layernorm
+        x, h = ops.add_rms_norm(x, self.self_attn(h, rope, bias, cache, ops), norm.weight, norm.eps)
+        return x, self.mlp(h, ops)
 
 
 @dataclass
@@ -225,8 +311,8 @@ class CacheAccess:
     flat_index: torch.Tensor  # [B * T], from KVCache.flat_index
     kv_len: int  # attend over positions [0, kv_len) of each slot
 
-    def write_and_read(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.cache.write(layer, self.flat_index, k, v)
+    def write_and_read(self, layer: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.cache.write(layer, self.flat_index, kv)
         return self.cache.read(layer, self.slot_ids, self.kv_len)
 
 
@@ -240,6 +326,17 @@ class Qwen2Model(nn.Module):
         self.layers = nn.ModuleList(Qwen2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.pointwise = Pointwise()
+
+    def prepare_for_inference(self, compile_pointwise: bool = False) -> None:
+        """Fuse q/k/v and gate/up into one matrix product each (weights stay where they are, as
+        views) and optionally compile the elementwise steps. Call once the weights are final."""
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if attn.fused_qkv is None:
+                attn.fused_qkv = fuse_linears(attn.q_proj, attn.k_proj, attn.v_proj)
+                mlp.fused_gate_up = fuse_linears(mlp.gate_proj, mlp.up_proj)[0]
+        self.pointwise = compiled_pointwise() if compile_pointwise else Pointwise()
 
     def forward(
         self,
@@ -269,9 +366,11 @@ class Qwen2Model(nn.Module):
     def _run_layers(
         self, x: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor, cache: CacheAccess | None
     ) -> torch.Tensor:
-        rope = self.rotary_emb(positions, x.dtype)
-        group = self.config.num_attention_heads // self.config.num_key_value_heads
-        bias = attention_bias(allowed, group, x.dtype)
+        config = self.config
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        rope = self.rotary_emb(positions, x.dtype, rotated_heads=heads + kv_heads, kept_heads=kv_heads)
+        bias = attention_bias(allowed, heads // kv_heads, x.dtype)
+        delta = torch.zeros_like(x)
         for layer in self.layers:
-            x = layer(x, rope, bias, cache)
-        return self.norm(x)
+            x, delta = layer(x, delta, rope, bias, cache, self.pointwise)
+        return self.pointwise.add_rms_norm(x, delta, self.norm.weight, self.norm.eps)[1]

@@ -1,0 +1,120 @@
+"""One decode forward (ids -> logits) replayed from a CUDA graph, per model variant.
+
+Variants, applied in turn to one model at full VITA-1.5 LLM dims with random bf16 weights:
+``unfused`` (separate q/k/v and gate/up products, eager elementwise steps), ``fused``
+(``prepare_for_inference``), ``fused+compiled`` (elementwise steps through torch.compile) and
+``whole`` (the fused step entirely through torch.compile(mode="max-autotune-no-cudagraphs"),
+minutes of compiling); ``--variants`` picks them.
+Prints ms per forward at each batch size (attended-length bucket ``--kv-len``) and the kernel
+table of one profiled eager batch-1 forward per variant; writes JSON. Needs CUDA.
+
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/decode_step.py --out step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.decode import build_model
+from vita.qwen2 import KVCache, LLMConfig
+
+Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def step_inputs(batch: int, kv_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids, positions ``[B, 1]`` near the end of the bucket, and distinct slots."""
+    ids = torch.randint(0, 1000, (batch,), device=device)
+    positions = torch.full((batch, 1), kv_len - 100, device=device)
+    return ids, positions, torch.arange(batch, device=device)
+
+
+def graph_ms(step: Step, batch: int, kv_len: int, device: torch.device, replays: int = 200) -> float:
+    """Mean time of ``replays`` graph replays after warm-up, timed with CUDA events."""
+    ids, positions, slots = step_inputs(batch, kv_len, device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step(ids, positions, slots, kv_len)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(ids, positions, slots, kv_len)
+    for _ in range(20):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize(device)
+    del graph
+    return start.elapsed_time(end) / replays
+
+
+def kernel_table(step: Step, kv_len: int, device: torch.device) -> tuple[str, float, int]:
+    """Profiler table of one eager batch-1 forward, the summed kernel time (ms) and kernel count."""
+    ids, positions, slots = step_inputs(1, kv_len, device)
+    for _ in range(3):
+        step(ids, positions, slots, kv_len)
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step(ids, positions, slots, kv_len)
+        torch.cuda.synchronize(device)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total_ms = sum(e.device_time_total for e in kernels) / 1000
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+    return table, total_ms, len(kernels)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="decode_step.json")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--kv-len", type=int, default=1024)
+    parser.add_argument("--variants", nargs="+", default=["unfused", "fused", "fused+compiled"],
+                        choices=["unfused", "fused", "fused+compiled", "whole"])
+    args = parser.parse_args()
+
+    device = torch.device("cuda")
+    config = LLMConfig.full()
+    core, lm_head = build_model(config, device, torch.bfloat16)
+    cache = KVCache(config, max(args.batches), args.kv_len, device, torch.bfloat16)
+
+    def step(ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, kv_len: int) -> torch.Tensor:
+        return lm_head(core(core.embed_tokens(ids)[:, None], positions, cache, slots, kv_len)[:, 0])
+
+    makers: dict[str, Callable[[], Step]] = {
+        "unfused": lambda: step,
+        "fused": lambda: (core.prepare_for_inference(), step)[1],
+        "fused+compiled": lambda: (core.prepare_for_inference(compile_pointwise=True), step)[1],
+        "whole": lambda: (core.prepare_for_inference(), torch.compile(step, mode="max-autotune-no-cudagraphs"))[1],
+    }
+    variants = {name: makers[name] for name in args.variants}
+    results = {"machine": torch.cuda.get_device_name(device), "torch": torch.__version__, "kv_len": args.kv_len}
+    with torch.inference_mode():
+        for name, make in variants.items():
+            variant_step = make()
+            table, kernel_ms, kernels = kernel_table(variant_step, args.kv_len, device)
+            print(f"== {name}: {kernels} kernels, {kernel_ms:.2f} ms of kernel time per eager batch-1 forward\n{table}")
+            ms = {b: graph_ms(variant_step, b, args.kv_len, device) for b in args.batches}
+            results[name] = {"kernels": kernels, "kernel_ms": kernel_ms, "graph_ms": ms}
+            print(f"== {name}: graph replay ms per forward {ms}", flush=True)
+            with open(args.out, "w") as file:
+                json.dump(results, file, indent=2)
+    print(f"\n{results['machine']}, torch {results['torch']}, attended-length bucket {args.kv_len}")
+    print("| variant | kernels (b1) | kernel time b1 | " + " | ".join(f"graph b{b}" for b in args.batches) + " |")
+    print("|---|---:|---:|" + "---:|" * len(args.batches))
+    for name in variants:
+        r = results[name]
+        cells = " | ".join(f"{r['graph_ms'][b]:.2f} ms" for b in args.batches)
+        print(f"| {name} | {r['kernels']} | {r['kernel_ms']:.2f} ms | {cells} |")
+
+
+if __name__ == "__main__":
+    main()
