@@ -2,7 +2,7 @@
 
 Variants, applied in turn to one model at full VITA-1.5 LLM dims with random bf16 weights:
 ``unfused`` (separate q/k/v and gate/up products, eager elementwise steps), ``fused``
-(``prepare_for_inference``), ``fused+compiled`` (elementwise steps through torch.compile) and
+(``prepare_for_inference``), ``fast kernels`` (compiled elementwise steps, Triton one-token attention) and
 ``whole`` (the fused step entirely through torch.compile(mode="max-autotune-no-cudagraphs"),
 minutes of compiling); ``--variants`` picks them.
 Prints ms per forward at each batch size (attended-length bucket ``--kv-len``) and the kernel
@@ -77,8 +77,8 @@ def main() -> None:
     parser.add_argument("--out", default="decode_step.json")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--kv-len", type=int, default=1024)
-    parser.add_argument("--variants", nargs="+", default=["unfused", "fused", "fused+compiled"],
-                        choices=["unfused", "fused", "fused+compiled", "whole"])
+    parser.add_argument("--variants", nargs="+", default=["unfused", "fused", "fast kernels"],
+                        choices=["unfused", "fused", "fast kernels", "whole"])
     args = parser.parse_args()
 
     device = torch.device("cuda")
@@ -92,7 +92,7 @@ def main() -> None:
     makers: dict[str, Callable[[], Step]] = {
         "unfused": lambda: step,
         "fused": lambda: (core.prepare_for_inference(), step)[1],
-        "fused+compiled": lambda: (core.prepare_for_inference(compile_pointwise=True), step)[1],
+        "fast kernels": lambda: (core.prepare_for_inference(use_fast_kernels=True), step)[1],
         "whole": lambda: (core.prepare_for_inference(), torch.compile(step, mode="max-autotune-no-cudagraphs"))[1],
     }
     variants = {name: makers[name] for name in args.variants}

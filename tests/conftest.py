@@ -1,8 +1,15 @@
-"""Shared fixtures: one tiny VITA-1.5 checkpoint per test session."""
+"""Shared fixtures: one tiny VITA-1.5 checkpoint per test session.
+
+Triton kernels run in Triton's CPU interpreter here; the switch must be set before triton is
+first imported (transformers or torch may import it while tests are collected).
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 

@@ -172,10 +172,11 @@ def test_prepare_for_inference_keeps_the_checkpoint_tensors_in_place():
     assert mlp.up_proj.weight.untyped_storage().data_ptr() == mlp.fused_gate_up.untyped_storage().data_ptr()
 
 
-def test_compiled_pointwise_steps_match_transformers():
-    """The torch.compile'd elementwise steps (what CUDA runs) through prefill and cached decode, on CPU."""
+def test_fast_kernels_match_transformers():
+    """The kernels CUDA runs (compiled elementwise steps, Triton one-token attention in Triton's CPU
+    interpreter) through prefill and cached decode."""
     ours, lm_head, reference = make_pair(torch.float32)
-    ours.prepare_for_inference(compile_pointwise=True)
+    ours.prepare_for_inference(use_fast_kernels=True)
     ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
     cache = KVCache(ours.config, slots=3, max_len=32, device="cpu", dtype=torch.float32)
     slots = torch.tensor([2, 0])

@@ -71,6 +71,17 @@ class _Session:
     request: _Request | None = None
 
 
+@dataclass
+class _Launch:
+    """A decode step on its way: each row's session and turn, the sampled ids on the device, and
+    their host copy, readable once ``ready`` has passed."""
+
+    rows: list[tuple[_Session, _Request]]
+    ids: torch.Tensor
+    host_ids: torch.Tensor
+    ready: torch.cuda.Event | None  # None off CUDA, where the copy is already done
+
+
 class _DecodeGraph:
     """A CUDA graph of one decode forward (ids -> logits) at a fixed batch size and attended length."""
 
@@ -118,11 +129,11 @@ class Engine:
         max_prefixes: int = 4,
         seed: int = 0,
         cuda_graphs: bool | None = None,
-        compile_pointwise: bool | None = None,
+        fast_kernels: bool | None = None,
     ):
         self.model = model_core
         on_cuda = torch.device(device).type == "cuda"
-        model_core.prepare_for_inference(compile_pointwise=on_cuda if compile_pointwise is None else compile_pointwise)
+        model_core.prepare_for_inference(use_fast_kernels=on_cuda if fast_kernels is None else fast_kernels)
         self.lm_head = lm_head
         self.device = torch.device(device)
         self.max_sessions = max_sessions
@@ -144,6 +155,7 @@ class Engine:
         self._free_slots = list(range(max_sessions))
         self._prefill_queue: list[_Session] = []
         self._decoding: list[_Session] = []
+        self._in_flight: _Launch | None = None
         self._prefixes: OrderedDict[str, _Prefix] = OrderedDict()  # least recently used first
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -324,7 +336,7 @@ class Engine:
 
     async def _run(self) -> None:
         while True:
-            if not self._prefill_queue and not self._decoding:
+            if not self._prefill_queue and not self._decoding and self._in_flight is None:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
@@ -332,17 +344,37 @@ class Engine:
                 with torch.inference_mode():
                     self._step()
             except Exception as error:  # a failed step ends every open turn with the error
+                self._in_flight = None
                 for session in self._prefill_queue + self._decoding:
                     self._finish(session)
                     session.request.queue.put_nowait(error)
             await asyncio.sleep(0)
 
     def _step(self) -> None:
-        """Prefill up to ``prefill_chunk`` tokens of waiting turns, then decode all generating sessions."""
+        """Prefill up to ``prefill_chunk`` tokens of waiting turns, launch a decode step for all
+        generating sessions, then hand out the tokens of the previous launch.
+
+        Sessions carried over from the previous launch take their input ids from its device output,
+        so the host reads those tokens while the GPU already runs the next step. A carried row whose
+        turn ends on that token has its extra token dropped; its cache write lands past the
+        conversation's length, where nothing attends until it is overwritten. Rows whose turn ends
+        on the previous token by length (``max_tokens``, a full slot) are not launched again.
+        """
         starting = self._prefill_some()
-        if self._decoding:
-            self._decode(self._decoding)
+        previous, self._in_flight = self._in_flight, None
+        ending = set()
+        if previous is not None:
+            ending = {id(s) for s, request in previous.rows if s.request is request and self._last_of_turn(s)}
+        launching = [s for s in self._decoding if id(s) not in ending]
+        if launching:
+            self._in_flight = self._launch(launching, previous)
+        if previous is not None:
+            self._collect(previous)
         self._decoding += [session for session in starting if not session.request.done]
+
+    def _last_of_turn(self, session: _Session) -> bool:
+        """Whether the session's next token ends its turn by length alone."""
+        return len(session.request.tokens) + 1 >= session.request.params.max_tokens or session.length + 1 >= self.max_len
 
     def _prefill_some(self) -> list[_Session]:
         """Run prefill chunks within the token budget; returns sessions whose prefill completed.
@@ -363,23 +395,46 @@ class Engine:
             if request.prefilled == request.embeds.shape[0]:
                 self._prefill_queue.pop(0)
                 logits = self.lm_head(hidden[:, -1])
-                self._deliver(session, self._sample(logits, [request.params])[0])
+                self._deliver(session, int(self._sample_on_device(logits, [request.params])[0]))
                 completed.append(session)
         return completed
 
-    def _decode(self, sessions: list[_Session]) -> None:
-        inputs = torch.tensor([[s.pending, s.length, s.slot] for s in sessions], dtype=torch.long).T
-        kv_len = self._kv_bucket(max(s.length for s in sessions) + 1)
+    def _launch(self, sessions: list[_Session], previous: _Launch | None) -> _Launch:
+        """Queue one decode step for ``sessions``; rows still in ``previous`` continue from its ids."""
+        carried = {id(s): row for row, (s, request) in enumerate(previous.rows) if s.request is request} if previous else {}
+        positions = [s.length + (id(s) in carried) for s in sessions]
+        ids = [0 if id(s) in carried else s.pending for s in sessions]
+        inputs = torch.tensor([ids, positions, [s.slot for s in sessions]], dtype=torch.long)
+        inputs = inputs.to(self.device, non_blocking=True)
+        if carried:
+            rows = [row for row, s in enumerate(sessions) if id(s) in carried]
+            sources = [carried[id(sessions[row])] for row in rows]
+            if rows == sources == list(range(len(rows))):  # the usual case: same sessions, same order
+                inputs[0, : len(rows)] = previous.ids[: len(rows)]
+            else:
+                inputs[0, torch.tensor(rows, device=self.device)] = previous.ids[torch.tensor(sources, device=self.device)]
+        kv_len = self._kv_bucket(max(positions) + 1)
         if self.use_graphs:
-            graph = self._graph(self._batch_bucket(len(sessions)), kv_len)
-            logits = graph(inputs.to(self.device, non_blocking=True))
+            logits = self._graph(self._batch_bucket(len(sessions)), kv_len)(inputs)
         else:
-            inputs = inputs.to(self.device)
             logits = self._decode_logits(inputs[0], inputs[1, :, None], inputs[2], kv_len)
-        tokens = self._sample(logits, [s.request.params for s in sessions])
-        for session, token in zip(list(sessions), tokens):
-            session.length += 1
-            self._deliver(session, token)
+        sampled = self._sample_on_device(logits, [s.request.params for s in sessions])
+        on_cuda = self.device.type == "cuda"
+        host_ids = torch.empty(len(sessions), dtype=torch.long, pin_memory=on_cuda)
+        host_ids.copy_(sampled, non_blocking=True)
+        ready = torch.cuda.Event() if on_cuda else None
+        if ready is not None:
+            ready.record()
+        return _Launch([(s, s.request) for s in sessions], sampled, host_ids, ready)
+
+    def _collect(self, launch: _Launch) -> None:
+        """Wait for ``launch`` and deliver its tokens to the turns still running."""
+        if launch.ready is not None:
+            launch.ready.synchronize()
+        for (session, request), token in zip(launch.rows, launch.host_ids.tolist()):
+            if session.request is request and not request.done:
+                session.length += 1
+                self._deliver(session, token)
 
     # ----------------------------------------------------------------- model calls
 
@@ -394,11 +449,10 @@ class Engine:
         hidden = self.model(self.model.embed_tokens(ids)[:, None], positions, self.cache, slots, kv_len)
         return self.lm_head(hidden[:, 0])
 
-    def _sample(self, logits: torch.Tensor, params: list[SamplingParams]) -> list[int]:
+    def _sample_on_device(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         if all(p.temperature == 0 for p in params):  # greedy: no parameter tensors to build
-            return logits.argmax(dim=-1).tolist()
-        batch = SamplingBatch.from_params(params, self.device)
-        return sample(logits, batch, self.generator).tolist()
+            return logits.argmax(dim=-1)
+        return sample(logits, SamplingBatch.from_params(params, self.device), self.generator)
 
     def _graph(self, batch: int, kv_len: int) -> _DecodeGraph:
         key = (batch, kv_len)

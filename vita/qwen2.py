@@ -129,18 +129,24 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-class Pointwise(NamedTuple):
-    """The elementwise steps of a layer, eager or each compiled into one fused kernel."""
+class LayerKernels(NamedTuple):
+    """How a layer runs its elementwise steps and one-token attention: eager PyTorch by default."""
 
     add_rms_norm: Callable = add_rms_norm
     rotate_heads: Callable = rotate_heads
     silu_and_mul: Callable = silu_and_mul
+    decode_attention: Callable | None = None  # None: gather the keys, then SDPA
 
 
 @functools.cache
-def compiled_pointwise() -> Pointwise:
-    """``Pointwise`` with every step through ``torch.compile`` (shapes dynamic, compiled on first call)."""
-    return Pointwise(*(torch.compile(step, dynamic=True, fullgraph=True) for step in Pointwise()))
+def fast_kernels() -> LayerKernels:
+    """Elementwise steps through ``torch.compile`` (dynamic shapes, compiled on first call) and
+    Triton flash-decoding for one-token attention (``vita.decode_attention``)."""
+    from vita.decode_attention import decode_attention
+
+    eager = LayerKernels()
+    compiled = (torch.compile(step, dynamic=True, fullgraph=True) for step in eager[:3])
+    return LayerKernels(*compiled, decode_attention=decode_attention)
 
 
 class RotaryEmbedding(nn.Module):
@@ -237,7 +243,7 @@ class Qwen2Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         bias: torch.Tensor,
         cache: CacheAccess | None,
-        ops: Pointwise,
+        ops: LayerKernels,
     ) -> torch.Tensor:
         """``rope`` covers all q, k and v heads (the value heads unrotated), so the keys and
         values come out side by side and go into the cache in one write."""
@@ -245,12 +251,10 @@ class Qwen2Attention(nn.Module):
         qkv = self.project_qkv(x).view(batch, length, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         qkv = ops.rotate_heads(qkv, *rope)
         q, kv = qkv[:, :, : self.num_heads], qkv[:, :, self.num_heads :]
-        if cache is None:
-            kv = kv.transpose(1, 2)
-            k, v = kv[:, : self.num_kv_heads], kv[:, self.num_kv_heads :]
-        else:
-            k, v = cache.write_and_read(self.layer_idx, kv)
-        return self.o_proj(grouped_attention(q, k, v, bias))
+        if cache is not None:
+            return self.o_proj(cache.attend(self.layer_idx, q, kv, bias, ops.decode_attention))
+        kv = kv.transpose(1, 2)
+        return self.o_proj(grouped_attention(q, kv[:, : self.num_kv_heads], kv[:, self.num_kv_heads :], bias))
 
 
 class Qwen2MLP(nn.Module):
@@ -263,7 +267,7 @@ class Qwen2MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.fused_gate_up: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, ops: Pointwise) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops: LayerKernels) -> torch.Tensor:
         if self.fused_gate_up is not None:
             gate_up = F.linear(x, self.fused_gate_up)
         else:
@@ -288,7 +292,7 @@ class Qwen2DecoderLayer(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         bias: torch.Tensor,
         cache: CacheAccess | None,
-        ops: Pointwise,
+        ops: LayerKernels,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Add the previous block's output ``delta`` to the residual stream ``x`` and run the layer.
 
@@ -310,10 +314,19 @@ class CacheAccess:
     slot_ids: torch.Tensor  # [B]
     flat_index: torch.Tensor  # [B * T], from KVCache.flat_index
     kv_len: int  # attend over positions [0, kv_len) of each slot
+    lengths: torch.Tensor  # [B] positions each row's last query attends to (its position + 1)
 
-    def write_and_read(self, layer: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(
+        self, layer: int, q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, decode_attention: Callable | None
+    ) -> torch.Tensor:
+        """Store this step's ``kv [B, T, 2 * kv_heads, D]``, then attend ``q [B, T, heads, D]`` over
+        the slot's cached positions; returns ``[B, T, heads * D]``."""
         self.cache.write(layer, self.flat_index, kv)
-        return self.cache.read(layer, self.slot_ids, self.kv_len)
+        if q.shape[1] == 1 and decode_attention is not None:
+            store = self.cache.layers[layer]
+            return decode_attention(q[:, 0], store, self.slot_ids, self.lengths, self.kv_len)[:, None]
+        k, v = self.cache.read(layer, self.slot_ids, self.kv_len)
+        return grouped_attention(q, k, v, bias)
 
 
 class Qwen2Model(nn.Module):
@@ -326,17 +339,17 @@ class Qwen2Model(nn.Module):
         self.layers = nn.ModuleList(Qwen2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
-        self.pointwise = Pointwise()
+        self.kernels = LayerKernels()
 
-    def prepare_for_inference(self, compile_pointwise: bool = False) -> None:
+    def prepare_for_inference(self, use_fast_kernels: bool = False) -> None:
         """Fuse q/k/v and gate/up into one matrix product each (weights stay where they are, as
-        views) and optionally compile the elementwise steps. Call once the weights are final."""
+        views) and optionally switch to ``fast_kernels`` (CUDA). Call once the weights are final."""
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
             if attn.fused_qkv is None:
                 attn.fused_qkv = fuse_linears(attn.q_proj, attn.k_proj, attn.v_proj)
                 mlp.fused_gate_up = fuse_linears(mlp.gate_proj, mlp.up_proj)[0]
-        self.pointwise = compiled_pointwise() if compile_pointwise else Pointwise()
+        self.kernels = fast_kernels() if use_fast_kernels else LayerKernels()
 
     def forward(
         self,
@@ -353,7 +366,7 @@ class Qwen2Model(nn.Module):
         """
         key_positions = torch.arange(kv_len, device=positions.device)
         allowed = (key_positions <= positions[:, :, None])[:, None]
-        access = CacheAccess(cache, slot_ids, cache.flat_index(slot_ids, positions), kv_len)
+        access = CacheAccess(cache, slot_ids, cache.flat_index(slot_ids, positions), kv_len, positions[:, -1] + 1)
         return self._run_layers(inputs_embeds, positions, allowed, access)
 
     def forward_reference(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
@@ -372,5 +385,5 @@ class Qwen2Model(nn.Module):
         bias = attention_bias(allowed, heads // kv_heads, x.dtype)
         delta = torch.zeros_like(x)
         for layer in self.layers:
-            x, delta = layer(x, delta, rope, bias, cache, self.pointwise)
-        return self.pointwise.add_rms_norm(x, delta, self.norm.weight, self.norm.eps)[1]
+            x, delta = layer(x, delta, rope, bias, cache, self.kernels)
+        return self.kernels.add_rms_norm(x, delta, self.norm.weight, self.norm.eps)[1]
