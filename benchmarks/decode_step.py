@@ -57,11 +57,11 @@ def graph_ms(step: Step, batch: int, kv_len: int, device: torch.device, replays:
     return start.elapsed_time(end) / replays
 
 
-def kernel_table(step: Step, kv_len: int, device: torch.device) -> tuple[str, float, int]:
-    """Profiler table of one eager batch-1 forward, the summed kernel time (ms) and kernel count."""
+def kernel_table(step: Step, kv_len: int, device: torch.device) -> tuple[str, float, int, torch.Tensor]:
+    """Profiler table of one eager batch-1 forward, the summed kernel time (ms), kernel count and logits."""
     ids, positions, slots = step_inputs(1, kv_len, device)
     for _ in range(3):
-        step(ids, positions, slots, kv_len)
+        logits = step(ids, positions, slots, kv_len)
     torch.cuda.synchronize(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step(ids, positions, slots, kv_len)
@@ -69,7 +69,7 @@ def kernel_table(step: Step, kv_len: int, device: torch.device) -> tuple[str, fl
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     total_ms = sum(e.device_time_total for e in kernels) / 1000
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
-    return table, total_ms, len(kernels)
+    return table, total_ms, len(kernels), logits.float()
 
 
 def main() -> None:
@@ -97,23 +97,29 @@ def main() -> None:
     }
     variants = {name: makers[name] for name in args.variants}
     results = {"machine": torch.cuda.get_device_name(device), "torch": torch.__version__, "kv_len": args.kv_len}
+    first_logits = None
     with torch.inference_mode():
         for name, make in variants.items():
             variant_step = make()
-            table, kernel_ms, kernels = kernel_table(variant_step, args.kv_len, device)
-            print(f"== {name}: {kernels} kernels, {kernel_ms:.2f} ms of kernel time per eager batch-1 forward\n{table}")
+            torch.manual_seed(0)  # the same step inputs for every variant
+            table, kernel_ms, kernels, logits = kernel_table(variant_step, args.kv_len, device)
+            first_logits = logits if first_logits is None else first_logits
+            error = ((logits - first_logits).norm() / first_logits.norm()).item()
+            print(f"== {name}: {kernels} kernels, {kernel_ms:.2f} ms of kernel time per eager batch-1 forward, "
+                  f"logits relative difference to the first variant {error:.2e}\n{table}")
             ms = {b: graph_ms(variant_step, b, args.kv_len, device) for b in args.batches}
-            results[name] = {"kernels": kernels, "kernel_ms": kernel_ms, "graph_ms": ms}
+            results[name] = {"kernels": kernels, "kernel_ms": kernel_ms, "graph_ms": ms, "logits_rel_diff": error}
             print(f"== {name}: graph replay ms per forward {ms}", flush=True)
             with open(args.out, "w") as file:
                 json.dump(results, file, indent=2)
     print(f"\n{results['machine']}, torch {results['torch']}, attended-length bucket {args.kv_len}")
-    print("| variant | kernels (b1) | kernel time b1 | " + " | ".join(f"graph b{b}" for b in args.batches) + " |")
-    print("|---|---:|---:|" + "---:|" * len(args.batches))
+    print("| variant | kernels (b1) | kernel time b1 | " + " | ".join(f"graph b{b}" for b in args.batches)
+          + " | logits vs first |")
+    print("|---|---:|---:|" + "---:|" * len(args.batches) + "---:|")
     for name in variants:
         r = results[name]
         cells = " | ".join(f"{r['graph_ms'][b]:.2f} ms" for b in args.batches)
-        print(f"| {name} | {r['kernels']} | {r['kernel_ms']:.2f} ms | {cells} |")
+        print(f"| {name} | {r['kernels']} | {r['kernel_ms']:.2f} ms | {cells} | {r['logits_rel_diff']:.1e} |")
 
 
 if __name__ == "__main__":
