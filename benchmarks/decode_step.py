@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import time
 from collections.abc import Callable
 
 import torch
+from torch.nn.attention import SDPBackend
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.decode import build_model
+from vita import qwen2
 from vita.qwen2 import KVCache, LLMConfig
 
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -72,11 +76,47 @@ def kernel_table(step: Step, kv_len: int, device: torch.device) -> tuple[str, fl
     return table, total_ms, len(kernels), logits.float()
 
 
+def prefill_chunk_ms(core, cache: KVCache, start: int, length: int, device: torch.device) -> tuple[float, float]:
+    """One eager prefill chunk of ``length`` tokens after ``start`` cached ones: the first call at
+    this shape, then the median of 5 more (ms)."""
+    embeds = torch.randn(1, length, core.config.hidden_size, device=device, dtype=torch.bfloat16)
+    positions = torch.arange(start, start + length, device=device)[None]
+    slots = torch.tensor([0], device=device)
+    kv_len = 1 << (start + length - 1).bit_length()
+    times = []
+    for _ in range(6):
+        torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        core(embeds, positions, cache, slots, max(kv_len, 256))
+        torch.cuda.synchronize(device)
+        times.append(1000 * (time.perf_counter() - began))
+    return times[0], statistics.median(times[1:])
+
+
+def prefill_table(core, cache: KVCache, device: torch.device) -> dict:
+    """Chunked prefill of a 600-token prompt (256 + 256 + 88) with and without cuDNN attention,
+    each at prompt lengths not seen before (cuDNN plans are cached per shape)."""
+    backends = {"with cuDNN": [SDPBackend.CUDNN_ATTENTION, *qwen2.ATTENTION_BACKENDS], "without cuDNN": None}
+    results = {}
+    for offset, (name, chosen) in enumerate(backends.items()):
+        kept = qwen2.ATTENTION_BACKENDS
+        qwen2.ATTENTION_BACKENDS = chosen or kept
+        try:
+            chunks = [(0, 256 - offset), (256, 256 - offset), (512, 88 - offset)]
+            results[name] = {f"{start}+{length}": prefill_chunk_ms(core, cache, start, length, device)
+                             for start, length in chunks}
+        finally:
+            qwen2.ATTENTION_BACKENDS = kept
+        print(f"== prefill chunks {name}: (first call ms, median of next 5 ms) {results[name]}", flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="decode_step.json")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--kv-len", type=int, default=1024)
+    parser.add_argument("--prefill", action="store_true", help="also time eager prefill chunks per SDPA backend set")
     parser.add_argument("--variants", nargs="+", default=["unfused", "fused", "fast kernels"],
                         choices=["unfused", "fused", "fast kernels", "whole"])
     args = parser.parse_args()
@@ -110,6 +150,10 @@ def main() -> None:
             ms = {b: graph_ms(variant_step, b, args.kv_len, device) for b in args.batches}
             results[name] = {"kernels": kernels, "kernel_ms": kernel_ms, "graph_ms": ms, "logits_rel_diff": error}
             print(f"== {name}: graph replay ms per forward {ms}", flush=True)
+            with open(args.out, "w") as file:
+                json.dump(results, file, indent=2)
+        if args.prefill:
+            results["prefill_chunks_ms"] = prefill_table(core, cache, device)
             with open(args.out, "w") as file:
                 json.dump(results, file, indent=2)
     print(f"\n{results['machine']}, torch {results['torch']}, attended-length bucket {args.kv_len}")

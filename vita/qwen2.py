@@ -15,6 +15,11 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# SDPA backends for cached and reference attention. Left out: cuDNN, which builds an execution plan
+# for every new shape (every new prompt length) at a cost far above the attention itself.
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass(frozen=True)
@@ -190,7 +195,8 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: t
     group = heads // kv_heads
     folded = q.view(batch, length, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
     folded = folded.reshape(batch, kv_heads, group * length, head_dim)
-    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=bias)
+    with sdpa_kernel(ATTENTION_BACKENDS):
+        out = F.scaled_dot_product_attention(folded, k, v, attn_mask=bias)
     out = out.view(batch, kv_heads, group, length, head_dim).permute(0, 3, 1, 2, 4)
     return out.reshape(batch, length, heads * head_dim)
 
@@ -383,7 +389,10 @@ class Qwen2Model(nn.Module):
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
         rope = self.rotary_emb(positions, x.dtype, rotated_heads=heads + kv_heads, kept_heads=kv_heads)
         bias = attention_bias(allowed, heads // kv_heads, x.dtype)
+        # Compiled steps check their guards on the host at every call: free for one-token steps
+        # replayed from a CUDA graph, but slower than eager ops for a multi-token (prefill) forward.
+        kernels = self.kernels if x.shape[1] == 1 else LayerKernels()
         delta = torch.zeros_like(x)
         for layer in self.layers:
-            x, delta = layer(x, delta, rope, bias, cache, self.kernels)
-        return self.kernels.add_rms_norm(x, delta, self.norm.weight, self.norm.eps)[1]
+            x, delta = layer(x, delta, rope, bias, cache, kernels)
+        return kernels.add_rms_norm(x, delta, self.norm.weight, self.norm.eps)[1]
