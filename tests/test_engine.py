@@ -166,6 +166,24 @@ async def test_single_token_turns_keep_the_conversation_consistent(model):
     await engine.close()
 
 
+async def test_turn_ended_by_a_stop_token_during_a_launched_step_keeps_the_conversation_exact(model):
+    """The step after a stop token is already on its way when the stop is read; its extra token is
+    dropped and the next turn continues from the exact conversation, while another session decodes."""
+    first, second, other = prompt(model, 7, seed=60), prompt(model, 5, seed=61), prompt(model, 9, seed=62)
+    stop = reference_greedy(model, first, 12)[3]
+    engine = make_engine(model, stop_token_ids=[stop])
+    long_params = SamplingParams(max_tokens=40)
+    background = asyncio.ensure_future(collect(engine, "b", other, long_params))
+    reply1 = await collect(engine, "a", first)
+    reply2 = await collect(engine, "a", second)
+    others = await background
+    await engine.close()
+    assert reply1 == reference_greedy(model, first, 12, stop_ids=[stop]) and reply1[-1] == stop
+    conversation = torch.cat([first, token_embeds(model, reply1), second])
+    assert reply2 == reference_greedy(model, conversation, 12, stop_ids=[stop])
+    assert others == reference_greedy(model, other, 40, stop_ids=[stop])
+
+
 async def test_named_prefixes_are_prefilled_once_and_equal_full_prefill(model):
     engine = make_engine(model)
     system_x, system_y = prompt(model, 19, seed=50), prompt(model, 13, seed=53)
