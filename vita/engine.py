@@ -8,8 +8,10 @@ prefills its new tokens. Named prefixes (a system prompt) are prefilled once and
 compact key/value copies (the few most recently used); a session that starts from one gets
 those copied into its slot and prefills only what follows. On CUDA the decode forward is
 replayed from CUDA graphs captured per (batch bucket, attended-length bucket), with the
-elementwise steps compiled into fused kernels; prefill runs eagerly. The engine fuses the model's
-q/k/v and gate/up projections in place (``Qwen2Model.prepare_for_inference``).
+model's fast kernels (compiled elementwise steps, Triton one-token attention); prefill runs
+eagerly. Each decode step is launched before the previous step's tokens are read, so host work
+overlaps the GPU. The engine fuses the model's q/k/v and gate/up projections in place
+(``Qwen2Model.prepare_for_inference``).
 
 All public methods must be called from the thread running the engine's event loop (another
 thread uses ``loop.call_soon_threadsafe``); a step never yields mid-way, so they always see the
@@ -27,7 +29,7 @@ import torch
 from torch import nn
 
 from vita.qwen2 import KVCache, Qwen2Model
-from vita.sampling import SamplingBatch, SamplingParams, sample
+from vita.sampling import SamplingParams, sample_requests
 
 _FINISHED = None
 
@@ -132,10 +134,10 @@ class Engine:
         fast_kernels: bool | None = None,
     ):
         self.model = model_core
-        on_cuda = torch.device(device).type == "cuda"
-        model_core.prepare_for_inference(use_fast_kernels=on_cuda if fast_kernels is None else fast_kernels)
         self.lm_head = lm_head
         self.device = torch.device(device)
+        self.on_cuda = self.device.type == "cuda"
+        model_core.prepare_for_inference(use_fast_kernels=self.on_cuda if fast_kernels is None else fast_kernels)
         self.max_sessions = max_sessions
         self.max_len = max_len
         self.stop_token_ids = frozenset(stop_token_ids)
@@ -148,7 +150,7 @@ class Engine:
         self._kv_buckets = kv_buckets(max_len)
         self._batch_buckets = batch_buckets(max_sessions)
         self.generator = torch.Generator(self.device).manual_seed(seed)
-        self.use_graphs = on_cuda if cuda_graphs is None else cuda_graphs
+        self.use_graphs = self.on_cuda if cuda_graphs is None else cuda_graphs
         self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._sessions: dict[str, _Session] = {}
@@ -395,7 +397,7 @@ class Engine:
             if request.prefilled == request.embeds.shape[0]:
                 self._prefill_queue.pop(0)
                 logits = self.lm_head(hidden[:, -1])
-                self._deliver(session, int(self._sample_on_device(logits, [request.params])[0]))
+                self._deliver(session, int(sample_requests(logits, [request.params], self.generator)[0]))
                 completed.append(session)
         return completed
 
@@ -418,11 +420,10 @@ class Engine:
             logits = self._graph(self._batch_bucket(len(sessions)), kv_len)(inputs)
         else:
             logits = self._decode_logits(inputs[0], inputs[1, :, None], inputs[2], kv_len)
-        sampled = self._sample_on_device(logits, [s.request.params for s in sessions])
-        on_cuda = self.device.type == "cuda"
-        host_ids = torch.empty(len(sessions), dtype=torch.long, pin_memory=on_cuda)
+        sampled = sample_requests(logits, [s.request.params for s in sessions], self.generator)
+        host_ids = torch.empty(len(sessions), dtype=torch.long, pin_memory=self.on_cuda)
         host_ids.copy_(sampled, non_blocking=True)
-        ready = torch.cuda.Event() if on_cuda else None
+        ready = torch.cuda.Event() if self.on_cuda else None
         if ready is not None:
             ready.record()
         return _Launch([(s, s.request) for s in sessions], sampled, host_ids, ready)
@@ -448,11 +449,6 @@ class Engine:
     def _decode_logits(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, kv_len: int) -> torch.Tensor:
         hidden = self.model(self.model.embed_tokens(ids)[:, None], positions, self.cache, slots, kv_len)
         return self.lm_head(hidden[:, 0])
-
-    def _sample_on_device(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-        if all(p.temperature == 0 for p in params):  # greedy: no parameter tensors to build
-            return logits.argmax(dim=-1)
-        return sample(logits, SamplingBatch.from_params(params, self.device), self.generator)
 
     def _graph(self, batch: int, kv_len: int) -> _DecodeGraph:
         key = (batch, kv_len)

@@ -64,6 +64,15 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generato
     return torch.where(batch.temperature > 0, sampled, greedy_ids)
 
 
+def sample_requests(
+    logits: torch.Tensor, params: list[SamplingParams], generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``sample`` with one row per request in ``params``; an all-greedy batch builds no parameter tensors."""
+    if all(p.temperature == 0 for p in params):
+        return logits.argmax(dim=-1)
+    return sample(logits, SamplingBatch.from_params(params, logits.device), generator)
+
+
 def _nucleus_and_top_k(sorted_logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Keep-mask over descending-sorted logits: the top-k ranks and the smallest prefix reaching top_p."""
     probs = sorted_logits.softmax(dim=-1)
