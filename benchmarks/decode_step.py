@@ -24,7 +24,7 @@ from torch.nn.attention import SDPBackend
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.decode import build_model
-from vita import qwen2
+from vita import sdpa
 from vita.qwen2 import KVCache, LLMConfig
 
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -96,17 +96,17 @@ def prefill_chunk_ms(core, cache: KVCache, start: int, length: int, device: torc
 def prefill_table(core, cache: KVCache, device: torch.device) -> dict:
     """Chunked prefill of a 600-token prompt (256 + 256 + 88) with and without cuDNN attention,
     each at prompt lengths not seen before (cuDNN plans are cached per shape)."""
-    backends = {"with cuDNN": [SDPBackend.CUDNN_ATTENTION, *qwen2.ATTENTION_BACKENDS], "without cuDNN": None}
+    backends = {"with cuDNN": [SDPBackend.CUDNN_ATTENTION, *sdpa.BACKENDS], "without cuDNN": None}
     results = {}
     for offset, (name, chosen) in enumerate(backends.items()):
-        kept = qwen2.ATTENTION_BACKENDS
-        qwen2.ATTENTION_BACKENDS = chosen or kept
+        kept = sdpa.BACKENDS
+        sdpa.BACKENDS = chosen or kept
         try:
             chunks = [(0, 256 - offset), (256, 256 - offset), (512, 88 - offset)]
             results[name] = {f"{start}+{length}": prefill_chunk_ms(core, cache, start, length, device)
                              for start, length in chunks}
         finally:
-            qwen2.ATTENTION_BACKENDS = kept
+            sdpa.BACKENDS = kept
         print(f"== prefill chunks {name}: (first call ms, median of next 5 ms) {results[name]}", flush=True)
     return results
 

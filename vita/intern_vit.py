@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vita.sdpa import attention
+
 PIXEL_SHUFFLE_SCALE = 0.5
 """VITA keeps 1/4 of the patch tokens: 2x2 neighbours are stacked along channels."""
 
@@ -146,7 +148,7 @@ class InternAttention(nn.Module):
         batch, length, width = hidden_states.shape
         qkv = self.qkv(hidden_states).view(batch, length, 3, self.num_heads, -1)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, T, head_dim]
-        context = F.scaled_dot_product_attention(query, key, value)
+        context = attention(query, key, value)
         return self.proj(context.transpose(1, 2).reshape(batch, length, width))
 
 

@@ -15,11 +15,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-# SDPA backends for cached and reference attention. Left out: cuDNN, which builds an execution plan
-# for every new shape (every new prompt length) at a cost far above the attention itself.
-ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+from vita.sdpa import attention
 
 
 @dataclass(frozen=True)
@@ -195,8 +192,7 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: t
     group = heads // kv_heads
     folded = q.view(batch, length, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
     folded = folded.reshape(batch, kv_heads, group * length, head_dim)
-    with sdpa_kernel(ATTENTION_BACKENDS):
-        out = F.scaled_dot_product_attention(folded, k, v, attn_mask=bias)
+    out = attention(folded, k, v, bias)
     out = out.view(batch, kv_heads, group, length, head_dim).permute(0, 3, 1, 2, 4)
     return out.reshape(batch, length, heads * head_dim)
 

@@ -27,6 +27,7 @@ import yaml
 from torch import nn
 
 from vita.fbank import fbank
+from vita.sdpa import attention
 
 # Score of a masked attention entry (upstream fills float16's lowest value).
 MASKED_SCORE = float(torch.finfo(torch.float16).min)
@@ -342,7 +343,7 @@ class RelPositionMultiHeadedAttention(nn.Module):
         q_position = (q + self.pos_bias_v).transpose(1, 2)
         position_scores = q_position @ p.transpose(-2, -1) / math.sqrt(self.head_dim)
         bias = position_scores.masked_fill(~mask[:, None], MASKED_SCORE)
-        out = F.scaled_dot_product_attention(q_content, k, v, attn_mask=bias)
+        out = attention(q_content, k, v, bias)
         return self.linear_out(out.transpose(1, 2).flatten(2))
 
 
