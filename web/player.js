@@ -52,7 +52,8 @@ export class Player {
     source.buffer = buffer;
     source.connect(this.output);
     const entry = { source, startAt, duration: buffer.duration };
-    source.onended = () => this.finish(entry);
+    // An ended segment was heard whole; currentTime may still read the start of its last quantum.
+    source.onended = () => this.finish(entry, entry.duration);
     source.start(startAt);
     this.scheduled.add(entry);
     this.nextStartAt = startAt + buffer.duration;
@@ -64,7 +65,7 @@ export class Player {
     for (const entry of [...this.scheduled]) {
       entry.source.onended = null;
       entry.source.stop();
-      this.finish(entry);
+      this.finish(entry, this.heardOf(entry));
     }
     this.nextStartAt = 0;
   }
@@ -81,9 +82,9 @@ export class Player {
     return Math.max(0, Math.min(entry.duration, elapsed));
   }
 
-  finish(entry) {
+  finish(entry, heardSeconds) {
     if (!this.scheduled.delete(entry)) return;
-    this.playedSeconds += this.heardOf(entry);
+    this.playedSeconds += heardSeconds;
     entry.source.disconnect();
     if (this.scheduled.size === 0) this.onIdle?.();
   }
