@@ -96,6 +96,25 @@ def component_speed(synth: Synthesizer, *, tokens: int, rows: int, device: str) 
             "codec_window_ms": 1000 * codec_s, "codec_x_realtime": window.shape[1] * 600 / SAMPLE_RATE / codec_s}
 
 
+def codec_planning(synth: Synthesizer, *, device: str) -> dict:
+    """Time `plan_codec_windows` (every window length chunk 40 can ask for, each decoded for the first
+    time: on CUDA, cuDNN plans each new shape), then each length once more (planned)."""
+    lengths = range(1, 40 + 2 * PADDING + 1)
+    sync(device)
+    start = time.perf_counter()
+    synth.plan_codec_windows(40, PADDING)
+    sync(device)
+    plan_s = time.perf_counter() - start
+    planned_ms = []
+    for frames in lengths:
+        start = time.perf_counter()
+        synth.codec.decode(torch.zeros(1, frames, dtype=torch.long))
+        sync(device)
+        planned_ms.append(1000 * (time.perf_counter() - start))
+    return {"windows": len(lengths), "plan_s": plan_s, "first_ms_mean": 1000 * plan_s / len(lengths),
+            "planned_ms_mean": sum(planned_ms) / len(planned_ms), "planned_ms_max": max(planned_ms)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=("tiny", "full"), default="tiny")
@@ -116,6 +135,7 @@ def main() -> None:
     with torch.no_grad():
         synth.decoder.out_fnn.bias[synth.decoder.config.eos_id] = float("-inf")
     rows = 4 * args.text_tokens
+    planning = codec_planning(synth, device=args.device)  # before any other codec call
     run_streams(synth, 1, tokens=60, chunk=20, rows=rows, device=args.device)  # warm-up
 
     results = [best_run(synth, n, args.repeats, tokens=args.tokens, chunk=chunk, rows=rows, device=args.device)
@@ -135,11 +155,14 @@ def main() -> None:
     print(f"decoder {components['decoder_codes_per_s']:.0f} codes/s (40 = real time); codec "
           f"{components['codec_window_ms']:.1f} ms per {40 + 2 * PADDING}-frame window "
           f"({components['codec_x_realtime']:.0f}x real time)")
+    print(f"plan_codec_windows: {planning['windows']} window lengths in {planning['plan_s']:.2f} s "
+          f"({planning['first_ms_mean']:.1f} ms each, first decode); planned, a window takes "
+          f"{planning['planned_ms_mean']:.1f} ms mean, {planning['planned_ms_max']:.1f} ms max")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"config": args.config, "device": args.device, "machine": machine,
                                          "torch": torch.__version__, "rows": rows, "results": results,
-                                         "components": components}, indent=2))
+                                         "components": components, "codec_planning": planning}, indent=2))
 
 
 if __name__ == "__main__":

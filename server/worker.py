@@ -155,6 +155,8 @@ class ModelWorker:
         self.engine.end_session(WARM_UP_SESSION)
         for _ in self.synthesizer.synthesize(self.assistant.speech_embeddings("hello."), max_tokens=WARM_UP_CODES):
             pass
+        if self.assistant.device.type == "cuda":
+            self.synthesizer.plan_codec_windows(max(CHUNK_SIZE, FIRST_SENTENCE_CHUNK_SIZE))
 
     async def _shutdown(self) -> None:
         turns = list(self._turns.values())

@@ -67,6 +67,24 @@ def test_segments_are_int16_chunks_of_600_samples_per_code(synth, codes, chunk, 
     assert [len(s) for s in segments] == [f * 600 for f in frames]
 
 
+def test_planned_codec_windows_cover_every_window_synthesis_decodes(synth, monkeypatch):
+    decoded: list[int] = []
+    decode = synth.codec.decode
+
+    def recording_decode(codes: torch.Tensor) -> torch.Tensor:
+        decoded.append(codes.shape[1])
+        return decode(codes)
+
+    monkeypatch.setattr(synth.codec, "decode", recording_decode)
+    synth.plan_codec_windows(largest_chunk_size=6, padding=2)
+    planned, decoded[:] = set(decoded), []
+    for chunk in (3, 6):
+        for codes in range(1, 25):
+            stream(synth, seed=codes, codec_chunk_size=chunk, padding=2, max_tokens=codes)
+    assert set(decoded) <= planned
+    assert max(decoded) == max(planned)  # a middle window of the largest chunk
+
+
 def test_stream_equals_one_shot_decode_when_padding_covers_receptive_field(synth):
     reach = synth.codec.generator.receptive_field_frames()
     codes = tokens(synth, seed=1, max_tokens=40)

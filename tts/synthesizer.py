@@ -63,6 +63,13 @@ class Synthesizer:
         codec = TiCodec.load(tts_dir / "codec", device=device)
         return cls(decoder, codec)
 
+    def plan_codec_windows(self, largest_chunk_size: int = CHUNK_SIZE, padding: int = PADDING) -> None:
+        """Decode one window of every length chunked synthesis can ask for (1 to chunk + 2 * padding
+        codes). On CUDA, cuDNN plans each new convolution shape on first use (50 to 137 ms per window
+        length on an H100), so this keeps the planning away from the first replies."""
+        for frames in range(1, largest_chunk_size + 2 * padding + 1):
+            self.codec.decode(torch.zeros(1, frames, dtype=torch.long))
+
     def synthesize(
         self,
         embeddings: torch.Tensor,
