@@ -288,6 +288,21 @@ def test_encode_waveform_equals_forward_on_fbank():
     torch.testing.assert_close(model.encode_waveform(wave), expected[0], atol=2e-4, rtol=1e-3)
 
 
+def test_bf16_encoder_normalises_in_float32_then_casts():
+    """The first layer of a bf16 encoder sees the float32 CMVN output rounded once to bf16 (relative error
+    <= 2**-8); rounding the fbank (near 13) to bf16 first would be off by up to 0.03 * istd."""
+    model = tiny_model().to(torch.bfloat16)
+    feats = model.waveform_features(read_clip("zh_weather"))
+    seen = []
+    model.encoder.enc[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(feats[None], torch.tensor([len(feats)]))
+    cmvn = model.encoder.global_cmvn
+    reference = (feats.double() - cmvn.mean.double()) * cmvn.istd.double()
+    assert feats.dtype == torch.float32 and seen[0].dtype == torch.bfloat16
+    torch.testing.assert_close(seen[0][0].double(), reference, rtol=2**-8, atol=1e-5)
+
+
 def test_global_cmvn_json_and_kaldi_files(tmp_path):
     rng = np.random.default_rng(0)
     feats = rng.normal(14.0, 3.0, size=(500, 80))

@@ -1,7 +1,8 @@
 """Whale audio encoder of VITA-1.5 with its LLM adapter.
 
-fbank ``[B, T, 80]`` -> global CMVN -> Conv2dSubsampling4 (T/4) -> relative-position transformer
-(pre-norm) -> adapter (stride-2 conv, LayerNorm, GELU, projection; T/8) -> ``[B, T', llm_hidden]``.
+fbank ``[B, T, 80]`` -> global CMVN (in float32, then cast to the model dtype) -> Conv2dSubsampling4
+(T/4) -> relative-position transformer (pre-norm) -> adapter (stride-2 conv, LayerNorm, GELU,
+projection; T/8) -> ``[B, T', llm_hidden]``.
 
 State-dict keys mirror the checkpoint with ``model.audio_encoder.`` stripped:
 ``encoder.enc.0.core.{conv.0,conv.2,out.0}``, ``encoder.enc.1.{embed.0,embed.1,encoders.N,after_norm}``,
@@ -273,7 +274,10 @@ def attention_mask(key_valid: torch.Tensor, chunk_size: int, left_chunks: int) -
 
 
 class GlobalCMVN(nn.Module):
-    """``(x - mean) * istd`` with corpus statistics."""
+    """``(x - mean) * istd`` with corpus statistics, in float32 whatever the model dtype.
+
+    Log-mel values sit near 13: bf16 would round them by up to 0.03 before the mean is taken away.
+    """
 
     def __init__(self, dim: int):
         super().__init__()
@@ -281,7 +285,7 @@ class GlobalCMVN(nn.Module):
         self.register_buffer("istd", torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) * self.istd
+        return (x.float() - self.mean.float()) * self.istd.float()
 
 
 class Conv2dSubsampling4(nn.Module):
@@ -406,8 +410,11 @@ class WhaleEncoder(nn.Module):
         self.global_cmvn = GlobalCMVN(config.input_dim)
 
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """fbank ``[B, T, F]`` -> ``([B, T', D], valid [B, T'])`` with ``T' = ((T - 1) // 2 - 1) // 2``."""
-        x = self.enc[0](self.global_cmvn(feats))
+        """fbank ``[B, T, F]`` -> ``([B, T', D], valid [B, T'])`` with ``T' = ((T - 1) // 2 - 1) // 2``.
+
+        CMVN runs in float32; only its output is cast to the weights' dtype.
+        """
+        x = self.enc[0](self.global_cmvn(feats).to(self.enc[0].core.conv[0].weight.dtype))
         valid = torch.arange(x.shape[1], device=x.device)[None, :] < subsampled_lengths(lengths)[:, None]
         return self.enc[1](x, valid), valid
 
@@ -443,8 +450,7 @@ class WhaleAudioEncoder(nn.Module):
         """fbank ``[B, T, input_dim]`` + frame counts ``[B]`` -> (``[B, T', llm_hidden]``, valid counts ``[B]``)."""
         if fbank_feats.shape[1] < MIN_FBANK_FRAMES:
             raise ValueError(f"audio too short: {fbank_feats.shape[1]} fbank frames, need {MIN_FBANK_FRAMES}")
-        dtype = self.adpter.project.weight.dtype
-        hidden, valid = self.encoder(fbank_feats.to(dtype), lengths)
+        hidden, valid = self.encoder(fbank_feats, lengths)
         return self.adpter(hidden, valid), output_lengths(lengths)
 
     def waveform_features(self, wave_16k: np.ndarray, generator: torch.Generator | None = None) -> torch.Tensor:
