@@ -3,10 +3,12 @@
 Each client streams a recording (default en_hello.wav) ``--turns`` times, separated by
 silence, and records end of speech -> first reply text and -> first reply audio, both as the
 client sees it (from when its last voiced audio was sent: VAD hangover and network included)
-and as the server reports it (from its end-of-turn decision). Runs against ``--url`` or starts
-an embedded server (``--checkpoint``, default the tiny random one) on loopback.
+and as the server reports it (from its end-of-turn decision), the server's TTS real-time
+factor, the replies cut (interrupted, audio dropped, unfinished) and, through NVML, how busy
+the GPU was and its peak memory during each level. Runs against ``--url`` (a server in another
+process) or starts an embedded server (``--checkpoint``, default the tiny random one) on loopback.
 
-    python -m benchmarks.load --clients 1,4,8 --turns 2 --json out/load.json
+    python -m benchmarks.load --clients 1,4,8 --json out/load.json   # also writes out/load.png
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import os
 import platform
 import time
+import urllib.request
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from benchmarks.gpu_monitor import GpuMonitor
 from server.background import BackgroundServer
 from server.client import ClientResult, stream_audio
 from server.settings import ServerSettings
@@ -33,38 +37,45 @@ from server.worker import resolve_checkpoint
 MAX_CLIENTS = 64
 MAX_DURATION_S = 600.0
 DEFAULT_WAV = Path(__file__).resolve().parents[2] / "shared" / "audio" / "en_hello.wav"  # shared/ beside the checkout
+Stats = dict[str, float | None]
 
 
-def percentiles(values: list[float]) -> dict[str, float | None]:
-    """p50, p90 and max of ``values`` (all None when there are none)."""
+def percentiles(values: list[float]) -> Stats:
+    """p50, p90, p95 and max of ``values`` (all None when there are none)."""
     if not values:
-        return {"p50": None, "p90": None, "max": None}
-    array = np.asarray(values)
-    return {"p50": float(np.percentile(array, 50)), "p90": float(np.percentile(array, 90)), "max": float(array.max())}
+        return {"p50": None, "p90": None, "p95": None, "max": None}
+    p50, p90, p95, top = (round(float(v), 3) for v in np.percentile(values, [50, 90, 95, 100]))
+    return {"p50": p50, "p90": p90, "p95": p95, "max": top}
 
 
-def summarize(clients: int, results: list[ClientResult | BaseException], wall_s: float) -> dict[str, Any]:
-    """Latency percentiles over all completed turns of one load level."""
-    turns = [t for r in results if isinstance(r, ClientResult) for t in r.turns]
-    done = [t for t in turns if t.done is not None]
-    server = [t.done["timings"] for t in done]
+def summarize(clients: int, turns: int, results: list[ClientResult | BaseException], wall_s: float) -> dict[str, Any]:
+    """Replies cut and latency percentiles over all finished replies of one load level."""
+    finished = [r for r in results if isinstance(r, ClientResult)]
+    replies = [t for r in finished for t in r.turns]
+    done = [t for t in replies if t.done is not None]
+    timings = [t.done["timings"] for t in done]
+    never_started = sum(max(0, turns - len(r.turns)) for r in finished) + turns * (len(results) - len(finished))
 
-    def server_values(name: str) -> dict[str, float | None]:
-        return percentiles([s[name] for s in server if s[name] is not None])
+    def server(name: str) -> Stats:
+        return percentiles([s[name] for s in timings if s[name] is not None])
 
     return {
         "clients": clients,
-        "turns_done": len(done),
-        "turns_interrupted": sum(t.done is None and t.interrupted for t in turns),  # barge-in: next utterance
-        "turns_unfinished": sum(t.done is None and not t.interrupted for t in turns),
-        "failed_clients": sum(isinstance(r, BaseException) for r in results),
-        "errors": sum(len(r.of_type("error")) for r in results if isinstance(r, ClientResult)),
+        "replies_expected": clients * turns,
+        "replies_done": len(done),
+        "replies_interrupted": sum(t.interrupted for t in replies),  # barge-in (the next utterance) or other
+        "replies_interrupted_generating": sum(t.interrupted and t.done is None for t in replies),
+        "replies_audio_dropped": sum(t.dropped_segments > 0 for t in replies),  # the client read too slowly
+        "segments_dropped": sum(t.dropped_segments for t in replies),
+        "replies_unfinished": sum(t.done is None and not t.interrupted for t in replies) + never_started,
+        "errors": sum(len(r.of_type("error")) for r in finished),
+        "failed_clients": len(results) - len(finished),
         "wall_s": round(wall_s, 2),
         "client_first_text_ms": percentiles([v for t in done if (v := t.latency_ms(t.first_text_at)) is not None]),
         "client_first_audio_ms": percentiles([v for t in done if (v := t.latency_ms(t.first_audio_at)) is not None]),
-        "server_first_text_ms": server_values("end_of_speech_to_first_text_ms"),
-        "server_first_audio_ms": server_values("end_of_speech_to_first_audio_ms"),
-        "tts_real_time_factor": server_values("real_time_factor"),
+        "server_first_text_ms": server("end_of_speech_to_first_text_ms"),
+        "server_first_audio_ms": server("end_of_speech_to_first_audio_ms"),
+        "tts_real_time_factor": server("real_time_factor"),
     }
 
 
@@ -80,36 +91,97 @@ async def run_level(url: str, clients: int, audio: np.ndarray, rate: int, args: 
         for _ in range(clients)
     ]
     results = await asyncio.wait_for(asyncio.gather(*runs, return_exceptions=True), args.max_duration_s)
-    return summarize(clients, results, time.monotonic() - started)
+    return summarize(clients, args.turns, results, time.monotonic() - started)
 
 
-def fmt(stats: dict[str, float | None]) -> str:
-    """``p50/p90/max`` in whole numbers, ``-`` where missing."""
-    return "/".join("-" if stats[k] is None else f"{stats[k]:.0f}" for k in ("p50", "p90", "max"))
+def fmt(stats: Stats, keys: tuple[str, ...] = ("p50", "p95"), digits: int = 0) -> str:
+    """``stats`` values joined by ``/``, ``-`` where missing."""
+    return "/".join("-" if stats[k] is None else f"{stats[k]:.{digits}f}" for k in keys)
 
 
 def table(levels: list[dict[str, Any]]) -> str:
     """One row per concurrency level, for the terminal."""
-    header = (f"{'clients':>7} {'turns':>5} {'cut':>3} {'err':>3}  {'client text ms':>16} {'client audio ms':>16}  "
-              f"{'server text ms':>16} {'server audio ms':>16}  {'tts rtf p50':>11}")
-    rows = [header, "(turns = replies done, cut = interrupted by the next utterance, err = errors or unfinished;"
-                    " latencies p50/p90/max from end of speech)"]
+    rows = [
+        f"{'clients':>7} {'done':>7} {'int':>3} {'drop':>4} {'unf':>3} {'err':>3}  {'srv text ms':>11} "
+        f"{'srv audio ms':>16} {'cli audio ms':>16}  {'tts rtf':>9}  {'gpu busy %':>10} {'gpu GiB':>7}",
+        "(done = replies finished / expected; int = interrupted (barge-in by the next utterance or other), "
+        "drop = audio dropped (client read too slowly), unf = unfinished, err = errors + failed clients;",
+        " srv ms from the VAD's end-of-turn decision, cli ms from the end of voiced audio sent, p50/p95/max; "
+        "tts rtf p50/p90; gpu busy mean/p95 and peak memory, whole device)",
+    ]
     for level in levels:
-        rtf = level["tts_real_time_factor"]["p50"]
+        busy = {"p50": level["gpu_busy_mean_pct"], "p95": level["gpu_busy_p95_pct"]}
+        memory = level["gpu_memory_peak_gib"]
+        done = f"{level['replies_done']}/{level['replies_expected']}"
         rows.append(
-            f"{level['clients']:>7} {level['turns_done']:>5} {level['turns_interrupted']:>3} "
-            f"{level['errors'] + level['failed_clients'] + level['turns_unfinished']:>3}  "
-            f"{fmt(level['client_first_text_ms']):>16} {fmt(level['client_first_audio_ms']):>16}  "
-            f"{fmt(level['server_first_text_ms']):>16} {fmt(level['server_first_audio_ms']):>16}  "
-            f"{'-' if rtf is None else f'{rtf:.3f}':>11}"
+            f"{level['clients']:>7} {done:>7} "
+            f"{level['replies_interrupted']:>3} {level['replies_audio_dropped']:>4} {level['replies_unfinished']:>3} "
+            f"{level['errors'] + level['failed_clients']:>3}  {fmt(level['server_first_text_ms']):>11} "
+            f"{fmt(level['server_first_audio_ms'], ('p50', 'p95', 'max')):>16} "
+            f"{fmt(level['client_first_audio_ms'], ('p50', 'p95', 'max')):>16}  "
+            f"{fmt(level['tts_real_time_factor'], ('p50', 'p90'), 2):>9}  {fmt(busy):>10} "
+            f"{'-' if memory is None else f'{memory:.1f}':>7}"
         )
     return "\n".join(rows)
 
 
-def machine() -> dict[str, Any]:
-    """Where the benchmark ran: OS, CPU count and GPU name."""
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "gpu": gpu}
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Latency percentiles and TTS RTF against clients, two panels, to ``path`` (needs matplotlib)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[bench]'): no plot")
+        return
+    levels = report["levels"]
+    clients = [level["clients"] for level in levels]
+
+    def series(key: str, q: str) -> list[float]:
+        return [np.nan if level[key][q] is None else level[key][q] for level in levels]
+
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    latency, rtf = fig.subplots(1, 2)
+    for key, label, color in (("server_first_audio_ms", "server end of turn", "C0"),
+                              ("client_first_audio_ms", "client end of speech", "C1")):
+        for q, style in (("p50", "o-"), ("p95", "s--")):
+            latency.plot(clients, series(key, q), style, color=color, label=f"{label} → first audio {q}")
+    for q, style in (("p50", "o-"), ("p90", "s--")):
+        rtf.plot(clients, series("tts_real_time_factor", q), style, color="C2", label=f"TTS RTF {q}")
+    rtf.axhline(1.0, color="C3", linewidth=1, label="real time (1.0)")
+    latency.set(ylabel="ms", title="time to first reply audio", ylim=(0, None))
+    rtf.set(ylabel="synthesis time / audio duration", title="TTS real-time factor", ylim=(0, None))
+    for ax in (latency, rtf):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(clients, [str(n) for n in clients])
+        ax.minorticks_off()
+        ax.set_xlabel("concurrent clients")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{report['machine']['label']} · {report['model']}\n{report['turns_per_client']} turns per client, "
+                 f"max_new_tokens {report['max_new_tokens']}", fontsize=10)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what ``platform`` knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def machine(gpu: str | None) -> dict[str, Any]:
+    """Where the benchmark ran: OS, CPU, GPU and a one-line label (the GPU, else the CPU)."""
+    gpu = gpu or (torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+    cpu = f"{cpu_model()}, {os.cpu_count()} cores"
+    return {"label": gpu or f"CPU: {cpu}", "platform": platform.platform(), "cpu": cpu, "gpu": gpu}
+
+
+def server_model(ws_url: str) -> str:
+    """The model a running server reports on /readyz (ws://host:port/ws -> http://host:port/readyz)."""
+    http = ws_url.replace("ws", "http", 1).rsplit("/", 1)[0]
+    with urllib.request.urlopen(f"{http}/readyz", timeout=10) as response:
+        return json.loads(response.read())["model"]
 
 
 def main() -> None:
@@ -117,15 +189,16 @@ def main() -> None:
     parser.add_argument("--url", help="ws://host:port/ws of a running server (default: start one here)")
     parser.add_argument("--checkpoint", type=Path, help="checkpoint of the embedded server (default: tiny)")
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache"), help="tiny checkpoint cache")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="device of the embedded server")
+    parser.add_argument("--gpu-index", type=int, default=0, help="NVML index of the GPU to sample")
     parser.add_argument("--clients", default="1,4", help="comma-separated concurrency levels")
-    parser.add_argument("--turns", type=int, default=2, help="utterances per client")
+    parser.add_argument("--turns", type=int, default=3, help="utterances per client")
     parser.add_argument("--gap-s", type=float, default=6.0, help="silence between utterances")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--wav", type=Path, default=DEFAULT_WAV)
     parser.add_argument("--reply-timeout-s", type=float, default=60.0)
     parser.add_argument("--max-duration-s", type=float, default=300.0, help="cap per concurrency level")
-    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--json", type=Path, help="write the results here, and the plot beside it (.png)")
     args = parser.parse_args()
     levels = [int(n) for n in args.clients.split(",")]
     if max(levels) > MAX_CLIENTS or args.max_duration_s > MAX_DURATION_S:
@@ -138,15 +211,23 @@ def main() -> None:
                                   max_sessions=max(levels))
         checkpoint, is_tiny = resolve_checkpoint(settings)
         embedded = BackgroundServer(settings, checkpoint, is_tiny)
+    results, gpu_name = [], None
     with embedded or nullcontext():
         url = args.url or embedded.ws_url
-        results = [asyncio.run(run_level(url, n, audio, rate, args)) for n in levels]
+        model = server_model(url) if embedded is None else embedded.worker.model_name
+        for clients in levels:
+            with GpuMonitor(args.gpu_index) as gpu:
+                level = asyncio.run(run_level(url, clients, audio, rate, args))
+            results.append(level | gpu.summary())
+            gpu_name = gpu.name
     print(table(results))
     report = {
-        "machine": machine(),
-        "server": args.url or f"embedded, checkpoint {embedded.worker.model_name}, device {args.device}",
+        "machine": machine(gpu_name),
+        "server": args.url or f"embedded, device {args.device}",
+        "model": model,
         "wav": str(args.wav),
         "turns_per_client": args.turns,
+        "gap_s": args.gap_s,
         "max_new_tokens": args.max_new_tokens,
         "levels": results,
     }
@@ -154,6 +235,7 @@ def main() -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
         print(f"wrote {args.json}")
+        plot(report, args.json.with_suffix(".png"))
 
 
 if __name__ == "__main__":

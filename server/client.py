@@ -43,6 +43,7 @@ class Turn:
     interrupted: bool = False
     failed: str | None = None  # the server's error message if the reply failed
     late_segments: int = 0  # audio that arrived after response.interrupted (must stay 0)
+    dropped_segments: int = 0  # segments the server did not send: the client read too slowly
 
     @property
     def audio_samples(self) -> int:
@@ -114,6 +115,8 @@ class ReplyCollector:
             turn.done = event
         elif kind == "response.interrupted":
             turn.interrupted = True
+        elif kind == "response.audio.dropped":
+            turn.dropped_segments += event["segments"]
         elif kind == "error":
             turn.failed = event["message"]
 
