@@ -123,12 +123,15 @@ class VadSettings(_Event):
 
 
 class GenerationSettings(_Event):
-    """Sampling of the reply and what to do with VITA's state token."""
+    """Sampling of the reply and what to do with VITA's state token.
 
-    temperature: float = Field(0.7, ge=0.0, le=2.0, description="0 = greedy")
-    top_p: float = Field(0.9, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 = off")
-    max_new_tokens: int = Field(256, ge=1, le=2_048)
+    Greedy decoding and up to 512 tokens by default, as upstream VITA-1.5's demos.
+    """
+
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy")
+    top_p: float = Field(0.9, gt=0.0, le=1.0, description="used when temperature > 0")
+    top_k: int = Field(0, ge=0, description="used when temperature > 0; 0 = off")
+    max_new_tokens: int = Field(512, ge=1, le=2_048)
     speak: bool = Field(True, description="synthesise reply audio")
     respect_not_addressed: bool = Field(
         True, description="stay silent when VITA answers ☟ (speech not addressed to it)"

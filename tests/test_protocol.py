@@ -8,6 +8,7 @@ import pytest
 from server.protocol import (
     MAX_AUDIO_FRAME_BYTES,
     ErrorCode,
+    GenerationSettings,
     InputAudio,
     ProtocolError,
     SessionStart,
@@ -31,6 +32,15 @@ def test_base64_payloads_are_decoded() -> None:
     image = parse_client_event(json.dumps({"type": "video.frame", "image": base64.b64encode(raw).decode()}))
     assert isinstance(audio, InputAudio) and audio.audio == raw
     assert isinstance(image, VideoFrame) and image.image == raw
+
+
+def test_generation_defaults_follow_upstream_demos() -> None:
+    """Greedy decoding of up to 512 tokens unless the client asks otherwise; sampling knobs stay."""
+    event = parse_client_event(json.dumps({"type": "session.start", "sample_rate": 16000, "generation": {}}))
+    assert isinstance(event, SessionStart) and event.generation == GenerationSettings()
+    assert (event.generation.temperature, event.generation.max_new_tokens) == (0.0, 512)
+    sampled = GenerationSettings(temperature=0.7, top_p=0.8, top_k=20)
+    assert (sampled.temperature, sampled.top_p, sampled.top_k) == (0.7, 0.8, 20)
 
 
 def test_session_update_keeps_track_of_given_fields() -> None:
