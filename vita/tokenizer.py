@@ -84,31 +84,32 @@ class VitaTokenizer:
 class StreamDecoder:
     """Turns a stream of token ids into clean text deltas.
 
-    A byte-level token may end in the middle of a UTF-8 character; its text is held back
-    until the character is complete, so no delta carries a replacement character that the
-    full decode would not have. Special tokens are skipped.
+    A byte-level token may end in the middle of a UTF-8 character, and may also complete the
+    character before it: each push returns every character its bytes complete and holds back
+    an incomplete last one, so no delta carries a replacement character that the full decode
+    would not have. Special tokens are skipped.
     """
 
     def __init__(self, tokenizer: VitaTokenizer):
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.prefix_offset = 0
-        self.read_offset = 0
+        self.ids: list[int] = []  # ids since the last token that ended on a character boundary
+        self.sent = 0  # characters of their decode already returned
 
     def push(self, token_id: int) -> str:
-        """Add one id and return the text it completes ('' while a character is incomplete)."""
+        """Add one id and return the characters it completes ('' while none is complete)."""
         self.ids.append(token_id)
-        prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
-        full_text = self.tokenizer.decode(self.ids[self.prefix_offset:])
-        if len(full_text) <= len(prefix_text) or full_text.endswith(_REPLACEMENT_CHAR):
-            return ""
-        self.prefix_offset = self.read_offset
-        self.read_offset = len(self.ids)
-        return full_text[len(prefix_text):]
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith(_REPLACEMENT_CHAR):  # maybe an incomplete character: hold it back
+            delta = text[self.sent:-1]
+            self.sent += len(delta)
+        else:
+            delta = text[self.sent:]
+            self.ids, self.sent = [], 0
+        return delta
 
     def flush(self) -> str:
-        """Text still held back at the end of the stream (may hold a replacement character)."""
-        prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
-        full_text = self.tokenizer.decode(self.ids[self.prefix_offset:])
-        self.prefix_offset = self.read_offset = len(self.ids)
-        return full_text[len(prefix_text):]
+        """The text held back at the end of the stream; an incomplete last character comes out as
+        U+FFFD, as in the full decode."""
+        delta = self.tokenizer.decode(self.ids)[self.sent:]
+        self.ids, self.sent = [], 0
+        return delta
