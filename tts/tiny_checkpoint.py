@@ -1,4 +1,4 @@
-"""Deterministic tiny random TTS checkpoint in the upstream `vita_tts_ckpt/` layout.
+"""Deterministic random TTS checkpoints, tiny or at plausible full-size dims, in the `vita_tts_ckpt/` layout.
 
 The decoder width is llm_hidden // 4, as in VITA-1.5 (3584 -> 896), so the tiny LLM's token
 embeddings reshape to (-1, llm_hidden // 4). The codec keeps the real upsampling product 600
@@ -20,6 +20,9 @@ from tts.decoder import LLM2TTSCodecAR
 
 TINY_CODEC_VOCAB = 64
 TINY_EOS_BIAS = 1.5  # with a zero eos row, random-text utterances end after ~25 codes (0.6 s) on average
+# Full size: the other 1027 logits are about N(0, 1) (normed hidden state, 1/sqrt(fan-in) weights), so
+# eos is drawn about once in 100 steps: utterances last about 100 codes (2.5 s), like a sentence.
+FULL_SIZE_EOS_BIAS = 2.6
 
 
 def tiny_decoder_config(llm_hidden: int = 64) -> DecoderConfig:
@@ -52,6 +55,26 @@ def tiny_codec_config() -> CodecConfig:
         residul_layer=1,
         global_code_num=8,
         global_tokens=(3, 14, 15, 9, 26, 5, 35, 8),
+    )
+
+
+def full_size_decoder_config() -> DecoderConfig:
+    """Plausible VITA-1.5 decoder dims (the real model.json ships only with the weights): 896 wide
+    as the demos' `reshape(-1, 896)` implies; 4 blocks, 14 heads, 4864 FFN and 1024 codes follow a
+    public Freeze-Omni re-implementation's configs (the same TTS)."""
+    return DecoderConfig(
+        idim=896, odim=1024, transformer_attention_dim=896, transformer_linear_units=4864,
+        transformer_attention_heads=14, transformer_num_blocks=4, encoder_output_dim=896,
+    )
+
+
+def full_size_codec_config() -> CodecConfig:
+    """Plausible TiCodec dims, from the same Freeze-Omni configs."""
+    return CodecConfig(
+        upsample_rates=(8, 5, 5, 3), upsample_kernel_sizes=(16, 11, 11, 5), upsample_initial_channel=512,
+        resblock="1", resblock_kernel_sizes=(3, 7, 11), resblock_dilation_sizes=((1, 3, 5),) * 3,
+        n_codes=1024, n_code_groups=1, residul_layer=1, global_code_num=8,
+        global_tokens=(473, 975, 419, 219, 565, 121, 550, 616),
     )
 
 
@@ -119,4 +142,11 @@ def write_tiny_tts_checkpoint(tts_dir: Path, llm_hidden: int = 64, seed: int = 0
     """Write `tts_dir/decoder/{model.json,final.pt}` and `tts_dir/codec/{model.json,final.pt}`."""
     write_random_tts_checkpoint(
         tts_dir, tiny_decoder_config(llm_hidden), tiny_codec_config(), seed=seed, eos_bias=TINY_EOS_BIAS
+    )
+
+
+def write_full_size_tts_checkpoint(tts_dir: Path, seed: int = 0) -> None:
+    """The TTS at the full-size dims above, utterances of about a sentence's length."""
+    write_random_tts_checkpoint(
+        tts_dir, full_size_decoder_config(), full_size_codec_config(), seed=seed, eos_bias=FULL_SIZE_EOS_BIAS
     )
