@@ -83,7 +83,8 @@ async def run_level(url: str, clients: int, audio: np.ndarray, rate: int, args: 
     """``clients`` concurrent conversations of ``args.turns`` utterances each, summarised."""
     gap = np.zeros((int(rate * args.gap_s),) + audio.shape[1:], dtype=np.int16)
     conversation = np.concatenate([part for _ in range(args.turns) for part in (audio, gap)][:-1])
-    update = {"generation": {"max_new_tokens": args.max_new_tokens, "respect_not_addressed": False}}
+    update = {"generation": {"max_new_tokens": args.max_new_tokens, "respect_not_addressed": False,
+                             "temperature": args.temperature, "top_p": 1.0}}
     started = time.monotonic()
     runs = [
         stream_audio(url, conversation, rate, session_update=update, expected_turns=args.turns,
@@ -194,6 +195,9 @@ def main() -> None:
     parser.add_argument("--clients", default="1,4", help="comma-separated concurrency levels")
     parser.add_argument("--turns", type=int, default=3, help="utterances per client")
     parser.add_argument("--gap-s", type=float, default=6.0, help="silence between utterances")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="sampling temperature (random weights: sampling keeps replies varied, so they read "
+                             "as sentences; 0 = greedy)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--wav", type=Path, default=DEFAULT_WAV)
     parser.add_argument("--reply-timeout-s", type=float, default=60.0)
@@ -229,6 +233,7 @@ def main() -> None:
         "turns_per_client": args.turns,
         "gap_s": args.gap_s,
         "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
         "levels": results,
     }
     if args.json:

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# End to end on a GPU machine with full-size random weights: write the checkpoint, start the server
+# in its own process, run benchmarks/load.py against it, profile the server with py-spy meanwhile.
+#
+#   OUT=out CLIENTS=1,8,32,64 PROFILE_CLIENTS=32 bash benchmarks/gpu_load.sh
+#
+# Writes $OUT/load.json + load.png, $OUT/server.log and, when py-spy is installed, the server's
+# profile during the PROFILE_CLIENTS level ($OUT/pyspy_all.txt: every non-idle sample,
+# $OUT/pyspy_gil.txt: the thread holding the GIL), as collapsed stacks.
+set -euo pipefail
+OUT=${OUT:-out}
+CKPT=${CKPT:-/tmp/vita_full_ckpt}
+CLIENTS=${CLIENTS:-1,8,32,64}
+PROFILE_CLIENTS=${PROFILE_CLIENTS:-}
+PORT=${PORT:-8765}
+WAV=${WAV:-../shared/audio/en_hello.wav}
+LOAD_ARGS=${LOAD_ARGS:-}
+mkdir -p "$OUT"
+
+if [ ! -f "$CKPT/config.json" ]; then
+  start=$SECONDS
+  python -m vita.tiny_checkpoint --size full --device cuda "$CKPT"
+  echo "checkpoint written in $((SECONDS - start)) s"
+fi
+python -m server.cli --checkpoint "$CKPT" --device cuda --max-sessions 64 --port "$PORT" >"$OUT/server.log" 2>&1 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null || true' EXIT
+start=$SECONDS
+until python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$PORT/readyz')" 2>/dev/null; do
+  kill -0 $SERVER 2>/dev/null || { tail -40 "$OUT/server.log"; exit 1; }
+  sleep 2
+done
+echo "server ready after $((SECONDS - start)) s"
+
+load() {  # load LEVELS JSON
+  python -m benchmarks.load --url "ws://127.0.0.1:$PORT/ws" --wav "$WAV" --clients "$1" --json "$2" $LOAD_ARGS
+}
+if [ -n "$PROFILE_CLIENTS" ] && command -v py-spy >/dev/null; then
+  py-spy record --pid $SERVER --nonblocking --rate 50 --format raw --threads --duration 45 -o "$OUT/pyspy_all.txt" &
+  SPY_ALL=$!
+  py-spy record --pid $SERVER --nonblocking --rate 50 --format raw --threads --gil --duration 45 -o "$OUT/pyspy_gil.txt" &
+  SPY_GIL=$!
+  load "$PROFILE_CLIENTS" "$OUT/load_profiled.json"
+  wait $SPY_ALL $SPY_GIL || true
+fi
+load "$CLIENTS" "$OUT/load.json"
