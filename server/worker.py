@@ -38,6 +38,7 @@ from tts.synthesizer import CHUNK_SIZE, FIRST_SENTENCE_CHUNK_SIZE, Synthesizer
 from vita.assistant import VitaAssistant
 from vita.engine import Engine
 from vita.generate import ReplyTextStream
+from vita.media_encoder import MediaEncoder, MediaRequest
 from vita.prompt import Conversation, ReplyState
 from vita.sampling import SamplingParams
 from vita.tiny_checkpoint import ensure_tiny_checkpoint
@@ -81,8 +82,9 @@ class TurnTask:
 class ModelWorker:
     """Owns the model; implements ``server.turns.TurnRunner`` for the sessions."""
 
-    assistant: VitaAssistant  # these three are loaded in the worker thread, then ``ready`` turns True
+    assistant: VitaAssistant  # these four are loaded in the worker thread, then ``ready`` turns True
     engine: Engine
+    media_encoder: MediaEncoder
     synthesizer: Synthesizer
 
     def __init__(self, settings: ServerSettings, checkpoint: Path, is_tiny: bool) -> None:
@@ -134,6 +136,7 @@ class ModelWorker:
             )
             if self.engine.use_graphs:  # capture now: a capture racing TTS kernels of the other thread fails
                 self.engine.capture_graphs()
+            self.media_encoder = MediaEncoder(self.assistant.model)
             self.synthesizer = Synthesizer.load(self.checkpoint / TTS_DIR_NAME, device=device)
             await self._warm_up()
             self.ready = True
@@ -149,7 +152,8 @@ class ModelWorker:
         noise = np.random.default_rng(0).normal(0.0, 1e-3, MODEL_SAMPLE_RATE).astype(np.float32)  # 1 s
         frame = Image.new("RGB", (448, 448))
         conversation = self.assistant.new_conversation()  # also prefills the default system prompt once
-        embeds, prefix = self.assistant.engine_turn(self.engine, conversation, audio_16k=noise, frames=[frame])
+        media = await asyncio.wrap_future(self.media_encoder.submit(MediaRequest(noise, [frame])))
+        embeds, prefix = self.assistant.engine_turn(self.engine, conversation, media)
         async for _ in self.engine.generate(WARM_UP_SESSION, embeds, SamplingParams(max_tokens=2), prefix):
             pass
         self.engine.end_session(WARM_UP_SESSION)
@@ -165,6 +169,7 @@ class ModelWorker:
         await asyncio.gather(*turns, return_exceptions=True)
         if self.ready:
             await self.engine.close()
+            self.media_encoder.close()
 
     # ------------------------------------------------------------------ sessions (any thread)
 
@@ -254,10 +259,11 @@ class ModelWorker:
         A reply VITA marks ☟ (not addressed to it) is stopped at once and says nothing, unless
         the session turned ``respect_not_addressed`` off.
         """
-        conversation = self._conversations[request.session_id]
         frames = [decode_image(data) for data in request.frames]
         waveform = request.audio_16k.astype(np.float32) / 32768.0  # the encoder takes floats in [-1, 1]
-        embeds, prefix = self.assistant.engine_turn(self.engine, conversation, audio_16k=waveform, frames=frames)
+        media = await asyncio.wrap_future(self.media_encoder.submit(MediaRequest(waveform, frames)))
+        conversation = self._conversations[request.session_id]
+        embeds, prefix = self.assistant.engine_turn(self.engine, conversation, media)
         reply = ReplyTextStream(self.assistant.tokenizer)
         chunker = SentenceChunker()
         text = ""

@@ -284,7 +284,8 @@ async def test_engine_conversation_matches_a_no_cache_recompute(
     stop_ids = assistant.tokenizer.stop_ids
     history = None
     for turn in ({"text": "Hello there"}, {"audio_16k": hello_wave}):
-        embeds, prefix = assistant.engine_turn(engine, from_prefix, **turn)
+        media = assistant.encode_media(audio_16k=turn.get("audio_16k"))
+        embeds, prefix = assistant.engine_turn(engine, from_prefix, media, turn.get("text"))
         assert prefix == (SYSTEM_PROMPTS["audio"] if history is None else None)
         full_embeds = assistant.turn_embeddings(full, **turn)
         reply, full_reply = await asyncio.gather(

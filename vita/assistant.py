@@ -2,7 +2,8 @@
 
 A turn is the user's speech (16 kHz), optional camera frames and optional text. Frames are
 attached as a short video: up to `MAX_VIDEO_FRAMES`, evenly spaced, one 448 px tile (256
-tokens) each, before the audio in the user message.
+tokens) each, before the audio in the user message. Media are encoded by `vita.media_encoder`
+(batched across turns by its `MediaEncoder` in the server, one turn at a time here).
 
 Through an engine, a conversation's system block is an engine prefix: prefilled once per
 distinct system prompt (the engine keeps the few most recently used) and copied into each new
@@ -24,12 +25,11 @@ from tts.config import DecoderConfig
 from vita.checkpoint import default_dtype, load_model
 from vita.config import VitaConfig
 from vita.engine import Engine
-from vita.image_tiles import frames_to_tiles, sample_frames
+from vita.media_encoder import MediaRequest, TurnMedia, encode_turn_media
 from vita.model import VitaQwen2ForCausalLM
 from vita.prompt import SYSTEM_PROMPTS, Conversation, system_block, user_content
 from vita.tokenizer import VitaTokenizer
 
-MAX_VIDEO_FRAMES = 4
 TTS_DECODER_CONFIG = Path("vita_tts_ckpt") / "decoder" / "model.json"
 
 
@@ -88,6 +88,10 @@ class VitaAssistant:
         """A conversation with VITA-1.5's system prompt (the audio one unless given)."""
         return Conversation(system_prompt if system_prompt is not None else SYSTEM_PROMPTS["audio"])
 
+    def encode_media(self, audio_16k: np.ndarray | None = None, frames: Sequence[Image.Image] = ()) -> TurnMedia:
+        """Encode one turn's audio and frames now (the server batches turns with `MediaEncoder`)."""
+        return encode_turn_media(self.model, [MediaRequest(audio_16k, frames)])[0]
+
     def turn_embeddings(
         self,
         conv: Conversation,
@@ -98,22 +102,16 @@ class VitaAssistant:
     ) -> torch.Tensor:
         """Embeddings `[T, hidden]` of the turn's new tokens only (the first turn's include the
         system block); records the turn in `conv`."""
-        return self._embed_turn(conv, audio_16k, frames, text, skip_system_block=False)
+        return self._embed_turn(conv, self.encode_media(audio_16k, frames), text, skip_system_block=False)
 
     def engine_turn(
-        self,
-        engine: Engine,
-        conv: Conversation,
-        *,
-        audio_16k: np.ndarray | None = None,
-        frames: Sequence[Image.Image] = (),
-        text: str | None = None,
+        self, engine: Engine, conv: Conversation, media: TurnMedia = TurnMedia(), text: str | None = None
     ) -> EngineTurn:
-        """`turn_embeddings` for `engine`: a first turn starts from the engine prefix of the
-        conversation's system block (registered on first use, keyed by the system prompt) and
-        brings only the tokens after it."""
+        """Embeddings of a turn's encoded `media` and `text` for `engine`: a first turn starts from the
+        engine prefix of the conversation's system block (registered on first use, keyed by the system
+        prompt) and brings only the tokens after it."""
         first_turn = conv.turns == 0
-        embeds = self._embed_turn(conv, audio_16k, frames, text, skip_system_block=first_turn)
+        embeds = self._embed_turn(conv, media, text, skip_system_block=first_turn)
         if not first_turn:
             return EngineTurn(embeds, None)
         key = conv.system_prompt
@@ -122,26 +120,19 @@ class VitaAssistant:
         return EngineTurn(embeds, key)
 
     def _embed_turn(
-        self,
-        conv: Conversation,
-        audio_16k: np.ndarray | None,
-        frames: Sequence[Image.Image],
-        text: str | None,
-        skip_system_block: bool,
+        self, conv: Conversation, media: TurnMedia, text: str | None, skip_system_block: bool
     ) -> torch.Tensor:
-        """Encode the turn's media, record the turn in `conv` and embed its text (on a first turn
+        """Record the turn in `conv` and embed its text with the media spliced in (on a first turn
         without the system block if `skip_system_block`)."""
-        if audio_16k is None and not frames and not text:
+        if media.audio is None and not media.frame_count and not text:
             raise ValueError("a turn needs audio, frames or text")
-        video = sample_frames(list(frames), min_frames=1, max_frames=MAX_VIDEO_FRAMES)
-        image_features = self.model.encode_images(frames_to_tiles(video)) if video else None
-        audio_features = [self.model.encode_audio(audio_16k)] if audio_16k is not None else []
-        content = user_content(len(video), audio=audio_16k is not None, text=text)
+        content = user_content(media.frame_count, audio=media.audio is not None, text=text)
         turn_text = conv.next_turn_text(content)
         if skip_system_block:
             turn_text = turn_text.removeprefix(system_block(conv.system_prompt))
         ids = self.tokenizer.encode_with_placeholders(turn_text)
-        return self.model.splice_embeddings(ids, image_features, audio_features)
+        audio_features = [media.audio] if media.audio is not None else []
+        return self.model.splice_embeddings(ids, media.frames, audio_features)
 
     def end_reply(self, conv: Conversation, token_ids: Sequence[int]) -> None:
         """Record in `conv` the reply the engine streamed (every id it yielded, even if cancelled).
