@@ -212,7 +212,8 @@ async def test_named_prefixes_are_prefilled_once_and_equal_full_prefill(model):
     # only the turns themselves were prefilled: 5 + 8 + 6, then the last reply token + 4
     assert engine.prefilled_tokens == 19 + 13 + 5 + 8 + 6 + 1 + 4
     decode_steps = len(a) - 1 + len(b) - 1 + len(c) - 1 + len(a2) - 1
-    assert sum(processed) == 5 + 8 + 6 + 1 + 4 + decode_steps  # the counter is what the model ran
+    # what the model ran: the three turns in one forward, rows padded to the longest (8)
+    assert sum(processed) == 3 * 8 + 1 + 4 + decode_steps
 
 
 async def test_prefix_misuse_is_refused_and_old_prefixes_are_forgotten(model):
@@ -250,6 +251,38 @@ async def test_a_first_turn_cancelled_before_its_first_token_forgets_the_session
     with pytest.raises(StopAsyncIteration):
         await first
     retry = prompt(model, 7, seed=65)
+    assert await collect(engine, "b", retry, prefix="s") == reference_greedy(model, torch.cat([system, retry]), 12)
+    await engine.close()
+
+
+@pytest.mark.parametrize("when", ["mid_reply", "after_the_reply"])
+async def test_a_discarded_turn_leaves_no_trace_in_the_conversation(model, when):
+    """Tokens were yielded (or the whole reply was): discarding still drops the turn entirely."""
+    engine = make_engine(model)
+    first, dropped, follow_up = prompt(model, 6, seed=80), prompt(model, 9, seed=81), prompt(model, 4, seed=82)
+    reply1 = await collect(engine, "a", first)
+    received = []
+    async for token in engine.generate("a", dropped, GREEDY):
+        received.append(token)
+        if when == "mid_reply" and len(received) == 3:
+            engine.discard("a")
+    assert len(received) == (3 if when == "mid_reply" else 12)  # the iterator ended at the discard
+    if when == "after_the_reply":
+        engine.discard("a")
+    engine.discard("a")  # nothing more to drop: the first turn stays
+    reply3 = await collect(engine, "a", follow_up)
+    await engine.close()
+    conversation = torch.cat([first, token_embeds(model, reply1), follow_up])
+    assert reply3 == reference_greedy(model, conversation, 12)
+
+
+async def test_a_discarded_first_turn_forgets_the_session(model):
+    engine = make_engine(model, max_sessions=1)
+    system, user = prompt(model, 10, seed=83), prompt(model, 5, seed=84)
+    engine.register_prefix("s", system)
+    await collect(engine, "a", user, prefix="s")
+    engine.discard("a")
+    retry = prompt(model, 7, seed=85)  # a first turn again (it may name the prefix), in the freed slot
     assert await collect(engine, "b", retry, prefix="s") == reference_greedy(model, torch.cat([system, retry]), 12)
     await engine.close()
 
@@ -323,3 +356,41 @@ def test_invalid_params_are_rejected():
     for bad in (dict(temperature=-1), dict(top_p=0.0), dict(top_k=-2), dict(max_tokens=0)):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+async def test_waiting_turns_share_prefill_forwards_within_the_token_budget(model):
+    """Turns that wait together are prefilled as padded rows of one forward; while others decode a
+    forward holds at most ``prefill_tokens`` padded tokens; every reply still equals the reference."""
+    engine = make_engine(model, max_sessions=5, prefill_chunk=8, prefill_tokens=16)
+    shapes = []
+    hook = model[0].register_forward_pre_hook(lambda _, args: shapes.append(tuple(args[0].shape[:2])))
+    try:
+        early = asyncio.ensure_future(collect(engine, "early", prompt(model, 4, seed=60)))
+        while not shapes:
+            await asyncio.sleep(0)
+        late = {f"s{i}": prompt(model, n, seed=61 + i) for i, n in enumerate((3, 5, 7, 12))}
+        results = await asyncio.gather(*(collect(engine, sid, p) for sid, p in late.items()))
+        await early
+    finally:
+        hook.remove()
+        await engine.close()
+    for (sid, embeds), tokens in zip(late.items(), results):
+        assert tokens == reference_greedy(model, embeds, 12), sid
+    prefills = [shape for shape in shapes if shape[1] > 1]
+    assert max(rows for rows, _ in prefills) > 1  # several sessions in one forward
+    assert all(rows * width <= 16 for rows, width in prefills[1:])  # after the first, others were decoding
+
+
+async def test_rows_are_not_padded_past_the_end_of_a_slot(model):
+    """A turn near the end of its slot is prefilled apart from a longer one rather than padded past it."""
+    engine = make_engine(model, max_len=40, prefill_chunk=16)
+    history = prompt(model, 30, seed=70)
+    first = await collect(engine, "near_end", history, SamplingParams(temperature=0.0, max_tokens=4))
+    turn, fresh = prompt(model, 3, seed=71), prompt(model, 12, seed=72)
+    near_end, other = await asyncio.gather(
+        collect(engine, "near_end", turn, SamplingParams(temperature=0.0, max_tokens=2)), collect(engine, "fresh", fresh)
+    )
+    await engine.close()
+    context = torch.cat([history, token_embeds(model, first), turn])
+    assert near_end == reference_greedy(model, context, 2)
+    assert other == reference_greedy(model, fresh, 12)

@@ -1,9 +1,10 @@
 """Multi-session generation engine: engine-owned KV cache, continuous batching, chunked prefill.
 
-One background task on the caller's event loop runs *steps*. A step prefills up to
-``prefill_chunk`` new tokens (one or more chunks of waiting sessions; everything waiting when
-no session is decoding) and then decodes one token for every session that is generating, all
-in one batch. Each session owns a cache slot for its whole conversation, so a new turn only
+One background task on the caller's event loop runs *steps*. A step prefills waiting turns
+(while sessions are decoding: one forward of up to ``prefill_tokens`` padded tokens, at most
+``prefill_chunk`` per session; otherwise everything waiting), several sessions per forward with
+their rows padded to the longest, and then decodes one token for every session that is
+generating, all in one batch. Each session owns a cache slot for its whole conversation, so a new turn only
 prefills its new tokens. Named prefixes (a system prompt) are prefilled once and kept as
 compact key/value copies (the few most recently used); a session that starts from one gets
 those copied into its slot and prefills only what follows. On CUDA the decode forward is
@@ -70,7 +71,8 @@ class _Session:
     slot: int
     length: int = 0  # positions of the slot holding this conversation
     pending: int | None = None  # last sampled token, yielded but not yet written to the cache
-    request: _Request | None = None
+    request: _Request | None = None  # the turn whose iterator is open
+    turn: _Request | None = None  # the latest turn in the conversation, running or ended (``discard``)
 
 
 @dataclass
@@ -128,6 +130,7 @@ class Engine:
         dtype: torch.dtype,
         stop_token_ids: Iterable[int],
         prefill_chunk: int = 256,
+        prefill_tokens: int = 2048,
         max_prefixes: int = 4,
         seed: int = 0,
         cuda_graphs: bool | None = None,
@@ -142,6 +145,7 @@ class Engine:
         self.max_len = max_len
         self.stop_token_ids = frozenset(stop_token_ids)
         self.prefill_chunk = prefill_chunk
+        self.prefill_tokens = max(prefill_tokens, prefill_chunk)
         self.max_prefixes = max_prefixes
         self.prefilled_tokens = 0  # every token a prefill forward has processed, prefixes included
         self.padding_slot = max_sessions
@@ -201,17 +205,29 @@ class Engine:
         if session is None or session.request is None:
             return
         request = session.request
-        self._finish(session)
         if request.consumed == 0:
-            session.length, session.pending = request.start_length, request.start_pending
-            if request.opens_session:
-                self._release(session_id)
-        else:
-            session.length = request.prompt_end + request.consumed - 1
-            session.pending = request.tokens[request.consumed - 1]
-        while not request.queue.empty():
-            request.queue.get_nowait()
-        request.queue.put_nowait(_FINISHED)
+            self.discard(session_id)
+            return
+        self._end_iterator(session)
+        session.length = request.prompt_end + request.consumed - 1
+        session.pending = request.tokens[request.consumed - 1]
+
+    def discard(self, session_id: str) -> None:
+        """Drop the session's latest turn entirely, running or ended, even after tokens were yielded.
+
+        The conversation goes back to before the turn (a first turn: no session at all) and the
+        turn's iterator, if still open, ends.
+        """
+        session = self._sessions.get(session_id)
+        if session is None or session.turn is None:
+            return
+        turn, session.turn = session.turn, None
+        if session.request is turn:
+            self._end_iterator(session)
+            session.request = None
+        session.length, session.pending = turn.start_length, turn.start_pending
+        if turn.opens_session:
+            self._release(session_id)
 
     def end_session(self, session_id: str) -> None:
         """Forget the conversation and free its cache slot."""
@@ -278,7 +294,7 @@ class Engine:
         opens_session = session is None
         if opens_session:
             session = self._open_session(session_id, prefix)
-        session.request = _Request(embeds, params, session.length, session.pending, opens_session)
+        session.request = session.turn = _Request(embeds, params, session.length, session.pending, opens_session)
         session.pending = None
         self._prefill_queue.append(session)
         self._ensure_loop()
@@ -320,6 +336,14 @@ class Engine:
         ):
             self._finish(session)
             request.queue.put_nowait(_FINISHED)
+
+    def _end_iterator(self, session: _Session) -> None:
+        """Stop the session's turn and end its iterator after the tokens already received."""
+        request = session.request
+        self._finish(session)
+        while not request.queue.empty():
+            request.queue.get_nowait()
+        request.queue.put_nowait(_FINISHED)
 
     def _finish(self, session: _Session) -> None:
         """Take the session's turn out of the engine's work lists."""
@@ -379,27 +403,50 @@ class Engine:
         return len(session.request.tokens) + 1 >= session.request.params.max_tokens or session.length + 1 >= self.max_len
 
     def _prefill_some(self) -> list[_Session]:
-        """Run prefill chunks within the token budget; returns sessions whose prefill completed.
+        """Run prefill forwards; returns the sessions whose prefill completed (first token delivered).
 
-        The budget is ``prefill_chunk`` while sessions are decoding (so they keep streaming) and
-        unlimited otherwise (fewest forward calls to the first token).
+        While sessions are decoding, one forward of at most ``prefill_tokens`` padded tokens and
+        ``prefill_chunk`` per session (so they keep streaming); otherwise forwards until nothing
+        waits (fewest forward calls to the first token).
         """
-        budget = self.prefill_chunk if self._decoding else self.max_len
         completed = []
-        while self._prefill_queue and budget > 0:
-            session = self._prefill_queue[0]
-            request = session.request
-            chunk = request.embeds[request.prefilled : request.prefilled + budget]
-            hidden = self._forward_chunk(session.slot, session.length, chunk)
-            session.length += chunk.shape[0]
-            request.prefilled += chunk.shape[0]
-            budget -= chunk.shape[0]
-            if request.prefilled == request.embeds.shape[0]:
-                self._prefill_queue.pop(0)
-                logits = self.lm_head(hidden[:, -1])
-                self._deliver(session, int(sample_requests(logits, [request.params], self.generator)[0]))
-                completed.append(session)
+        while self._prefill_queue:
+            rows = self._prefill_rows(row_limit=self.prefill_chunk if self._decoding else self.max_len)
+            hidden = self._forward_rows(rows)
+            finishing = []
+            for row, (session, size) in enumerate(rows):
+                session.length += size
+                session.request.prefilled += size
+                if session.request.prefilled == session.request.embeds.shape[0]:
+                    self._prefill_queue.remove(session)
+                    finishing.append((row, size - 1, session))
+            if finishing:
+                last = hidden[[row for row, _, _ in finishing], [index for _, index, _ in finishing]]
+                params = [session.request.params for _, _, session in finishing]
+                for (_, _, session), token in zip(finishing, sample_requests(self.lm_head(last), params, self.generator).tolist()):
+                    self._deliver(session, token)
+                    completed.append(session)
+            if self._decoding:
+                break
         return completed
+
+    def _prefill_rows(self, row_limit: int) -> list[tuple[_Session, int]]:
+        """Waiting sessions (in order) for one prefill forward and each one's chunk size: rows are
+        padded to the longest chunk, within ``prefill_tokens`` and every row's cache slot."""
+        rows: list[tuple[_Session, int]] = []
+        width = 0
+        for session in self._prefill_queue:
+            request = session.request
+            size = min(request.embeds.shape[0] - request.prefilled, row_limit, self.prefill_tokens)
+            grown = max(width, size)
+            fits = (len(rows) + 1) * grown <= self.prefill_tokens and all(
+                s.length + grown <= self.max_len for s, _ in [*rows, (session, size)]
+            )
+            if rows and not fits:
+                break
+            rows.append((session, size))
+            width = grown
+        return rows
 
     def _launch(self, sessions: list[_Session], previous: _Launch | None) -> _Launch:
         """Queue one decode step for ``sessions``; rows still in ``previous`` continue from its ids."""
@@ -438,6 +485,22 @@ class Engine:
                 self._deliver(session, token)
 
     # ----------------------------------------------------------------- model calls
+
+    def _forward_rows(self, rows: list[tuple[_Session, int]]) -> torch.Tensor:
+        """One forward over each session's next ``size`` embeddings, rows zero-padded to the longest;
+        returns hidden states ``[rows, width, hidden]``. Padding positions lie past the turn's end:
+        their cache writes are overwritten before anything attends to them."""
+        width = max(size for _, size in rows)
+        embeds = torch.zeros(len(rows), width, self.model.config.hidden_size, device=self.device, dtype=self.cache.dtype)
+        for row, (session, size) in enumerate(rows):
+            request = session.request
+            embeds[row, :size] = request.embeds[request.prefilled : request.prefilled + size]
+        starts = torch.tensor([session.length for session, _ in rows], device=self.device)
+        positions = starts[:, None] + torch.arange(width, device=self.device)
+        slots = torch.tensor([session.slot for session, _ in rows], device=self.device)
+        kv_len = self._kv_bucket(max(session.length for session, _ in rows) + width)
+        self.prefilled_tokens += sum(size for _, size in rows)
+        return self.model(embeds, positions, self.cache, slots, kv_len)
 
     def _forward_chunk(self, slot: int, start: int, embeds: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(start, start + embeds.shape[0], device=self.device)[None]
