@@ -15,13 +15,16 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from server.metrics import ServerMetrics
 from server.outgoing import OutgoingQueue
-from server.protocol import AUDIO_HEADER, OUTPUT_SAMPLE_RATE, ErrorCode, ErrorEvent, encode_event
+from server.protocol import AUDIO_HEADER, MAX_MESSAGE_BYTES, OUTPUT_SAMPLE_RATE, ErrorCode, ErrorEvent, encode_event
 from server.session import Session
 from server.settings import ServerSettings
 from server.worker import ModelWorker
 
 log = logging.getLogger("vita.app")
 
+# uvicorn's websocket options: the message cap, and no per-message deflate (PCM audio hardly
+# compresses; deflating every segment was a visible share of the gateway's time at 32 clients on the H200).
+WEBSOCKET_OPTIONS = {"ws_max_size": MAX_MESSAGE_BYTES, "ws_per_message_deflate": False}
 CLOSE_NORMAL = 1000
 CLOSE_TRY_AGAIN_LATER = 1013
 FLUSH_TIMEOUT_S = 2.0

@@ -13,8 +13,7 @@ from types import TracebackType
 
 import uvicorn
 
-from server.app import create_app
-from server.protocol import MAX_MESSAGE_BYTES
+from server.app import WEBSOCKET_OPTIONS, create_app
 from server.settings import ServerSettings
 from server.worker import ModelWorker
 
@@ -31,7 +30,7 @@ class BackgroundServer:
         self._socket.bind(("127.0.0.1", 0))
         self.port: int = self._socket.getsockname()[1]
         config = uvicorn.Config(
-            self.app, log_level="warning", ws_max_size=MAX_MESSAGE_BYTES, timeout_graceful_shutdown=2
+            self.app, log_level="warning", timeout_graceful_shutdown=2, **WEBSOCKET_OPTIONS
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True)

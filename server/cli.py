@@ -11,8 +11,7 @@ from typing import Any
 
 import uvicorn
 
-from server.app import create_app
-from server.protocol import MAX_MESSAGE_BYTES
+from server.app import WEBSOCKET_OPTIONS, create_app
 from server.settings import ServerSettings
 from server.worker import ModelWorker, resolve_checkpoint
 
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         port=settings.port,
         ssl_certfile=settings.ssl_certfile,
         ssl_keyfile=settings.ssl_keyfile,
-        ws_max_size=MAX_MESSAGE_BYTES,
+        **WEBSOCKET_OPTIONS,
         timeout_graceful_shutdown=settings.shutdown_grace_s,
         log_config=None,
     )
