@@ -1,10 +1,11 @@
-"""DecoderBatch: streams decoded together give the tokens they give alone; slots come and go."""
+"""DecoderBatch: streams decoded together give the tokens they give alone; the padded static-shape
+step gives the logits of the exact one; slots come and go."""
 
 import pytest
 import torch
 
 from tts.batch import DecoderBatch
-from tts.decoder import LLM2TTSCodecAR
+from tts.decoder import KVCache, LLM2TTSCodecAR
 from tts.tiny_checkpoint import write_tiny_tts_checkpoint
 
 
@@ -27,69 +28,94 @@ def text(rows: int, seed: int) -> torch.Tensor:
     return torch.randn(rows, 16, generator=torch.Generator().manual_seed(100 + seed))
 
 
-def open_stream(batch: DecoderBatch, rows: int, top_k: int, max_tokens: int, seed: int):
-    return batch.generate(text(rows, seed), top_k=top_k, max_tokens=max_tokens,
-                          generator=torch.Generator().manual_seed(seed))
+def add(batch: DecoderBatch, rows: int, top_k: int, max_tokens: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    return batch.add(text(rows, seed), top_k=top_k, max_tokens=max_tokens, generator=generator)
 
 
 def alone(decoder: LLM2TTSCodecAR, request) -> list[int]:
-    return list(open_stream(DecoderBatch(decoder, slots=1), *request))
+    batch = DecoderBatch(decoder, slots=1, capacity=64)
+    stream, tokens = add(batch, *request), []
+    while not stream.finished:
+        [(_, token)] = batch.step()
+        tokens.append(token)
+    return tokens
 
 
 def test_streams_joining_at_different_times_match_their_solo_tokens(decoder):
     expected = [alone(decoder, r) for r in REQUESTS]
-    batch = DecoderBatch(decoder, slots=2, capacity=8)  # grows in slots and in capacity
+    batch = DecoderBatch(decoder, slots=3, capacity=64)
     streams, got = {}, {i: [] for i in range(len(REQUESTS))}
-    for step in range(40):
-        if step % 3 == 0 and step // 3 < len(REQUESTS):  # a new stream every third round
-            i = step // 3
-            streams[i] = open_stream(batch, *REQUESTS[i])
-        for i, stream in list(streams.items()):
-            token = next(stream, None)
-            if token is None:
-                del streams[i]
-            else:
-                got[i].append(token)
+    waiting = list(range(len(REQUESTS)))
+    for step in range(60):
+        if step % 3 == 0 and waiting and batch.free_slots:  # a new stream every third step, when a slot is free
+            i = waiting.pop(0)
+            streams[add(batch, *REQUESTS[i])] = i
+        for stream, token in batch.step():
+            got[streams[stream]].append(token)
+    assert not waiting and batch.free_slots == 3
     assert [got[i] for i in range(len(REQUESTS))] == expected
-    assert batch.cache.slots >= 4 and batch.open_streams == 0
+    assert all(len(tokens) == r[2] for tokens, r in zip(expected, REQUESTS))
 
 
-def test_closing_a_stream_frees_its_slot_for_the_next(decoder):
-    batch = DecoderBatch(decoder, slots=1)
-    first = open_stream(batch, *REQUESTS[0])
-    next(first)
-    assert batch.open_streams == 1
-    first.close()
-    assert batch.open_streams == 0
-    assert list(open_stream(batch, *REQUESTS[1])) == alone(decoder, REQUESTS[1])
-    assert batch.cache.slots == 1
+def test_removing_a_stream_frees_its_slot_for_the_next(decoder):
+    batch = DecoderBatch(decoder, slots=1, capacity=64)
+    first = add(batch, *REQUESTS[0])
+    batch.step()
+    assert batch.free_slots == 0
+    with pytest.raises(RuntimeError, match="no free slot"):
+        add(batch, *REQUESTS[1])
+    batch.remove(first)
+    assert batch.free_slots == 1 and first.finished and batch.step() == []
+    second, tokens = add(batch, *REQUESTS[1]), []
+    while not second.finished:
+        tokens += [token for _, token in batch.step()]
+    assert tokens == alone(decoder, REQUESTS[1])
 
 
-def test_slow_consumer_gets_buffered_tokens(decoder):
-    batch = DecoderBatch(decoder)
-    fast, slow = open_stream(batch, *REQUESTS[0]), open_stream(batch, *REQUESTS[2])
-    first = next(slow)
-    assert list(fast) == alone(decoder, REQUESTS[0])  # slow advanced meanwhile, into its buffer
-    assert [first, *slow] == alone(decoder, REQUESTS[2])
+def test_a_stream_ends_when_its_slot_is_full(decoder):
+    rows, capacity = 20, 24
+    batch = DecoderBatch(decoder, slots=2, capacity=capacity)
+    stream = batch.add(text(rows, 0), top_k=2, max_tokens=100, generator=None)
+    steps = 0
+    while not stream.finished:
+        batch.step()
+        steps += 1
+    assert steps == capacity - (rows + 1) and batch.free_slots == 2
 
 
-def test_utterances_queued_together_start_together(decoder):
-    batch = DecoderBatch(decoder)
-    streams = [open_stream(batch, *r) for r in REQUESTS[:3]]
-    first = next(streams[0])
-    assert all(batch.streams[i] is not None and batch.streams[i].sampled == 1 for i in range(3))
-    assert [first, *streams[0]] == alone(decoder, REQUESTS[0])
+def test_eos_ends_a_stream_without_a_token(decoder):
+    batch = DecoderBatch(decoder, slots=2, capacity=64)
+    with torch.no_grad():
+        decoder.out_fnn.bias[decoder.config.eos_id] = 1e9
+    try:
+        stream = add(batch, *REQUESTS[0])
+        assert batch.step() == [(stream, None)] and stream.finished and batch.free_slots == 2
+    finally:
+        with torch.no_grad():
+            decoder.out_fnn.bias[decoder.config.eos_id] = -1e9
 
 
-def test_a_dropped_unstarted_stream_is_cancelled(decoder):
-    batch = DecoderBatch(decoder, slots=1)
-    open_stream(batch, *REQUESTS[0])  # dropped at once, never iterated
-    assert batch.open_streams == 0
-    assert list(open_stream(batch, *REQUESTS[1])) == alone(decoder, REQUESTS[1])
-    assert batch.cache.slots == 1
-
-
-def test_rejects_empty_budgets(decoder):
-    for bad in ({"max_tokens": 0}, {"top_k": 0}):
-        with pytest.raises(ValueError, match="at least 1"):
-            DecoderBatch(decoder).generate(text(3, 0), **bad)
+def test_padded_static_step_gives_the_exact_step_logits(decoder):
+    """What a CUDA graph replays: a batch of more rows than streams (free slots in between) over a
+    span past every position, the mask built from positions, gives each stream the logits of a
+    batch of exactly its rows attending exactly its length, and of the stream alone."""
+    config = decoder.config
+    cache = KVCache.empty(config, slots=8, capacity=64, device=torch.device("cpu"), dtype=torch.float32)
+    lengths = {0: decoder.prefill(text(5, 0), cache, 0), 2: decoder.prefill(text(17, 1), cache, 2),
+               3: decoder.prefill(text(9, 2), cache, 3)}
+    exact = KVCache(cache.keys[:, :4].clone(), cache.values[:, :4].clone())
+    solos = {i: KVCache(cache.keys[:, i : i + 1].clone(), cache.values[:, i : i + 1].clone()) for i in lengths}
+    tokens = {0: config.sos_id, 2: 7, 3: 40}
+    for step in range(3):
+        fed = torch.tensor([tokens.get(i, config.pad_id) for i in range(8)])
+        positions = torch.tensor([lengths.get(i, 0) + step for i in range(8)])
+        padded = decoder.step(fed, positions, cache, span=64)
+        exact_logits = decoder.step(fed[:4], positions[:4], exact, span=max(lengths.values()) + step + 1)
+        for i, solo in solos.items():
+            alone_logits = decoder.step(fed[i : i + 1], positions[i : i + 1], solo, span=lengths[i] + step + 1)
+            torch.testing.assert_close(padded[i], exact_logits[i], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(padded[i], alone_logits[0], atol=1e-4, rtol=1e-4)
+        tokens = {i: int(padded[i].argmax()) for i in lengths}
+    for i, solo in solos.items():
+        torch.testing.assert_close(cache.keys[:, i], solo.keys[:, 0])

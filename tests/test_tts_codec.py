@@ -45,6 +45,13 @@ def test_output_is_600_samples_per_code_in_unit_range(codec):
         assert audio.std() > 1e-3
 
 
+def test_each_row_of_a_batch_decodes_as_it_does_alone(codec):
+    codes = torch.randint(0, codec.config.n_codes, (5, 23), generator=torch.Generator().manual_seed(0))
+    batched = codec.decode(codes)
+    for row in range(5):
+        torch.testing.assert_close(batched[row], codec.decode(codes[row : row + 1])[0], atol=1e-5, rtol=0)
+
+
 def resblock2_codec() -> TiCodec:
     """A variant with ResBlock2, 2 code groups x 2 residual layers (4 codes per frame)."""
     config = dataclasses.replace(tiny_codec_config(), resblock="2", resblock_kernel_sizes=(3, 7),

@@ -57,13 +57,14 @@ def test_decoder_layer_matches_transformers_llama_layer_with_cache():
     ref_step = reference(step, position_embeddings=rotary(step, torch.tensor([[7]])),
                          past_key_values=ref_cache, use_cache=True)
 
-    cache = KVCache.empty(config, slots=2, capacity=8, device=torch.device("cpu"), dtype=torch.float32)
+    cache = KVCache.empty(config, slots=2, capacity=16, device=torch.device("cpu"), dtype=torch.float32)
     cos, sin = rotary_cos_sin(torch.arange(7), config.head_dim, config.rope_theta, torch.float32)
     out_prompt = ours(prompt, cos, sin, cache.prefill_store(slot=1))
-    cos, sin = rotary_cos_sin(torch.tensor([0, 7]), config.head_dim, config.rope_theta, torch.float32)
-    # slot 0 is idle (position 0), slot 1 continues at position 7
+    positions = torch.tensor([0, 7])
+    cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta, torch.float32)
+    # slot 0 is idle (position 0), slot 1 continues at position 7; both attend within a span of 16
     out_step = ours(torch.cat([torch.randn(1, 1, 32), step]), cos[:, None, None], sin[:, None, None],
-                    cache.step_store([0, 7]))[1:]
+                    cache.step_store(positions, span=16))[1:]
 
     torch.testing.assert_close(out_prompt, ref_prompt, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out_step, ref_step, atol=1e-5, rtol=1e-5)
@@ -118,7 +119,7 @@ def test_decoder_logits_match_transformers_reference(tts_dir):
     position = decoder.prefill(text, cache, slot=0)
     got = []
     for token in [decoder.config.sos_id, *fed]:
-        got.append(decoder.step([token], [position], cache)[0])
+        got.append(decoder.step(torch.tensor([token]), torch.tensor([position]), cache, span=32)[0])
         position += 1
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
@@ -129,24 +130,35 @@ def test_top_k_sampling_frequencies_follow_softmax_of_the_k_best(tts_dir):
     logits = torch.full((decoder.config.odim + 4,), -5.0)
     logits[[3, 7, 11]] = torch.tensor([2.0, 1.0, 0.5])
     logits[decoder.config.sos_id] = 10.0  # never a codec code: must be skipped
-    generator = torch.Generator().manual_seed(0)
-    draws = decoder.sample(logits.expand(4000, -1), top_k=2, generators=[generator] * 4000)
+    uniforms = torch.rand(4000, generator=torch.Generator().manual_seed(0))
+    draws = decoder.sample(logits.expand(4000, -1), torch.full((4000,), 2), uniforms).tolist()
     assert set(draws) == {3, 7}
     p3 = 1 / (1 + torch.exp(torch.tensor(-1.0))).item()
     assert abs(draws.count(3) / len(draws) - p3) < 0.03
-    assert set(decoder.sample(logits.expand(20, -1), top_k=1, generators=[None] * 20)) == {3}
+    assert set(decoder.sample(logits.expand(20, -1), torch.ones(20, dtype=torch.long), uniforms[:20]).tolist()) == {3}
+    # each row keeps its own k: the third-best code only where k = 3 and the draw passes the first two
+    top_k = torch.tensor([1, 2, 3, 3])
+    draws = decoder.sample(logits.expand(4, -1), top_k, torch.tensor([0.999, 0.999, 0.999, 0.1])).tolist()
+    assert draws == [3, 7, 11, 3]
 
 
 def test_generation_ends_at_eos_and_at_max_tokens(tts_dir):
     decoder = LLM2TTSCodecAR.load(tts_dir / "decoder")
     text = torch.randn(4, decoder.config.idim)
+    def tokens() -> list[int | None]:
+        batch = DecoderBatch(decoder, slots=1, capacity=32)
+        stream, got = batch.add(text, top_k=1, max_tokens=6, generator=None), []
+        while not stream.finished:
+            got += [token for _, token in batch.step()]
+        return got
+
     with torch.no_grad():
         decoder.out_fnn.weight.zero_()
         decoder.out_fnn.bias.zero_()
         decoder.out_fnn.bias[9] = 5.0
-        assert list(DecoderBatch(decoder).generate(text, top_k=1, max_tokens=6)) == [9] * 6
+        assert tokens() == [9] * 6
         decoder.out_fnn.bias[decoder.config.eos_id] = 6.0
-        assert list(DecoderBatch(decoder).generate(text, top_k=1, max_tokens=6)) == []
+        assert tokens() == [None]
 
 
 def test_mismatched_decoder_shape_names_the_tensor(tts_dir, tmp_path):
@@ -178,7 +190,7 @@ def test_bfloat16_decoder_tracks_float32(tts_dir):
         decoder = LLM2TTSCodecAR.load(tts_dir / "decoder", dtype=dtype)
         cache = KVCache.empty(decoder.config, slots=1, capacity=16, device=torch.device("cpu"), dtype=dtype)
         position = decoder.prefill(text, cache, slot=0)
-        logits[dtype] = torch.stack([decoder.step([t], [position + i], cache)[0]
+        logits[dtype] = torch.stack([decoder.step(torch.tensor([t]), torch.tensor([position + i]), cache, span=16)[0]
                                      for i, t in enumerate([decoder.config.sos_id, 4, 8])])
     assert logits[torch.bfloat16].dtype == torch.float32
     torch.testing.assert_close(logits[torch.bfloat16], logits[torch.float32], atol=0.15, rtol=0.05)

@@ -1,132 +1,157 @@
 """Continuous batching of TTS utterances: every open stream advances one codec token per decoder step.
 
-`DecoderBatch.generate` queues an utterance (no model work, so any thread may call it) and returns
-its token iterator. Whenever a stream needs a token and has none buffered, the batch admits the
-queued utterances (prefill into a free cache slot) and runs one decoder step for all open streams,
-buffering each one's token. Streams consumed round-robin from one thread thus share every forward
-pass, and utterances queued together start together. Each stream has its own sampling settings
-and random generator. Closing or dropping a stream frees its slot; slots and capacity grow on demand.
+`DecoderBatch.add` prefills an utterance into a free slot of a fixed cache (slots x capacity);
+`step` runs one decoder step for every open stream and returns each one's token. The step always
+covers slots 0..n-1 (rows are slots, so attention reads the cache in place; free slots among them
+decode a pad token at position 0, which their next prefill overwrites) and attends over a span of
+positions; both are padded to buckets (`tts/shapes.py`). The decoder forward and the top-k draw run
+on the device from four input rows (tokens, positions, top-k, uniform numbers drawn from each
+stream's CPU generator), with one device-to-host read of the tokens per step. On CUDA each
+(batch, span) shape is a CUDA graph, captured by `capture_graphs` at start-up (or on first use);
+elsewhere the same function runs eagerly. One thread drives a batch.
 """
 
 from __future__ import annotations
 
-import weakref
-from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from tts.decoder import KVCache, LLM2TTSCodecAR
+from tts.shapes import batch_buckets, padded, span_buckets
+
+# (inputs [3, batch]: tokens, positions, top-k; uniforms [batch]) -> token ids [batch], on the device
+StepFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(eq=False)
 class Stream:
-    """Decoding state of one utterance."""
+    """Decoding state of one utterance in its slot."""
 
-    text_embeddings: torch.Tensor | None  # dropped once prefilled
+    slot: int
     top_k: int
     max_tokens: int
     generator: torch.Generator | None
-    last_token: int = -1
-    length: int = 0  # cache positions filled
+    length: int  # cache positions filled
+    last_token: int
     sampled: int = 0
-    finished: bool = False
-    cancelled: bool = False
-    ready: deque[int] = field(default_factory=deque)
+    finished: bool = False  # eos, max_tokens draws or a full slot: the stream has left the batch
+
+
+class _StepGraph:
+    """A CUDA graph of one step function at a fixed batch size, fed through static input tensors."""
+
+    def __init__(self, function: StepFunction, inputs: torch.Tensor, uniforms: torch.Tensor, pool) -> None:
+        self.inputs, self.uniforms = inputs.clone(), uniforms.clone()  # valid values: the warm-up run executes
+        device = inputs.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            function(self.inputs, self.uniforms)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.ids = function(self.inputs, self.uniforms)
+
+    def __call__(self, inputs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+        self.inputs.copy_(inputs, non_blocking=True)
+        self.uniforms.copy_(uniforms, non_blocking=True)
+        self.graph.replay()
+        return self.ids
 
 
 class DecoderBatch:
-    """Shares decoder steps among the utterances being synthesised (steps run in one thread)."""
+    """Shares decoder steps among the utterances being synthesised (all calls from one thread)."""
 
-    def __init__(self, decoder: LLM2TTSCodecAR, slots: int = 4, capacity: int = 1536) -> None:
+    def __init__(self, decoder: LLM2TTSCodecAR, slots: int, capacity: int, *, cuda_graphs: bool | None = None) -> None:
         weight = decoder.embedding.weight
         self.decoder = decoder
         self.cache = KVCache.empty(decoder.config, slots, capacity, weight.device, weight.dtype)
         self.streams: list[Stream | None] = [None] * slots
-        self.queued: deque[Stream] = deque()
+        self.use_graphs = weight.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self._batches = batch_buckets(slots)
+        self._spans = span_buckets(capacity)
+        self._graphs: dict[tuple[int, int], _StepGraph] = {}
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
     @property
-    def open_streams(self) -> int:
-        """Utterances queued or decoding that nobody has cancelled."""
-        return sum(not s.cancelled for s in [*self.queued, *self.streams] if s is not None)
+    def free_slots(self) -> int:
+        return self.streams.count(None)
 
-    def generate(
-        self,
-        text_embeddings: torch.Tensor,
-        *,
-        top_k: int = 2,
-        max_tokens: int = 1000,
-        generator: torch.Generator | None = None,
-    ) -> Iterator[int]:
-        """Queue `text_embeddings` [T, idim]; the iterator yields its codec tokens until eos or
-        `max_tokens` draws. `generator` is a CPU generator; it makes this stream's draws reproducible."""
-        if max_tokens < 1 or top_k < 1:
-            raise ValueError("max_tokens and top_k must be at least 1")
-        stream = Stream(text_embeddings, top_k, max_tokens, generator)
-        self.queued.append(stream)
-        tokens = self._tokens(stream)
-        weakref.finalize(tokens, self.cancel, stream)  # also if the iterator is dropped unstarted
-        return tokens
+    def add(
+        self, text_embeddings: torch.Tensor, *, top_k: int, max_tokens: int, generator: torch.Generator | None
+    ) -> Stream:
+        """Prefill `text_embeddings` [T, idim] into the lowest free slot; the stream then gets a token per
+        step until eos, `max_tokens` draws or a full slot. `generator` (CPU) makes its draws reproducible."""
+        if None not in self.streams:
+            raise RuntimeError("no free slot")
+        if len(text_embeddings) + 2 > self.cache.capacity:
+            raise ValueError(f"{len(text_embeddings)} text rows do not fit {self.cache.capacity} cache positions")
+        slot = self.streams.index(None)
+        length = self.decoder.prefill(text_embeddings, self.cache, slot)
+        stream = Stream(slot, top_k, max_tokens, generator, length, self.decoder.config.sos_id)
+        self.streams[slot] = stream
+        return stream
 
-    @staticmethod
-    def cancel(stream: Stream) -> None:
-        """Stop decoding `stream` (any thread); its slot is freed at the next step."""
-        stream.cancelled = True
+    def remove(self, stream: Stream) -> None:
+        """Free the stream's slot (it gets no more tokens)."""
+        if self.streams[stream.slot] is stream:
+            self.streams[stream.slot] = None
+        stream.finished = True
 
-    def _tokens(self, stream: Stream) -> Iterator[int]:
-        try:
-            while True:
-                if stream.ready:
-                    yield stream.ready.popleft()
-                elif stream.finished:
-                    return
-                else:
-                    self._step()
-        finally:
-            self.cancel(stream)
+    def capture_graphs(self) -> None:
+        """Capture the step graph of every (batch, span) bucket; call with no stream open and no other
+        thread launching CUDA work (a capture runs the step once, writing position 0 of the slots)."""
+        if self.use_graphs:
+            for batch in self._batches:
+                for span in self._spans:
+                    self._graph(batch, span)
 
-    def _admit(self) -> None:
-        """Free the slots of cancelled streams, then prefill the queued utterances."""
-        self.streams = [None if s is not None and s.cancelled else s for s in self.streams]
-        while self.queued:
-            stream = self.queued.popleft()
-            if stream.cancelled:
-                continue
-            slot = self._free_slot(len(stream.text_embeddings) + 1 + stream.max_tokens)
-            stream.length = self.decoder.prefill(stream.text_embeddings, self.cache, slot)
-            stream.text_embeddings, stream.last_token = None, self.decoder.config.sos_id
-            self.streams[slot] = stream
+    def step(self) -> list[tuple[Stream, int | None]]:
+        """One decoder step for every open stream: (stream, its codec token, or None for eos). Streams
+        that finish leave the batch and free their slot."""
+        streams = [s for s in self.streams if s is not None]
+        if not streams:
+            return []
+        batch = padded(streams[-1].slot + 1, self._batches)
+        span = padded(max(s.length for s in streams) + 1, self._spans)
+        inputs = [[self.decoder.config.pad_id] * batch, [0] * batch, [1] * batch]  # idle rows: pad, position 0, top-1
+        uniforms = [0.0] * batch
+        for s in streams:
+            inputs[0][s.slot], inputs[1][s.slot], inputs[2][s.slot] = s.last_token, s.length, s.top_k
+            uniforms[s.slot] = torch.rand((), generator=s.generator).item()
+        inputs, uniforms = torch.tensor(inputs), torch.tensor(uniforms)
+        if self.use_graphs:
+            ids = self._graph(batch, span)(inputs, uniforms)
+        else:
+            device = self.cache.keys.device
+            ids = self._step_function(span)(inputs.to(device), uniforms.to(device))
+        ids = ids.tolist()  # the step's one read back to the host
+        return [(s, self._advance(s, ids[s.slot])) for s in streams]
 
-    def _free_slot(self, positions: int) -> int:
-        slots = self.cache.slots if None in self.streams else 2 * self.cache.slots
-        capacity = max(self.cache.capacity, positions)
-        if (slots, capacity) != (self.cache.slots, self.cache.capacity):
-            self.cache = self.cache.resized(slots, capacity)
-            self.streams += [None] * (slots - len(self.streams))
-        return self.streams.index(None)
-
-    def _step(self) -> None:
-        """One decoder step for every unfinished stream; slots in between idle at position 0."""
-        self._admit()
-        rows = [i for i, s in enumerate(self.streams) if s is not None and not s.finished]
-        tokens = [self.decoder.config.pad_id] * (rows[-1] + 1)
-        positions = [0] * (rows[-1] + 1)
-        for i in rows:
-            tokens[i], positions[i] = self.streams[i].last_token, self.streams[i].length
-        logits = self.decoder.step(tokens, positions, self.cache)
-        for top_k in {self.streams[i].top_k for i in rows}:
-            group = [i for i in rows if self.streams[i].top_k == top_k]
-            draws = self.decoder.sample(logits[group], top_k, [self.streams[i].generator for i in group])
-            for i, token in zip(group, draws):
-                self._advance(self.streams[i], token)
-
-    def _advance(self, stream: Stream, token: int) -> None:
+    def _advance(self, stream: Stream, token: int) -> int | None:
         stream.length += 1
         stream.sampled += 1
         stream.last_token = token
-        if token == self.decoder.config.eos_id:
-            stream.finished = True
-            return
-        stream.ready.append(token)
-        stream.finished = stream.sampled == stream.max_tokens
+        eos = token == self.decoder.config.eos_id
+        if eos or stream.sampled == stream.max_tokens or stream.length == self.cache.capacity:
+            self.remove(stream)
+        return None if eos else token
+
+    def _step_function(self, span: int) -> StepFunction:
+        def step(inputs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+            logits = self.decoder.step(inputs[0], inputs[1], self.cache, span)
+            return self.decoder.sample(logits, inputs[2], uniforms)
+
+        return step
+
+    def _graph(self, batch: int, span: int) -> _StepGraph:
+        key = (batch, span)
+        if key not in self._graphs:
+            device = self.cache.keys.device
+            inputs = torch.tensor([[self.decoder.config.pad_id] * batch, [0] * batch, [1] * batch], device=device)
+            uniforms = torch.zeros(batch, device=device)
+            with torch.no_grad():
+                self._graphs[key] = _StepGraph(self._step_function(span), inputs, uniforms, self._graph_pool)
+        return self._graphs[key]

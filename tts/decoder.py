@@ -73,21 +73,8 @@ class KVCache:
         return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
     @property
-    def slots(self) -> int:
-        return self.keys.shape[1]
-
-    @property
     def capacity(self) -> int:
         return self.keys.shape[3]
-
-    def resized(self, slots: int, capacity: int) -> "KVCache":
-        """A larger cache holding this one's contents."""
-        layers, _, heads, _, head_dim = self.keys.shape
-        grown = KVCache(self.keys.new_zeros(layers, slots, heads, capacity, head_dim),
-                        self.values.new_zeros(layers, slots, heads, capacity, head_dim))
-        grown.keys[:, : self.slots, :, : self.capacity] = self.keys
-        grown.values[:, : self.slots, :, : self.capacity] = self.values
-        return grown
 
     def prefill_store(self, slot: int) -> KVStore:
         """Store for a whole sequence [1, H, T, D] into `slot` at positions 0..T-1; full attention."""
@@ -100,18 +87,18 @@ class KVCache:
 
         return store
 
-    def step_store(self, positions: list[int]) -> KVStore:
-        """Store for one token per slot 0..n-1 [n, H, 1, D] at `positions`; each attends to 0..position."""
-        device = self.keys.device
-        rows = torch.arange(len(positions), device=device)
-        where = torch.tensor(positions, device=device)
-        span = max(positions) + 1
-        mask = (torch.arange(span, device=device)[None, :] <= where[:, None]).view(len(positions), 1, 1, span)
+    def step_store(self, positions: torch.Tensor, span: int) -> KVStore:
+        """Store for one token per slot 0..n-1 ([n, H, 1, D]) at `positions` [n]; each attends to its
+        positions 0..position within the first `span` of its slot (span > every position). The mask
+        is built on the device from `positions`: fixed (n, span) give fixed shapes and no host sync."""
+        n = positions.shape[0]
+        rows = torch.arange(n, device=positions.device)
+        mask = (torch.arange(span, device=positions.device)[None, :] <= positions[:, None]).view(n, 1, 1, span)
 
         def store(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            self.keys[layer, rows, :, where] = k[:, :, 0]
-            self.values[layer, rows, :, where] = v[:, :, 0]
-            return self.keys[layer, : len(positions), :, :span], self.values[layer, : len(positions), :, :span], mask
+            self.keys[layer, rows, :, positions] = k[:, :, 0]
+            self.values[layer, rows, :, positions] = v[:, :, 0]
+            return self.keys[layer, :n, :, :span], self.values[layer, :n, :, :span], mask
 
         return store
 
@@ -241,28 +228,32 @@ class LLM2TTSCodecAR(nn.Module):
         return x.shape[1]
 
     @torch.no_grad()
-    def step(self, tokens: list[int], positions: list[int], cache: KVCache) -> torch.Tensor:
-        """Feed tokens[i] to cache slot i at positions[i], all slots at once; float32 logits [n, odim + 4]."""
-        weight = self.embedding.weight
-        x = self.embedding(torch.tensor(tokens, device=weight.device)).unsqueeze(1)
-        cos, sin = self._rotary(torch.tensor(positions, device=weight.device), x.dtype)
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, span: int) -> torch.Tensor:
+        """Feed tokens[i] to cache slot i at positions[i] (slots 0..n-1 at once), each attending to its
+        positions 0..positions[i] within the first `span`; float32 logits [n, odim + 4]. Shapes depend
+        only on (n, span) and nothing is read back to the host, so a CUDA graph can replay it."""
+        x = self.embedding(tokens).unsqueeze(1)
+        cos, sin = self._rotary(positions, x.dtype)
         cos, sin = cos[:, None, None, :], sin[:, None, None, :]  # one position per row: [n, H, 1, D]
-        store = cache.step_store(positions)
+        store = cache.step_store(positions, span)
         for layer_idx, layer in enumerate(self.layers):
             x = layer(x, cos, sin, store, layer_idx)
         return self.out_fnn(self.norm(x))[:, 0].float()
 
-    def sample(self, logits: torch.Tensor, top_k: int, generators: list[torch.Generator | None]) -> list[int]:
-        """Top-k sampling per row (upstream: softmax, keep the k best, renormalise, draw).
+    def sample(self, logits: torch.Tensor, top_k: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+        """Top-k sampling per row (upstream: softmax, keep the k best, renormalise, draw): token ids [n].
 
-        The draw inverts the top-k CDF with one uniform number per row from that row's CPU
-        generator, so a stream's tokens do not depend on which other streams share its batch.
-        bos, sos and pad are excluded first: they are no codec codes and the codec cannot decode them.
+        Row i keeps its top_k[i] best logits and inverts their CDF at uniforms[i], a number the caller
+        draws from that row's own CPU generator, so a stream's tokens do not depend on which other
+        streams share its batch. bos, sos and pad are excluded first: they are no codec codes and the
+        codec cannot decode them. All on the device with fixed shapes (graph-safe).
         """
+        config = self.config
         logits = logits.clone()
-        logits[:, [self.config.bos_id, self.config.sos_id, self.config.pad_id]] = float("-inf")
-        top_logits, top_ids = logits.topk(top_k, dim=-1)
-        cdf = top_logits.softmax(-1).cumsum(-1)
-        uniform = torch.stack([torch.rand((), generator=g) for g in generators]).to(cdf.device)
-        choice = (uniform[:, None] > cdf).sum(-1).clamp(max=top_k - 1)
-        return top_ids.gather(-1, choice[:, None])[:, 0].tolist()
+        logits[:, config.bos_id : config.sos_id + 1] = float("-inf")
+        logits[:, config.pad_id] = float("-inf")
+        ranked, ids = logits.sort(dim=-1, descending=True)
+        rank = torch.arange(ranked.shape[-1], device=ranked.device)
+        cdf = ranked.masked_fill(rank >= top_k[:, None], float("-inf")).softmax(-1).cumsum(-1)
+        choice = torch.minimum((uniforms[:, None] > cdf).sum(-1), top_k - 1)
+        return ids.gather(-1, choice[:, None])[:, 0]

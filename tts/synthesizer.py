@@ -1,14 +1,8 @@
-"""Streaming speech synthesis: LLM embeddings -> codec tokens -> 24 kHz int16 segments.
+"""Speech synthesis: LLM embeddings -> codec tokens -> 24 kHz int16 segments.
 
-Chunking follows upstream `llm2TTS.run`: once `codec_chunk_size` new tokens plus `padding`
-look-ahead tokens exist, the codec decodes them together with up to `padding` earlier tokens
-and only the audio of the new chunk is kept; the rest is decoded when the decoder stops.
-Concatenated segments equal a one-shot decode of all tokens exactly when `padding` covers the
-codec's receptive field (`TiCodec.generator.receptive_field_frames()`); with less, samples
-near chunk boundaries differ slightly, which upstream accepts for latency.
-
-Upstream also re-cuts the audio at quiet points (`find_min_sum_index`) because its web demo
-plays each segment as a separate clip; the samples are the same, so this streams plain chunks.
+`Synthesizer` holds the decoder and the codec. `tts/service.py` runs many utterances at once in one
+thread; `synthesize` runs one in the calling thread, with the same token draws and windows
+(`tts/codec_windows.py`), so for the same generator both give the same segments.
 """
 
 from __future__ import annotations
@@ -21,7 +15,8 @@ import torch
 
 from tts.batch import DecoderBatch
 from tts.codec import TiCodec
-from tts.config import CODEC_FRAME_SAMPLES, SAMPLE_RATE
+from tts.codec_windows import Chunker, decode_windows, window_lengths
+from tts.config import SAMPLE_RATE
 from tts.decoder import LLM2TTSCodecAR
 
 FIRST_SENTENCE_CHUNK_SIZE = 20  # upstream: codec chunk of a reply's first sentence
@@ -30,22 +25,14 @@ PADDING = 10  # upstream codec_padding_size
 TOP_K = 2  # upstream decoder_topk
 
 
-def to_int16(audio: torch.Tensor) -> np.ndarray:
-    """Float audio in [-1, 1] -> int16 (scaled by 32767, rounded, clipped)."""
-    scaled = (audio.float().cpu().numpy() * 32767.0).round()
-    return np.clip(scaled, -32768, 32767).astype(np.int16)
-
-
 class Synthesizer:
-    """VITA-1.5 TTS. Each `synthesize` call is an independent stream; streams interleaved from one
-    thread share their decoder steps (`DecoderBatch`)."""
+    """VITA-1.5 TTS: the speech decoder (bf16 on CUDA) and the TiCodec vocoder (float32)."""
 
     sample_rate = SAMPLE_RATE
 
     def __init__(self, decoder: LLM2TTSCodecAR, codec: TiCodec) -> None:
         self.decoder = decoder
         self.codec = codec
-        self.batch = DecoderBatch(decoder)
 
     @property
     def embedding_dim(self) -> int:
@@ -63,12 +50,29 @@ class Synthesizer:
         codec = TiCodec.load(tts_dir / "codec", device=device)
         return cls(decoder, codec)
 
-    def plan_codec_windows(self, largest_chunk_size: int = CHUNK_SIZE, padding: int = PADDING) -> None:
-        """Decode one window of every length chunked synthesis can ask for (1 to chunk + 2 * padding
-        codes). On CUDA, cuDNN plans each new convolution shape on first use (50 to 137 ms per window
-        length on an H100), so this keeps the planning away from the first replies."""
-        for frames in range(1, largest_chunk_size + 2 * padding + 1):
-            self.codec.decode(torch.zeros(1, frames, dtype=torch.long))
+    def check_utterance(self, embeddings: torch.Tensor, codec_chunk_size: int, padding: int, top_k: int,
+                        max_tokens: int) -> None:
+        """Raise ValueError unless these are valid arguments for an utterance."""
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_dim or not len(embeddings):
+            raise ValueError(f"embeddings must be [N >= 1, {self.embedding_dim}], got {tuple(embeddings.shape)}")
+        if codec_chunk_size < 1 or padding < 0:
+            raise ValueError("codec_chunk_size must be >= 1 and padding >= 0")
+        if max_tokens < 1 or top_k < 1:
+            raise ValueError("max_tokens and top_k must be at least 1")
+
+    def plan_codec_windows(
+        self, chunk_sizes: tuple[int, ...] = (FIRST_SENTENCE_CHUNK_SIZE, CHUNK_SIZE), padding: int = PADDING,
+        batch_sizes: tuple[int, ...] = (1,),
+    ) -> None:
+        """Decode a batch of every shape chunked synthesis asks for most: each window length alone,
+        and the first and middle windows' lengths at every batch size. On CUDA, cuDNN plans each new
+        convolution shape on first use (60 to 100 ms per shape on an H200 with the full-size codec),
+        so this keeps the planning away from the replies. Only last windows of an unplanned length
+        that meet in one batch are planned later."""
+        every, shared = window_lengths(chunk_sizes, padding)
+        shapes = {(1, length) for length in every} | {(batch, length) for batch in batch_sizes for length in shared}
+        for batch, length in sorted(shapes):
+            self.codec.decode(torch.zeros(batch, length, dtype=torch.long))
 
     def synthesize(
         self,
@@ -82,33 +86,20 @@ class Synthesizer:
     ) -> Iterator[np.ndarray]:
         """Yield int16 24 kHz segments of `codec_chunk_size * 600` samples for `embeddings`
         [N, embedding_dim]; the last one holds the codes left (up to chunk + padding - 1).
-        The call only queues the utterance (safe from any thread); the model runs in the thread
-        that iterates. Stopping the iteration (or dropping the iterator) cancels the synthesis.
-        `generator` (a CPU generator) makes the token sampling reproducible."""
-        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_dim or not len(embeddings):
-            raise ValueError(f"embeddings must be [N >= 1, {self.embedding_dim}], got {tuple(embeddings.shape)}")
-        if codec_chunk_size < 1 or padding < 0:
-            raise ValueError("codec_chunk_size must be >= 1 and padding >= 0")
-        tokens = self.batch.generate(embeddings, top_k=top_k, max_tokens=max_tokens, generator=generator)
-        return self._segments(tokens, codec_chunk_size, padding)
+        One utterance, computed in the iterating thread as it iterates (no CUDA graphs, no batching:
+        the reference for `SpeechService`). `generator` (a CPU generator) makes the sampling reproducible."""
+        self.check_utterance(embeddings, codec_chunk_size, padding, top_k, max_tokens)
+        return self._segments(embeddings, Chunker(codec_chunk_size, padding), top_k, max_tokens, generator)
 
-    def _segments(self, tokens: Iterator[int], codec_chunk_size: int, padding: int) -> Iterator[np.ndarray]:
-        codes: list[int] = []
-        emitted = 0
-        try:
-            for token in tokens:
-                codes.append(token)
-                if len(codes) - emitted == codec_chunk_size + padding:
-                    yield self._decode_frames(codes, emitted, emitted + codec_chunk_size, padding)
-                    emitted += codec_chunk_size
-        finally:
-            tokens.close()  # frees the decoder slot when the consumer stops early
-        if len(codes) > emitted:
-            yield self._decode_frames(codes, emitted, len(codes), padding)
-
-    def _decode_frames(self, codes: list[int], first: int, end: int, padding: int) -> np.ndarray:
-        """Audio of frames [first, end), decoded with up to `padding` frames of context each side."""
-        start = max(0, first - padding)
-        window = torch.tensor([codes[start : end + padding]])
-        audio = self.codec.decode(window)[0]
-        return to_int16(audio[(first - start) * CODEC_FRAME_SAMPLES : (end - start) * CODEC_FRAME_SAMPLES])
+    def _segments(self, embeddings: torch.Tensor, chunker: Chunker, top_k: int, max_tokens: int,
+                  generator: torch.Generator | None) -> Iterator[np.ndarray]:
+        batch = DecoderBatch(self.decoder, slots=1, capacity=len(embeddings) + 1 + max_tokens, cuda_graphs=False)
+        stream = batch.add(embeddings, top_k=top_k, max_tokens=max_tokens, generator=generator)
+        while not stream.finished:
+            [(_, token)] = batch.step()
+            windows = (chunker.push(token) if token is not None else None,
+                       chunker.finish() if stream.finished else None)
+            for window in windows:
+                if window is not None:
+                    [(_, segment)] = decode_windows(self.codec, [window])
+                    yield segment

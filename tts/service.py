@@ -1,0 +1,279 @@
+"""Push-driven speech synthesis: every utterance of the process synthesised in one thread, "vita-tts".
+
+`SpeechService.speak` queues an utterance from any thread and returns a `SpeechHandle` at once; its
+audio comes back through callbacks that run in the TTS thread (a caller with an event loop wraps
+them with `loop.call_soon_threadsafe`). The thread repeats, sleeping while there is nothing to do:
+1. admit queued utterances, first come first served, into free decoder slots (prefill);
+2. one decoder step for every open utterance (`DecoderBatch`: a CUDA graph on CUDA, one read back);
+3. decode the codec windows that became ready: on CUDA those of all utterances together, a codec
+   call per window length with the batch padded to a planned size (`decode_windows`);
+4. hand out the segments, then end the utterances that finished.
+
+Callbacks of an utterance: `on_segment` gets its int16 24 kHz segments in order, the same as
+`Synthesizer.synthesize` gives for the same generator (up to float rounding); then exactly one
+`on_done`: None after the last segment, the exception if the model failed (or a callback raised),
+`SpeechServiceClosed` if the service closed first. A cancelled utterance gets no `on_done`: once
+`SpeechHandle.cancel` returns, no callback of it runs (one running in the TTS thread at that moment
+has returned first; cancelling from inside its own callback is fine).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tts.batch import DecoderBatch, Stream
+from tts.codec_windows import Chunker, CodecWindow, decode_windows
+from tts.shapes import batch_buckets
+from tts.synthesizer import CHUNK_SIZE, FIRST_SENTENCE_CHUNK_SIZE, PADDING, TOP_K, Synthesizer
+
+log = logging.getLogger("vita.tts")
+
+SegmentCallback = Callable[[np.ndarray], None]
+DoneCallback = Callable[[BaseException | None], None]
+
+
+class SpeechServiceClosed(RuntimeError):
+    """The service closed before the utterance ended."""
+
+
+class SpeechHandle:
+    """One utterance's callbacks, guarded so that `cancel` (any thread) silences them for good."""
+
+    def __init__(self, on_segment: SegmentCallback, on_done: DoneCallback) -> None:
+        self._on_segment = on_segment
+        self._on_done = on_done
+        self._lock = threading.RLock()  # held while a callback runs
+        self._cancelled = False
+        self._done = False
+
+    def cancel(self) -> None:
+        """Stop the utterance (its slot is freed at the TTS thread's next step); no callback of it runs
+        after this returns, on_done included. Safe from any thread, also from its own callbacks."""
+        with self._lock:
+            self._cancelled = True
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    @property
+    def ended(self) -> bool:
+        """Cancelled, or on_done was called."""
+        return self._cancelled or self._done
+
+    def _segment(self, segment: np.ndarray) -> None:
+        with self._lock:
+            if not self.ended:
+                self._on_segment(segment)
+
+    def _finish(self, error: BaseException | None) -> None:
+        with self._lock:
+            if self.ended:
+                return
+            self._done = True
+            try:
+                self._on_done(error)
+            except Exception:
+                log.exception("tts_on_done_failed")
+
+
+@dataclass(eq=False)
+class _Utterance:
+    embeddings: torch.Tensor | None  # dropped once prefilled
+    chunker: Chunker
+    top_k: int
+    max_tokens: int
+    generator: torch.Generator | None
+    handle: SpeechHandle
+    stream: Stream | None = None  # once admitted
+
+
+class SpeechService:
+    """Synthesises up to `max_streams` utterances at once (more wait for a slot) in one thread."""
+
+    def __init__(self, synthesizer: Synthesizer, *, max_streams: int = 64, capacity: int = 2048,
+                 codec_batch_sizes: tuple[int, ...] | None = None) -> None:
+        """`capacity`: decoder cache positions per utterance, text rows + 1 + codec tokens (an utterance
+        that fills its slot ends there). `codec_batch_sizes` (ascending): how many windows of one length
+        a codec call may decode, padded up to one of these; by default `batch_buckets(max_streams)` on
+        CUDA, 1 elsewhere (on CPU batches are no faster)."""
+        self.synthesizer = synthesizer
+        self.batch = DecoderBatch(synthesizer.decoder, max_streams, capacity)
+        self._on_cuda = synthesizer.decoder.embedding.weight.device.type == "cuda"
+        default_batches = batch_buckets(max_streams) if self._on_cuda else (1,)
+        self._codec_batches = default_batches if codec_batch_sizes is None else codec_batch_sizes
+        self._warm = False
+        self._wake = threading.Condition()
+        self._queued: deque[_Utterance] = deque()  # shared with callers, under _wake
+        self._closed = False
+        self._open: dict[Stream, _Utterance] = {}  # TTS thread only
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ any thread
+
+    def warm_up(
+        self, chunk_sizes: tuple[int, ...] = (FIRST_SENTENCE_CHUNK_SIZE, CHUNK_SIZE), padding: int = PADDING
+    ) -> None:
+        """On CUDA: capture the decoder step graphs and have cuDNN plan the codec shapes of these
+        chunk sizes (seconds). `start` does it if not done; call it while no other thread runs CUDA
+        work (a graph capture fails if another thread launches kernels meanwhile)."""
+        if self._thread is not None:
+            raise RuntimeError("warm up before start")
+        self.batch.capture_graphs()
+        if self._on_cuda:
+            self.synthesizer.plan_codec_windows(chunk_sizes, padding, self._codec_batches)
+        self._warm = True
+
+    def start(self) -> None:
+        """Warm up (if not done) and start the "vita-tts" thread."""
+        if self._thread is not None:
+            raise RuntimeError("already started")
+        if not self._warm:
+            self.warm_up()
+        self._thread = threading.Thread(target=self._run, name="vita-tts", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the thread after its current step; utterances not yet ended get
+        on_done(SpeechServiceClosed). Later `speak` calls raise RuntimeError."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        if self._thread is None:
+            self._end_all()
+        elif self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def speak(
+        self,
+        embeddings: torch.Tensor,
+        *,
+        codec_chunk_size: int,
+        on_segment: SegmentCallback,
+        on_done: DoneCallback,
+        padding: int = PADDING,
+        top_k: int = TOP_K,
+        max_tokens: int = 1000,
+        generator: torch.Generator | None = None,
+    ) -> SpeechHandle:
+        """Queue the utterance of `embeddings` [N, embedding_dim] and return at once (see the module
+        docstring for the callbacks). ValueError for bad arguments or text longer than `capacity - 2`
+        rows. `generator` (a CPU generator) makes the token draws reproducible."""
+        self.synthesizer.check_utterance(embeddings, codec_chunk_size, padding, top_k, max_tokens)
+        if len(embeddings) + 2 > self.batch.cache.capacity:
+            raise ValueError(f"{len(embeddings)} embedding rows do not fit {self.batch.cache.capacity} cache positions")
+        handle = SpeechHandle(on_segment, on_done)
+        utterance = _Utterance(embeddings, Chunker(codec_chunk_size, padding), top_k, max_tokens, generator, handle)
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the speech service is closed")
+            self._queued.append(utterance)
+            self._wake.notify()
+        return handle
+
+    # ------------------------------------------------------------------ TTS thread
+
+    def _run(self) -> None:
+        device = self.batch.cache.keys.device
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # graphs replay on this thread's current device
+        while self._wait_for_work():
+            try:
+                self._drop_cancelled()
+                self._admit()
+                self._advance()
+            except Exception as exc:  # a bug outside the model calls: end everything rather than hang callers
+                log.exception("tts_loop_failed")
+                for utterance in list(self._open.values()):
+                    self._end(utterance, exc)
+        self._end_all()
+
+    def _wait_for_work(self) -> bool:
+        with self._wake:
+            while not (self._closed or self._queued or self._open):
+                self._wake.wait()
+            return not self._closed
+
+    def _drop_cancelled(self) -> None:
+        for stream, utterance in list(self._open.items()):
+            if utterance.handle.cancelled:
+                self.batch.remove(stream)
+                del self._open[stream]
+
+    def _admit(self) -> None:
+        with self._wake:
+            admitted = []
+            while self._queued and len(admitted) < self.batch.free_slots:
+                utterance = self._queued.popleft()
+                if not utterance.handle.cancelled:
+                    admitted.append(utterance)
+        for utterance in admitted:
+            try:
+                stream = self.batch.add(utterance.embeddings, top_k=utterance.top_k, max_tokens=utterance.max_tokens,
+                                        generator=utterance.generator)
+            except Exception as exc:
+                utterance.handle._finish(exc)
+                continue
+            utterance.embeddings, utterance.stream = None, stream
+            self._open[stream] = utterance
+
+    def _advance(self) -> None:
+        """One decoder step for all open utterances, then their ready windows, segments and ends."""
+        try:
+            tokens = self.batch.step()
+        except Exception as exc:
+            for utterance in list(self._open.values()):
+                self._end(utterance, exc)
+            return
+        ready: list[tuple[_Utterance, CodecWindow]] = []
+        ended: list[_Utterance] = []
+        for stream, token in tokens:
+            utterance = self._open[stream]
+            windows = (utterance.chunker.push(token) if token is not None else None,
+                       utterance.chunker.finish() if stream.finished else None)
+            ready += [(utterance, window) for window in windows if window is not None and not utterance.handle.ended]
+            if stream.finished:
+                ended.append(self._open.pop(stream))
+        ready.sort(key=lambda item: item[1].first > 0)  # first segments first (an utterance keeps its order)
+        self._decode(ready)
+        for utterance in ended:
+            utterance.handle._finish(None)
+
+    def _decode(self, ready: list[tuple[_Utterance, CodecWindow]]) -> None:
+        """Decode the windows and hand out each segment as soon as it and those before it exist."""
+        decoded: dict[int, np.ndarray] = {}
+        emitted = 0
+        try:
+            for index, segment in decode_windows(self.synthesizer.codec, [w for _, w in ready], self._codec_batches):
+                decoded[index] = segment
+                while emitted in decoded:
+                    utterance = ready[emitted][0]
+                    emitted += 1
+                    try:
+                        utterance.handle._segment(decoded.pop(emitted - 1))
+                    except Exception as exc:
+                        log.exception("tts_on_segment_failed")
+                        self._end(utterance, exc)
+        except Exception as exc:
+            for utterance, _ in ready[emitted:]:
+                self._end(utterance, exc)
+
+    def _end(self, utterance: _Utterance, error: BaseException) -> None:
+        """Take `utterance` out of the batch and report `error`."""
+        if self._open.pop(utterance.stream, None) is not None:
+            self.batch.remove(utterance.stream)
+        utterance.handle._finish(error)
+
+    def _end_all(self) -> None:
+        with self._wake:
+            waiting, self._queued = list(self._queued), deque()
+        closed = SpeechServiceClosed("the speech service closed")
+        for utterance in [*self._open.values(), *waiting]:
+            self._end(utterance, closed)
