@@ -3,7 +3,8 @@
 The gateway's loop never runs model math. It calls the worker's thread-safe methods, which
 schedule work on the worker loop; outputs go back through ``loop.call_soon_threadsafe``. Turns
 of all sessions run as concurrent tasks on the worker loop, so the engine batches their decode
-steps; speech synthesis runs in one more thread so decoding goes on while audio is made.
+steps; media encoding (``MediaEncoder``) and speech synthesis (``SpeechService``) run in threads
+of their own, batched across sessions, each on its own CUDA stream.
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ import asyncio
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 from PIL import Image
@@ -34,6 +34,7 @@ from server.turns import (
 )
 from tts.sentences import SentenceChunker
 from tts.silence import trim_leading_silence
+from tts.service import SpeechService
 from tts.synthesizer import CHUNK_SIZE, FIRST_SENTENCE_CHUNK_SIZE, Synthesizer
 from vita.assistant import VitaAssistant
 from vita.engine import Engine
@@ -85,7 +86,7 @@ class ModelWorker:
     assistant: VitaAssistant  # these four are loaded in the worker thread, then ``ready`` turns True
     engine: Engine
     media_encoder: MediaEncoder
-    synthesizer: Synthesizer
+    speech: SpeechService
 
     def __init__(self, settings: ServerSettings, checkpoint: Path, is_tiny: bool) -> None:
         self.settings = settings
@@ -96,7 +97,6 @@ class ModelWorker:
         self.load_error: str | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="vita-worker", daemon=True)
-        self._tts_thread = ThreadPoolExecutor(1, thread_name_prefix="vita-tts")
         self._conversations: dict[str, Conversation] = {}
         self._turns: dict[str, asyncio.Task[None]] = {}
 
@@ -117,7 +117,6 @@ class ModelWorker:
             log.exception("worker_shutdown_failed")
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(STOP_TIMEOUT_S)
-        self._tts_thread.shutdown(wait=False, cancel_futures=True)
         log.info("worker_stopped")
 
     def _run_loop(self) -> None:
@@ -137,7 +136,10 @@ class ModelWorker:
             if self.engine.use_graphs:  # capture now: a capture racing TTS kernels of the other thread fails
                 self.engine.capture_graphs()
             self.media_encoder = MediaEncoder(self.assistant.model)
-            self.synthesizer = Synthesizer.load(self.checkpoint / TTS_DIR_NAME, device=device)
+            # graphs and codec plans now, while no other thread launches CUDA work
+            self.speech = SpeechService(Synthesizer.load(self.checkpoint / TTS_DIR_NAME, device=device),
+                                        max_streams=self.settings.max_sessions)
+            self.speech.start()
             await self._warm_up()
             self.ready = True
             log.info("model_loaded checkpoint=%s tiny=%s seconds=%.1f", self.checkpoint, self.is_tiny,
@@ -157,10 +159,7 @@ class ModelWorker:
         async for _ in self.engine.generate(WARM_UP_SESSION, embeds, SamplingParams(max_tokens=2), prefix):
             pass
         self.engine.end_session(WARM_UP_SESSION)
-        for _ in self.synthesizer.synthesize(self.assistant.speech_embeddings("hello."), max_tokens=WARM_UP_CODES):
-            pass
-        if self.assistant.device.type == "cuda":
-            self.synthesizer.plan_codec_windows(max(CHUNK_SIZE, FIRST_SENTENCE_CHUNK_SIZE))
+        await self._speak_sentence("hello.", FIRST_SENTENCE_CHUNK_SIZE, lambda segment: None, max_tokens=WARM_UP_CODES)
 
     async def _shutdown(self) -> None:
         turns = list(self._turns.values())
@@ -170,6 +169,7 @@ class ModelWorker:
         if self.ready:
             await self.engine.close()
             self.media_encoder.close()
+            self.speech.close()
 
     # ------------------------------------------------------------------ sessions (any thread)
 
@@ -303,31 +303,62 @@ class ModelWorker:
         return text, "answer"
 
     async def _speak(self, sentences: asyncio.Queue[str | None], emit: OutputCallback) -> tuple[float, int]:
-        """Synthesise sentences as they arrive; every segment is emitted as soon as it exists.
+        """Synthesise the sentences one after another as they arrive; every segment is emitted as
+        soon as it exists, the reply's leading silence trimmed.
 
-        Returns the synthesis time spent in the TTS thread and the number of samples made.
+        Returns the wall time the sentences took from their start to their last segment (waits
+        for a free synthesis slot included) and the number of samples made.
         """
         busy_s, samples, first_sentence = 0.0, 0, True
+
+        def on_segment(segment: np.ndarray) -> None:
+            nonlocal samples
+            if samples == 0:
+                segment = trim_leading_silence(segment)
+            if len(segment):
+                samples += len(segment)
+                emit(AudioSegment(segment))
+
         while (sentence := await sentences.get()) is not None:
-            embeddings = self.assistant.speech_embeddings(sentence)
             chunk_size = FIRST_SENTENCE_CHUNK_SIZE if first_sentence else CHUNK_SIZE
             first_sentence = False
-            segments = self.synthesizer.synthesize(embeddings, codec_chunk_size=chunk_size)
-            try:
-                while True:
-                    started = time.perf_counter()
-                    segment = await self._loop.run_in_executor(self._tts_thread, next, segments, None)
-                    busy_s += time.perf_counter() - started
-                    if segment is None:
-                        break
-                    if samples == 0:
-                        segment = trim_leading_silence(segment)
-                    if len(segment):
-                        samples += len(segment)
-                        emit(AudioSegment(segment))
-            finally:  # closed in the TTS thread, after a `next` that may still be running there
-                self._tts_thread.submit(segments.close)
+            started = time.perf_counter()
+            await self._speak_sentence(sentence, chunk_size, on_segment)
+            busy_s += time.perf_counter() - started
         return busy_s, samples
+
+    async def _speak_sentence(
+        self, sentence: str, chunk_size: int, on_segment: Callable[[np.ndarray], None], max_tokens: int = 1000
+    ) -> None:
+        """Synthesise one sentence; ``on_segment`` runs on the worker loop for each segment in order.
+        Leaving early (cancellation) cancels the synthesis: no segment of it is handled after that."""
+        done: asyncio.Future[None] = self._loop.create_future()
+        stopped = False
+
+        def segment_in_loop(segment: np.ndarray) -> None:
+            if not stopped:
+                on_segment(segment)
+
+        def done_in_loop(error: BaseException | None) -> None:
+            if done.done():
+                return
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+
+        handle = self.speech.speak(
+            self.assistant.speech_embeddings(sentence),
+            codec_chunk_size=chunk_size,
+            max_tokens=max_tokens,
+            on_segment=lambda segment: self._loop.call_soon_threadsafe(segment_in_loop, segment),
+            on_done=lambda error: self._loop.call_soon_threadsafe(done_in_loop, error),
+        )
+        try:
+            await done
+        finally:
+            stopped = True
+            handle.cancel()
 
 
 def sampling_params(generation: GenerationSettings) -> SamplingParams:

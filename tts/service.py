@@ -8,6 +8,9 @@ them with `loop.call_soon_threadsafe`). The thread repeats, sleeping while there
 3. decode the codec windows that became ready: on CUDA those of all utterances together, a codec
    call per window length with the batch padded to a planned size (`decode_windows`);
 4. hand out the segments, then end the utterances that finished.
+On CUDA the thread works on a CUDA stream of its own, so its reads of results wait for its own
+kernels only, never for the LLM's; an utterance's embeddings, made on the caller's stream, are
+waited for on the device (an event recorded at `speak`).
 
 Callbacks of an utterance: `on_segment` gets its int16 24 kHz segments in order, the same as
 `Synthesizer.synthesize` gives for the same generator (up to float rounding); then exactly one
@@ -87,6 +90,7 @@ class SpeechHandle:
 @dataclass(eq=False)
 class _Utterance:
     embeddings: torch.Tensor | None  # dropped once prefilled
+    embeddings_ready: torch.cuda.Event | None  # recorded on the caller's stream at `speak` (CUDA)
     chunker: Chunker
     top_k: int
     max_tokens: int
@@ -106,7 +110,9 @@ class SpeechService:
         CUDA, 1 elsewhere (on CPU batches are no faster)."""
         self.synthesizer = synthesizer
         self.batch = DecoderBatch(synthesizer.decoder, max_streams, capacity)
-        self._on_cuda = synthesizer.decoder.embedding.weight.device.type == "cuda"
+        device = synthesizer.decoder.embedding.weight.device
+        self._on_cuda = device.type == "cuda"
+        self._stream = torch.cuda.Stream(device) if self._on_cuda else None
         default_batches = batch_buckets(max_streams) if self._on_cuda else (1,)
         self._codec_batches = default_batches if codec_batch_sizes is None else codec_batch_sizes
         self._warm = False
@@ -170,7 +176,12 @@ class SpeechService:
         if len(embeddings) + 2 > self.batch.cache.capacity:
             raise ValueError(f"{len(embeddings)} embedding rows do not fit {self.batch.cache.capacity} cache positions")
         handle = SpeechHandle(on_segment, on_done)
-        utterance = _Utterance(embeddings, Chunker(codec_chunk_size, padding), top_k, max_tokens, generator, handle)
+        ready = None
+        if self._on_cuda and embeddings.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(embeddings.device))
+        utterance = _Utterance(embeddings, ready, Chunker(codec_chunk_size, padding), top_k, max_tokens, generator,
+                               handle)
         with self._wake:
             if self._closed:
                 raise RuntimeError("the speech service is closed")
@@ -184,6 +195,7 @@ class SpeechService:
         device = self.batch.cache.keys.device
         if device.type == "cuda":
             torch.cuda.set_device(device)  # graphs replay on this thread's current device
+            torch.cuda.set_stream(self._stream)  # this thread's current stream from now on
         while self._wait_for_work():
             try:
                 self._drop_cancelled()
@@ -215,6 +227,9 @@ class SpeechService:
                 if not utterance.handle.cancelled:
                     admitted.append(utterance)
         for utterance in admitted:
+            if utterance.embeddings_ready is not None:  # made on another stream: wait on the device, keep alive
+                self._stream.wait_event(utterance.embeddings_ready)
+                utterance.embeddings.record_stream(self._stream)
             try:
                 stream = self.batch.add(utterance.embeddings, top_k=utterance.top_k, max_tokens=utterance.max_tokens,
                                         generator=utterance.generator)
