@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
     parser.add_argument("--host")
     parser.add_argument("--port", type=int)
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default auto: cuda when available)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16"],
+                        help="VITA model dtype (default bfloat16 on GPU, float32 on CPU; upstream runs float16)")
     parser.add_argument("--max-sessions", type=int)
     parser.add_argument("--idle-timeout-s", type=float)
     parser.add_argument("--ssl-certfile", type=Path)

@@ -20,6 +20,9 @@ class ServerSettings(BaseSettings):
     checkpoint: Path | None = Field(None, description="VITA-1.5 folder; None = tiny random checkpoint")
     cache_dir: Path = Field(Path.home() / ".cache" / "vita-realtime", description="tiny checkpoint cache")
     device: str = Field("auto", description="cpu, cuda, cuda:1 ...; auto = cuda when available")
+    dtype: Literal["bfloat16", "float16"] | None = Field(
+        None, description="VITA model dtype; None = bfloat16 on accelerators, float32 on CPU"
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65_535)
     ssl_certfile: Path | None = None
@@ -40,3 +43,7 @@ class ServerSettings(BaseSettings):
         if self.device != "auto":
             return self.device
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def torch_dtype(self) -> torch.dtype | None:
+        """The VITA model's torch dtype, or None for the device's default."""
+        return None if self.dtype is None else getattr(torch, self.dtype)

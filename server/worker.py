@@ -129,7 +129,7 @@ class ModelWorker:
         try:
             started = time.perf_counter()
             device = self.settings.resolved_device()
-            self.assistant = VitaAssistant.load(self.checkpoint, device=device)
+            self.assistant = VitaAssistant.load(self.checkpoint, device=device, dtype=self.settings.torch_dtype())
             self.engine = self.assistant.make_engine(
                 max_sessions=self.settings.max_sessions, max_len=self.settings.max_context_tokens
             )

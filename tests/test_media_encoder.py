@@ -51,7 +51,7 @@ def assert_same(a: torch.Tensor | None, b: torch.Tensor | None) -> None:
 def test_a_batch_encodes_each_turn_as_if_alone(model: VitaQwen2ForCausalLM) -> None:
     batched = encode_turn_media(model, requests())
     alone = [encode_turn_media(model, [request])[0] for request in requests()]
-    assert [m.frame_count for m in batched] == [0, 2, 1, 0]
+    assert [m.frame_count for m in batched] == [0, 4, 4, 0]  # frames always make a 4-frame video
     assert [None if m.audio is None else m.audio.shape[0] for m in batched] == [
         None if m.audio is None else m.audio.shape[0] for m in alone
     ]

@@ -238,7 +238,7 @@ def test_turn_embeddings_token_count(assistant: VitaAssistant, hello_wave: np.nd
     conversation = assistant.new_conversation()
     embeds = assistant.turn_embeddings(conversation, audio_16k=hello_wave, frames=frames)
     text_ids = assistant.tokenizer.encode(
-        Conversation(SYSTEM_PROMPTS["audio"]).next_turn_text("\n")
+        Conversation(SYSTEM_PROMPTS["video"]).next_turn_text("\n")
     )
     audio_tokens = assistant.model.encode_audio(hello_wave).shape[0]
     assert embeds.shape == (len(text_ids) + 4 * 256 + audio_tokens, assistant.config.llm.hidden_size)
@@ -313,12 +313,12 @@ async def test_each_system_prompt_is_prefilled_once_per_engine(
     stop_ids = assistant.tokenizer.stop_ids
     for session_id, system_prompt in (("a", None), ("pirate", custom), ("b", None)):
         conversation = assistant.new_conversation(system_prompt)
-        known = engine.prefix_length(conversation.system_prompt) is not None
+        known = engine.prefix_length(system_prompt or SYSTEM_PROMPTS["audio"]) is not None
         before = engine.prefilled_tokens
         embeds, prefix = assistant.engine_turn(engine, conversation, text="hi")
         reply = await collect(engine, session_id, embeds, prefix)
 
-        system_tokens = len(reference_tokenizer(system_block(conversation.system_prompt)).input_ids)
+        system_tokens = len(reference_tokenizer(system_block(conversation.opening_prompt)).input_ids)
         assert engine.prefix_length(prefix) == system_tokens
         assert engine.prefilled_tokens - before == (0 if known else system_tokens) + embeds.shape[0]
         full = assistant.turn_embeddings(assistant.new_conversation(system_prompt), text="hi")
@@ -347,7 +347,7 @@ async def test_reset_and_dropped_first_turns_start_again_from_the_prefix(assista
             engine.end_session("s")
             conversation = assistant.new_conversation(system_prompt)
         embeds, prefix = assistant.engine_turn(engine, conversation, text="Hello there")
-        assert prefix == conversation.system_prompt
+        assert prefix == (system_prompt or SYSTEM_PROMPTS["audio"])
         reply = await collect(engine, "s", embeds, prefix)
         full = assistant.turn_embeddings(assistant.new_conversation(system_prompt), text="Hello there")
         assert reply == no_cache_greedy(assistant.model, full, REPLY_TOKENS, stop_ids)

@@ -1,9 +1,11 @@
 """`VitaAssistant`: the loaded VITA-1.5 model with its tokenizer, turn building and engine factory.
 
 A turn is the user's speech (16 kHz), optional camera frames and optional text. Frames are
-attached as a short video: up to `MAX_VIDEO_FRAMES`, evenly spaced, one 448 px tile (256
-tokens) each, before the audio in the user message. Media are encoded by `vita.media_encoder`
-(batched across turns by its `MediaEncoder` in the server, one turn at a time here).
+attached as a short video of `VIDEO_FRAMES` (4, as upstream: evenly spaced, repeated when fewer
+arrived), one 448 px tile (256 tokens) each, before the audio in the user message; a first turn
+with frames opens the conversation with VITA's video system prompt (`vita.prompt.Conversation`).
+Media are encoded by `vita.media_encoder` (batched across turns by its `MediaEncoder` in the
+server, one turn at a time here).
 
 Through an engine, a conversation's system block is an engine prefix: prefilled once per
 distinct system prompt (the engine keeps the few most recently used) and copied into each new
@@ -27,7 +29,7 @@ from vita.config import VitaConfig
 from vita.engine import Engine
 from vita.media_encoder import MediaRequest, TurnMedia, encode_turn_media
 from vita.model import VitaQwen2ForCausalLM
-from vita.prompt import SYSTEM_PROMPTS, Conversation, system_block, user_content
+from vita.prompt import Conversation, system_block, user_content
 from vita.tokenizer import VitaTokenizer
 
 TTS_DECODER_CONFIG = Path("vita_tts_ckpt") / "decoder" / "model.json"
@@ -85,8 +87,9 @@ class VitaAssistant:
         return cls(model, tokenizer, tts_dim)
 
     def new_conversation(self, system_prompt: str | None = None) -> Conversation:
-        """A conversation with VITA-1.5's system prompt (the audio one unless given)."""
-        return Conversation(system_prompt if system_prompt is not None else SYSTEM_PROMPTS["audio"])
+        """A conversation with `system_prompt`, or (None) VITA-1.5's, picked by its first turn: the
+        video prompt when that turn brings frames, else the audio one."""
+        return Conversation(system_prompt)
 
     def encode_media(self, audio_16k: np.ndarray | None = None, frames: Sequence[Image.Image] = ()) -> TurnMedia:
         """Encode one turn's audio and frames now (the server batches turns with `MediaEncoder`)."""
@@ -109,12 +112,12 @@ class VitaAssistant:
     ) -> EngineTurn:
         """Embeddings of a turn's encoded `media` and `text` for `engine`: a first turn starts from the
         engine prefix of the conversation's system block (registered on first use, keyed by the system
-        prompt) and brings only the tokens after it."""
+        prompt it opened with) and brings only the tokens after it."""
         first_turn = conv.turns == 0
         embeds = self._embed_turn(conv, media, text, skip_system_block=first_turn)
         if not first_turn:
             return EngineTurn(embeds, None)
-        key = conv.system_prompt
+        key = conv.opening_prompt
         if engine.prefix_length(key) is None:
             engine.register_prefix(key, self.model.splice_embeddings(self.tokenizer.encode(system_block(key))))
         return EngineTurn(embeds, key)
@@ -127,9 +130,9 @@ class VitaAssistant:
         if media.audio is None and not media.frame_count and not text:
             raise ValueError("a turn needs audio, frames or text")
         content = user_content(media.frame_count, audio=media.audio is not None, text=text)
-        turn_text = conv.next_turn_text(content)
+        turn_text = conv.next_turn_text(content, video=media.frame_count > 0)
         if skip_system_block:
-            turn_text = turn_text.removeprefix(system_block(conv.system_prompt))
+            turn_text = turn_text.removeprefix(system_block(conv.opening_prompt))
         ids = self.tokenizer.encode_with_placeholders(turn_text)
         audio_features = [media.audio] if media.audio is not None else []
         return self.model.splice_embeddings(ids, media.frames, audio_features)

@@ -3,13 +3,16 @@
 The model is built with its parameters on the meta device, then every tensor listed in the
 safetensors index is read from its memory-mapped shard and moved to the target device and
 dtype one at a time, so host RAM never holds a second copy of the model. Names and shapes
-are checked strictly before anything is copied.
+are checked strictly before anything is copied. Whale's global CMVN statistics stay float32
+(`FLOAT32_TENSORS`): CMVN is applied in float32, and bf16 would round the means near 13 by up
+to 0.03.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import fnmatch
 import json
 import logging
 import math
@@ -29,6 +32,7 @@ log = logging.getLogger(__name__)
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_SHARD_FILE = "model.safetensors"
 EMBED_KEY = "model.embed_tokens.weight"
+FLOAT32_TENSORS = "*global_cmvn.*"  # loaded in float32 whatever the model dtype
 
 
 class CheckpointError(ValueError):
@@ -144,7 +148,8 @@ def load_tensors(
     dtype: torch.dtype,
     progress: bool = True,
 ) -> None:
-    """Copy every tensor of the index into `model` (floating ones cast to `dtype`), one at a time."""
+    """Copy every tensor of the index into `model`, one at a time (floating ones cast to `dtype`,
+    but `FLOAT32_TENSORS` to float32)."""
     by_shard: dict[str, list[str]] = {}
     for name, shard_name in weight_map.items():
         by_shard.setdefault(shard_name, []).append(name)
@@ -153,7 +158,7 @@ def load_tensors(
             with _open_shard(Path(checkpoint_dir) / shard_name) as shard:
                 for name in by_shard[shard_name]:
                     tensor = shard.get_tensor(name)
-                    target_dtype = dtype if tensor.is_floating_point() else tensor.dtype
+                    target_dtype = load_dtype(name, tensor, dtype)
                     _assign(model, name, tensor.to(device=device, dtype=target_dtype))
                     del tensor
                     bar.update()
@@ -161,6 +166,13 @@ def load_tensors(
         for leaf, buffer in module._buffers.items():
             if buffer is not None and buffer.device != torch.device(device):
                 module._buffers[leaf] = buffer.to(device)
+
+
+def load_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the stored tensor `name` is loaded in for a model in `dtype`."""
+    if not tensor.is_floating_point():
+        return tensor.dtype
+    return torch.float32 if fnmatch.fnmatchcase(name, FLOAT32_TENSORS) else dtype
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:

@@ -2,6 +2,11 @@
 
 `encode_turn_media` encodes several turns in one whale forward (padded, with lengths: each
 turn's features equal its own encoding) and one InternViT forward over all their tiles.
+
+A turn's camera frames always make a video of `VIDEO_FRAMES`, picked as upstream's web demo picks
+them from its recording: `np.linspace(0, n - 1, 4)` truncated to indices, in time order, so fewer
+frames repeat, the earliest most (1 -> aaaa, 2 -> aaab, 3 -> aabc).
+
 `MediaEncoder` runs it in a thread of its own, on a CUDA stream of its own: turns that end
 together (users who stop talking at the same moment) are encoded as one batch, away from the
 engine's loop, where one encode after another would stall every session's decoding.
@@ -25,7 +30,7 @@ from vita.image_tiles import frames_to_tiles, sample_frames
 from vita.model import VitaQwen2ForCausalLM
 from vita.whale import MIN_FBANK_FRAMES
 
-MAX_VIDEO_FRAMES = 4
+VIDEO_FRAMES = 4  # upstream web demo: min_frames = max_frames = 4
 MAX_BATCH = 64
 
 
@@ -64,7 +69,7 @@ def encode_turn_media(model: VitaQwen2ForCausalLM, requests: Sequence[MediaReque
         for row, (i, length) in enumerate(zip(with_audio, out_lengths.tolist())):
             audio[i] = hidden[row, :length].to(model.dtype)
 
-    videos = [sample_frames(list(r.frames), min_frames=1, max_frames=MAX_VIDEO_FRAMES) for r in requests]
+    videos = [sample_frames(list(r.frames), min_frames=VIDEO_FRAMES, max_frames=VIDEO_FRAMES) for r in requests]
     frames: list[torch.Tensor | None] = [None] * len(requests)
     if any(videos):
         features = model.encode_images(torch.cat([frames_to_tiles(video) for video in videos if video]))

@@ -1,7 +1,8 @@
 """VITA-1.5 chat prompt: Qwen2.5 ChatML template, system prompts, per-turn text, reply state.
 
 A conversation grows turn by turn over one KV cache: the first turn carries the system
-prompt, later turns carry only their own text. The engine keeps every token of a reply it
+prompt (VITA's video one when it brings camera frames, else its audio one, unless the session
+set its own), later turns carry only their own text. The engine keeps every token of a reply it
 yielded, the stop token `<|im_end|>` included; a reply cut short (barge-in, token limit) has
 no `<|im_end|>`, so the next turn starts by writing it.
 
@@ -85,17 +86,33 @@ def user_content(num_images: int = 0, audio: bool = False, text: str | None = No
 
 @dataclass
 class Conversation:
-    """Where a conversation stands: which text the next turn must start with."""
+    """Where a conversation stands: which text the next turn must start with.
 
-    system_prompt: str = SYSTEM_PROMPTS["audio"]
+    `system_prompt` is the session's own; None means VITA-1.5's, picked by the first turn as
+    upstream's web demo picks it per request: the video prompt when the turn brings camera frames,
+    else the audio one. The cache starts with it, so it stays for the whole conversation
+    (`opening_prompt`): after a first turn without frames, later turns with frames keep the audio
+    prompt, and after a first turn with frames, later turns without keep the video one (upstream
+    rebuilds its whole prompt every request; here the earlier turns' media are gone from all but
+    the cache, so their keys and values cannot be recomputed under another system prompt).
+    """
+
+    system_prompt: str | None = None
     turns: int = 0
     reply_closed: bool = False  # the cache holds the last reply's `<|im_end|>`
+    opening_prompt: str | None = None  # the system prompt the cache starts with, set by the first turn
     _before_last_turn: tuple[int, bool] = field(default=(0, False), repr=False)
 
-    def next_turn_text(self, content: str) -> str:
-        """Prompt text of the next user turn (only what the cache lacks); records the turn."""
+    def next_turn_text(self, content: str, video: bool = False) -> str:
+        """Prompt text of the next user turn (only what the cache lacks); records the turn.
+
+        `video`: the turn brings camera frames (on a first turn, picks VITA's video prompt).
+        """
         if self.turns == 0:
-            prefix = system_block(self.system_prompt)
+            self.opening_prompt = self.system_prompt
+            if self.opening_prompt is None:
+                self.opening_prompt = SYSTEM_PROMPTS["video" if video else "audio"]
+            prefix = system_block(self.opening_prompt)
         elif self.reply_closed:
             prefix = "\n"
         else:
@@ -112,3 +129,5 @@ class Conversation:
     def discard_turn(self) -> None:
         """Forget the last turn: it never reached the cache (cancelled before its first token)."""
         self.turns, self.reply_closed = self._before_last_turn
+        if self.turns == 0:
+            self.opening_prompt = None
