@@ -9,7 +9,8 @@ RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0)
 
 
 class ServerMetrics:
-    """Sessions, turns, errors, dropped audio, end-of-speech latencies and the TTS real-time factor."""
+    """Sessions, turns, speculative turns, errors, dropped audio, end-of-speech latencies and the TTS
+    real-time factor."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -19,6 +20,13 @@ class ServerMetrics:
             "vita_sessions_rejected_total", "Connections refused because the server was full", registry=self.registry
         )
         self.turns = Counter("vita_turns_total", "User turns by outcome", ["outcome"], registry=self.registry)
+        self.speculative_turns = Counter(
+            "vita_speculative_turns_total",
+            "Turns started at a pause in speech, by step: started, confirmed (the pause ended the utterance), "
+            "discarded (speech resumed, or the session changed)",
+            ["step"],
+            registry=self.registry,
+        )
         self.errors = Counter("vita_errors_total", "Error events sent, by code", ["code"], registry=self.registry)
         self.audio_dropped_segments = Counter(
             "vita_audio_dropped_segments_total", "Reply audio segments dropped for slow readers", registry=self.registry

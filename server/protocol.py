@@ -117,6 +117,9 @@ class VadSettings(_Event):
     frame_ms: Literal[10, 20, 30] = 30
     start_ms: int = Field(150, ge=10, le=2_000, description="voiced audio needed to start")
     hangover_ms: int = Field(500, ge=50, le=5_000, description="silence that ends an utterance")
+    speculative_ms: int = Field(
+        200, ge=0, le=5_000, description="silence after which the reply is prepared unseen; 0 or >= hangover_ms: off"
+    )
     min_speech_ms: int = Field(300, ge=0, le=10_000, description="shorter utterances are ignored")
     max_speech_ms: int = Field(20_000, ge=1_000, le=60_000, description="longer ones are cut")
     preroll_ms: int = Field(300, ge=0, le=1_000, description="audio kept before the start")

@@ -1,7 +1,9 @@
 """One websocket user: protocol state machine, VAD turns, camera frames, barge-in, timings.
 
 The session lives on the gateway's event loop and never runs model math: turns go to the
-worker, whose outputs come back through ``_on_output`` on this loop.
+worker, whose outputs come back through ``_on_output`` on this loop. A turn starts
+speculatively at a pause in speech (``vad.speculative_ms``): the client sees nothing of it until
+the hangover confirms the end of the utterance, and its work is discarded if speech resumes.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from server.audio_input import MODEL_SAMPLE_RATE, InputAudioConverter, InvalidAudio
@@ -68,14 +70,23 @@ MAX_BUFFERED_FRAMES = 30  # a second of 30 fps video; older ones fall out of the
 
 @dataclass
 class ActiveResponse:
-    """The reply being generated: its id, worker handle and measured times (monotonic s)."""
+    """A reply being generated: its request, worker handle and measured times (monotonic s).
 
-    response_id: int
+    A speculative one holds its outputs in ``held`` until the end of the turn is confirmed,
+    which sets ``end_of_speech``.
+    """
+
+    request: TurnRequest
     handle: TurnHandle
-    end_of_speech: float
+    end_of_speech: float = 0.0
+    held: list[TurnOutput] = field(default_factory=list)
     first_text: float | None = None
     first_audio: float | None = None
     segments: int = 0
+
+    @property
+    def response_id(self) -> int:
+        return self.request.response_id
 
 
 class Session:
@@ -94,6 +105,7 @@ class Session:
         self._detector: vad.TurnDetector | None = None
         self._frames: deque[tuple[float, bytes]] = deque(maxlen=MAX_BUFFERED_FRAMES)
         self._active: ActiveResponse | None = None
+        self._speculative: ActiveResponse | None = None  # started at a pause in speech, unseen yet
         self._last_response_id = 0
         self._playing_id: int | None = None  # the reply being generated or played, until interrupted
         self._playback_until = 0.0  # when the client will have played the audio of it sent so far
@@ -200,6 +212,7 @@ class Session:
             self.generation = self.generation.model_copy(update=event.generation.model_dump(exclude_unset=True))
         if "system_prompt" in event.model_fields_set and event.system_prompt != self.system_prompt:
             self.system_prompt = event.system_prompt
+            self._discard_speculation()
             self._interrupt("reset")
             self.runner.reset_session(self.session_id, self.system_prompt)
         self.send(SessionUpdated(system_prompt=self.system_prompt, vad=self.vad_settings, generation=self.generation))
@@ -209,6 +222,7 @@ class Session:
             raise ProtocolError(ErrorCode.NO_RESPONSE, "response.cancel: no reply is being generated or played")
 
     def _reset(self) -> None:
+        self._discard_speculation()
         self._interrupt("reset")
         self.runner.reset_session(self.session_id, self.system_prompt)
         self._frames.clear()
@@ -221,9 +235,13 @@ class Session:
         if isinstance(event, vad.SpeechStart):
             self.send(SpeechStarted(audio_ms=event.audio_ms))
             self._interrupt("barge_in")
+        elif isinstance(event, vad.SpeechPaused):
+            self._speculate(event.audio)
+        elif isinstance(event, vad.SpeechResumed):
+            self._discard_speculation()
         elif isinstance(event, vad.SpeechEnd):
             self.send(SpeechStopped(audio_ms=event.audio_ms, duration_ms=event.duration_ms, truncated=event.truncated))
-            self._start_turn(event.audio)
+            self._respond(event.audio)
         else:
             assert isinstance(event, vad.SpeechDiscarded)
             self.send(SpeechDiscarded(audio_ms=event.audio_ms, duration_ms=event.duration_ms))
@@ -235,20 +253,57 @@ class Session:
         picks = np.linspace(0, len(recent) - 1, MAX_VIDEO_FRAMES).round().astype(int)
         return [recent[i] for i in picks]
 
-    def _start_turn(self, audio_16k: np.ndarray) -> None:
+    def _start_turn(self, audio_16k: np.ndarray) -> ActiveResponse:
+        """Hand the utterance to the worker as the next reply; nothing is sent to the client."""
+        frames = self._recent_frames(time.monotonic())
+        request = TurnRequest(self.session_id, self._last_response_id + 1, audio_16k, frames, self.generation)
+        reply: ActiveResponse  # the worker calls back later, on this loop
+        handle = self.runner.start_turn(request, lambda output: self._on_output(reply, output))
+        reply = ActiveResponse(request, handle)
+        return reply
+
+    def _speculate(self, audio_16k: np.ndarray) -> None:
+        """A pause in speech: prepare the reply to the utterance so far (with the camera frames of
+        the second before the pause), holding its outputs."""
+        self._speculative = self._start_turn(audio_16k)
+        self.metrics.speculative_turns.labels("started").inc()
+        log.info("turn_speculative session=%s audio_ms=%d", self.session_id,
+                 len(audio_16k) * 1000 // MODEL_SAMPLE_RATE)
+
+    def _discard_speculation(self) -> None:
+        """Speech resumed (or the conversation changed): the worker forgets the speculative turn."""
+        reply, self._speculative = self._speculative, None
+        if reply is None:
+            return
+        reply.handle.cancel(discard=True)
+        self.metrics.speculative_turns.labels("discarded").inc()
+        if any(isinstance(output, HistoryCleared) for output in reply.held):
+            self.send(SessionCleared(reason="context_full"))
+        log.info("turn_speculative_discarded session=%s held=%d", self.session_id, len(reply.held))
+
+    def _respond(self, audio_16k: np.ndarray) -> None:
+        """The VAD confirmed the end of the turn: its reply (the speculative one, unless the
+        generation settings changed since the pause) goes out from now on, held outputs first."""
         if self._active is not None:
             self._interrupt("barge_in")
-        now = time.monotonic()
-        self._last_response_id += 1
-        response_id = self._playing_id = self._last_response_id
+        if self._speculative is not None and self._speculative.request.generation != self.generation:
+            self._discard_speculation()
+        reply, self._speculative = self._speculative, None
+        if reply is None:
+            reply = self._start_turn(audio_16k)
+        else:
+            self.metrics.speculative_turns.labels("confirmed").inc()
+        self._last_response_id = self._playing_id = reply.response_id
         self._playback_until = 0.0
-        frames = self._recent_frames(now)
-        request = TurnRequest(self.session_id, response_id, audio_16k, frames, self.generation)
-        self.send(ResponseStarted(response_id=response_id, video_frames=len(frames)))
-        handle = self.runner.start_turn(request, lambda output: self._on_output(response_id, output))
-        self._active = ActiveResponse(response_id, handle, end_of_speech=now)
-        log.info("turn_start session=%s response=%d audio_ms=%d frames=%d", self.session_id, response_id,
-                 len(audio_16k) * 1000 // MODEL_SAMPLE_RATE, len(frames))
+        self._active = reply
+        reply.end_of_speech = time.monotonic()
+        self.send(ResponseStarted(response_id=reply.response_id, video_frames=len(reply.request.frames)))
+        log.info("turn_start session=%s response=%d audio_ms=%d frames=%d held=%d", self.session_id,
+                 reply.response_id, len(audio_16k) * 1000 // MODEL_SAMPLE_RATE, len(reply.request.frames),
+                 len(reply.held))
+        held, reply.held = reply.held, []
+        for output in held:
+            self._on_output(reply, output)
 
     def _interrupt(self, reason: str) -> bool:
         """Stop the reply being generated or played (if any) and drop its queued audio; the
@@ -266,10 +321,17 @@ class Session:
                  reason, active is not None)
         return True
 
-    def _on_output(self, response_id: int, output: TurnOutput) -> None:
+    def _on_output(self, reply: ActiveResponse, output: TurnOutput) -> None:
+        if reply is self._speculative:
+            reply.held.append(output)
+            return
+        if isinstance(output, HistoryCleared):  # the worker restarted the conversation, whatever became of the reply
+            self.send(SessionCleared(reason="context_full"))
+            return
         active = self._active
-        if active is None or active.response_id != response_id:
-            return  # a reply already interrupted: the client was told, nothing more of it goes out
+        if active is not reply:
+            return  # a reply interrupted (the client was told) or discarded: nothing more of it goes out
+        response_id = active.response_id
         now = time.monotonic()
         if isinstance(output, TextDelta):
             if active.first_text is None:
@@ -283,8 +345,6 @@ class Session:
             if not self.outgoing.put_audio(response_id, active.segments, output.pcm.astype("<i2").tobytes()):
                 self.metrics.audio_dropped_segments.inc()
             active.segments += 1
-        elif isinstance(output, HistoryCleared):
-            self.send(SessionCleared(reason="context_full"))
         elif isinstance(output, TurnFinished):
             self._finish(active, output, now)
         else:
@@ -338,5 +398,6 @@ class Session:
         active, self._active = self._active, None
         if active is not None:
             active.handle.cancel()
+        self._discard_speculation()
         if self.started:
             self.runner.close_session(self.session_id)

@@ -56,8 +56,9 @@ OutputCallback = Callable[[TurnOutput], None]
 
 
 class TurnHandle(Protocol):
-    def cancel(self) -> None:
-        """Stop generation and synthesis of this turn as soon as possible."""
+    def cancel(self, discard: bool = False) -> None:
+        """Stop generation and synthesis of this turn as soon as possible; ``discard``: the
+        conversation forgets the turn too, as if it had never been asked."""
 
 
 class TurnRunner(Protocol):

@@ -1,4 +1,4 @@
-"""Turn detection on 16 kHz mono audio with webrtcvad: utterance start, end, too short, too long."""
+"""Turn detection on 16 kHz mono audio with webrtcvad: utterance start, pause, end, too short, too long."""
 
 from __future__ import annotations
 
@@ -15,6 +15,23 @@ from server.protocol import VadSettings
 @dataclass(frozen=True)
 class SpeechStart:
     """Enough voiced audio was heard; ``audio_ms`` is where the voiced run began."""
+
+    audio_ms: int
+
+
+@dataclass(frozen=True)
+class SpeechPaused:
+    """``speculative_ms`` of silence in an utterance long enough to answer: the ``SpeechEnd`` that
+    follows if speech does not resume carries these same fields and ``audio``."""
+
+    audio_ms: int
+    duration_ms: int
+    audio: np.ndarray
+
+
+@dataclass(frozen=True)
+class SpeechResumed:
+    """Voiced audio at ``audio_ms`` after a ``SpeechPaused``, before the hangover ended the utterance."""
 
     audio_ms: int
 
@@ -37,7 +54,7 @@ class SpeechDiscarded:
     duration_ms: int
 
 
-VadEvent = SpeechStart | SpeechEnd | SpeechDiscarded
+VadEvent = SpeechStart | SpeechPaused | SpeechResumed | SpeechEnd | SpeechDiscarded
 
 
 class TurnDetector:
@@ -45,7 +62,9 @@ class TurnDetector:
 
     Idle: a run of ``start_ms`` consecutive voiced frames starts an utterance (the pre-roll
     before the run is kept). Speaking: ``hangover_ms`` of consecutive unvoiced frames ends it;
-    speech reaching ``max_speech_ms`` is cut there and detection starts afresh.
+    speech reaching ``max_speech_ms`` is cut there and detection starts afresh. ``speculative_ms``
+    of them first announce a pause, so that the reply can be prepared while the hangover runs; a
+    voiced frame before the hangover ends resumes the utterance.
     """
 
     def __init__(self, settings: VadSettings) -> None:
@@ -60,6 +79,7 @@ class TurnDetector:
         self._utterance_start_frame = 0
         self._last_voiced_frame = 0
         self._silent_frames = 0
+        self._paused = False
 
     @property
     def speaking(self) -> bool:
@@ -72,25 +92,23 @@ class TurnDetector:
         events: list[VadEvent] = []
         n_frames = len(self._pending) // self._frame_samples
         for i in range(n_frames):
-            frame = self._pending[i * self._frame_samples : (i + 1) * self._frame_samples]
-            event = self._step(frame)
-            if event is not None:
-                events.append(event)
+            events += self._step(self._pending[i * self._frame_samples : (i + 1) * self._frame_samples])
         self._pending = self._pending[n_frames * self._frame_samples :].copy()
         return events
 
     def _ms(self, frames: int) -> int:
         return frames * self.settings.frame_ms
 
-    def _step(self, frame: np.ndarray) -> VadEvent | None:
+    def _step(self, frame: np.ndarray) -> list[VadEvent]:
         index = self._frames_seen
         self._frames_seen += 1
         voiced = self._vad.is_speech(frame.tobytes(), MODEL_SAMPLE_RATE)
         if self._utterance is None:
-            return self._step_idle(frame, index, voiced)
+            start = self._step_idle(frame, index, voiced)
+            return [] if start is None else [start]
         return self._step_speaking(frame, index, voiced)
 
-    def _step_idle(self, frame: np.ndarray, index: int, voiced: bool) -> VadEvent | None:
+    def _step_idle(self, frame: np.ndarray, index: int, voiced: bool) -> SpeechStart | None:
         if not voiced:
             self._preroll.extend(self._voiced_run)
             self._voiced_run = []
@@ -107,28 +125,52 @@ class TurnDetector:
         self._voiced_run = []
         return SpeechStart(audio_ms=self._ms(self._utterance_start_frame))
 
-    def _step_speaking(self, frame: np.ndarray, index: int, voiced: bool) -> VadEvent | None:
+    def _step_speaking(self, frame: np.ndarray, index: int, voiced: bool) -> list[VadEvent]:
         assert self._utterance is not None
         self._utterance.append(frame)
+        events: list[VadEvent] = []
         if voiced:
             self._last_voiced_frame = index
             self._silent_frames = 0
+            if self._paused:
+                self._paused = False
+                events.append(SpeechResumed(audio_ms=self._ms(index)))
         else:
             self._silent_frames += 1
         speech_frames = self._last_voiced_frame + 1 - self._utterance_start_frame
         if self._ms(speech_frames) >= self.settings.max_speech_ms:
-            return self._finish(speech_frames, truncated=True)
-        if self._ms(self._silent_frames) >= self.settings.hangover_ms:
-            return self._finish(speech_frames, truncated=False)
-        return None
+            events.append(self._finish(speech_frames, truncated=True))
+        elif self._ms(self._silent_frames) >= self.settings.hangover_ms:
+            events.append(self._finish(speech_frames, truncated=False))
+        elif self._pauses_now(speech_frames):
+            self._paused = True
+            end_ms, duration_ms = self._span_ms(speech_frames)
+            events.append(SpeechPaused(audio_ms=end_ms, duration_ms=duration_ms, audio=self._speech_audio()))
+        return events
 
-    def _finish(self, speech_frames: int, truncated: bool) -> VadEvent:
+    def _pauses_now(self, speech_frames: int) -> bool:
+        """The silence has just reached ``speculative_ms`` in speech long enough to be a turn."""
+        return (
+            not self._paused
+            and 0 < self.settings.speculative_ms <= self._ms(self._silent_frames)
+            and self._ms(speech_frames) >= self.settings.min_speech_ms
+        )
+
+    def _span_ms(self, speech_frames: int) -> tuple[int, int]:
+        """Where the utterance's speech ends in the input stream, and how long it lasts."""
+        return self._ms(self._utterance_start_frame + speech_frames), self._ms(speech_frames)
+
+    def _speech_audio(self) -> np.ndarray:
+        """The utterance so far (pre-roll included) without its trailing silence."""
         assert self._utterance is not None
-        frames = self._utterance[: len(self._utterance) - self._silent_frames]
+        return np.concatenate(self._utterance[: len(self._utterance) - self._silent_frames])
+
+    def _finish(self, speech_frames: int, truncated: bool) -> SpeechEnd | SpeechDiscarded:
+        audio = self._speech_audio()
         self._utterance = None
         self._silent_frames = 0
-        end_ms = self._ms(self._utterance_start_frame + speech_frames)
-        duration_ms = self._ms(speech_frames)
+        self._paused = False
+        end_ms, duration_ms = self._span_ms(speech_frames)
         if duration_ms < self.settings.min_speech_ms:
             return SpeechDiscarded(audio_ms=end_ms, duration_ms=duration_ms)
-        return SpeechEnd(audio_ms=end_ms, duration_ms=duration_ms, audio=np.concatenate(frames), truncated=truncated)
+        return SpeechEnd(audio_ms=end_ms, duration_ms=duration_ms, audio=audio, truncated=truncated)

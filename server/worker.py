@@ -70,14 +70,24 @@ class TurnTask:
         self._loop = loop
         self.task: asyncio.Task[None] | None = None
         self.cancelled = False
+        self.undo: Callable[[], None] | None = None  # drops the turn from its conversation, once it has a reply
 
-    def cancel(self) -> None:
-        self._loop.call_soon_threadsafe(self._cancel_in_loop)
+    def cancel(self, discard: bool = False) -> None:
+        self._loop.call_soon_threadsafe(self._cancel_in_loop, discard)
 
-    def _cancel_in_loop(self) -> None:
+    def _cancel_in_loop(self, discard: bool) -> None:
         self.cancelled = True
-        if self.task is not None:
-            self.task.cancel()
+        if self.task is None:
+            return
+        self.task.cancel()
+        if discard and self.task.done():
+            self._undo(self.task)
+        elif discard:  # once the turn has unwound, before the session's next turn starts
+            self.task.add_done_callback(self._undo)
+
+    def _undo(self, _: asyncio.Task[None]) -> None:
+        if self.undo is not None:
+            self.undo()
 
 
 class ModelWorker:
@@ -203,6 +213,13 @@ class ModelWorker:
         self.engine.end_session(session_id)
         self._conversations[session_id] = self.assistant.new_conversation(system_prompt)
 
+    def _undo_turn(self, session_id: str, conversation: Conversation) -> None:
+        """Drop the session's last turn, its reply included, from the engine and ``conversation``
+        (unless the conversation was restarted since)."""
+        if self._conversations.get(session_id) is conversation:
+            self.engine.discard(session_id)
+            self.assistant.end_reply(conversation, [])
+
     def _reset(self, session_id: str, system_prompt: str | None) -> None:
         self._close(session_id)
         self._open(session_id, system_prompt)
@@ -218,7 +235,7 @@ class ModelWorker:
         if handle.cancelled:
             return
         session_id = request.session_id
-        task = self._loop.create_task(self._run_turn(request, emit, self._turns.get(session_id)))
+        task = self._loop.create_task(self._run_turn(request, emit, handle, self._turns.get(session_id)))
         handle.task = task
         self._turns[session_id] = task
         task.add_done_callback(lambda done: self._forget_turn(session_id, done))
@@ -227,7 +244,9 @@ class ModelWorker:
         if self._turns.get(session_id) is task:
             del self._turns[session_id]
 
-    async def _run_turn(self, request: TurnRequest, emit: OutputCallback, previous: asyncio.Task[None] | None) -> None:
+    async def _run_turn(
+        self, request: TurnRequest, emit: OutputCallback, handle: TurnTask, previous: asyncio.Task[None] | None
+    ) -> None:
         if previous is not None:  # the session's previous turn was cancelled: let it unwind first
             previous.cancel()
             await asyncio.gather(previous, return_exceptions=True)
@@ -235,12 +254,12 @@ class ModelWorker:
         speaker = self._loop.create_task(self._speak(sentences, emit)) if request.generation.speak else None
         try:
             try:
-                text, state = await self._generate_reply(request, emit, sentences)
+                text, state = await self._generate_reply(request, emit, handle, sentences)
             except ConversationFull as exc:
                 log.info("conversation_full session=%s detail=%r", request.session_id, str(exc))
                 self._restart_conversation(request.session_id)
                 emit(HistoryCleared())
-                text, state = await self._generate_reply(request, emit, sentences)
+                text, state = await self._generate_reply(request, emit, handle, sentences)
             sentences.put_nowait(None)
             synthesis_s, samples = await speaker if speaker is not None else (0.0, 0)
             emit(TurnFinished(text=text, state=state, synthesis_seconds=synthesis_s, audio_samples=samples))
@@ -252,7 +271,7 @@ class ModelWorker:
                 speaker.cancel()
 
     async def _generate_reply(
-        self, request: TurnRequest, emit: OutputCallback, sentences: asyncio.Queue[str | None]
+        self, request: TurnRequest, emit: OutputCallback, handle: TurnTask, sentences: asyncio.Queue[str | None]
     ) -> tuple[str, Literal["answer", "not_addressed"]]:
         """Stream the reply text (to the client and, sentence by sentence, to the speaker).
 
@@ -293,6 +312,8 @@ class ModelWorker:
             raise ConversationFull(str(exc)) from exc
         finally:  # whatever the engine yielded is part of the conversation, even if cancelled
             self.assistant.end_reply(conversation, reply.token_ids)
+            if reply.token_ids:  # until the turn is discarded
+                handle.undo = lambda: self._undo_turn(request.session_id, conversation)
         tail = reply.flush()
         if silenced():
             return "", "not_addressed"

@@ -10,7 +10,15 @@ import pytest
 import soundfile as sf
 
 from server.protocol import VadSettings
-from server.vad import SpeechDiscarded, SpeechEnd, SpeechStart, TurnDetector, VadEvent
+from server.vad import (
+    SpeechDiscarded,
+    SpeechEnd,
+    SpeechPaused,
+    SpeechResumed,
+    SpeechStart,
+    TurnDetector,
+    VadEvent,
+)
 from shared_data import AUDIO
 
 RATE = 16_000
@@ -35,6 +43,11 @@ def feed(settings: VadSettings, audio: np.ndarray, chunk: int = 320) -> list[Vad
     return events
 
 
+def turns(events: list[VadEvent]) -> list[VadEvent]:
+    """The events without the speculative pauses."""
+    return [e for e in events if not isinstance(e, (SpeechPaused, SpeechResumed))]
+
+
 def energy_speech_frames(audio: np.ndarray) -> np.ndarray:
     """Indices of 30 ms frames whose energy is above 30 dB (int16 scale)."""
     n = len(audio) // 480
@@ -46,7 +59,7 @@ def energy_speech_frames(audio: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("name", ["en_hello", "en_describe", "zh_weather"])
 def test_one_utterance_per_clip_where_the_energy_is(name: str) -> None:
     audio = np.concatenate([silence(0.5), clip(name), silence(1.0)])
-    events = feed(VadSettings(), audio)
+    events = turns(feed(VadSettings(), audio))
     assert [type(e) for e in events] == [SpeechStart, SpeechEnd]
     start, end = events
     speech = energy_speech_frames(audio)
@@ -77,7 +90,7 @@ def test_short_hangover_splits_at_the_pauses() -> None:
 def test_two_utterances_give_two_turns() -> None:
     audio = np.concatenate([silence(0.3), clip("en_describe"), silence(1.2), clip("zh_weather"), silence(1.0)])
     events = feed(VadSettings(), audio, chunk=480)
-    assert [type(e) for e in events] == [SpeechStart, SpeechEnd, SpeechStart, SpeechEnd]
+    assert [type(e) for e in events] == [SpeechStart, SpeechPaused, SpeechEnd] * 2
 
 
 @pytest.mark.parametrize("aggressiveness", [0, 3])
@@ -113,3 +126,31 @@ def test_chunking_does_not_change_decisions() -> None:
     by_sample_chunks = [feed(VadSettings(frame_ms=20), audio, chunk=c) for c in (77, 320, 4096)]
     summary = [[(type(e), e.audio_ms) for e in events] for events in by_sample_chunks]
     assert summary[0] == summary[1] == summary[2]
+
+
+def speech(name: str) -> np.ndarray:
+    """The clip from its first to its last speech frame (by energy)."""
+    audio = clip(name)
+    frames = energy_speech_frames(audio)
+    return audio[frames[0] * 480 : (frames[-1] + 1) * 480]
+
+
+def test_a_pause_announces_the_end_and_resumed_speech_takes_it_back() -> None:
+    """Speech, 300 ms of silence (more than speculative_ms, less than the hangover), speech, silence."""
+    first, second = speech("en_describe"), speech("zh_weather")
+    audio = np.concatenate([silence(0.5), first, silence(0.3), second, silence(0.8)])
+    events = feed(VadSettings(), audio)
+    assert [type(e) for e in events] == [SpeechStart, SpeechPaused, SpeechResumed, SpeechPaused, SpeechEnd]
+    start, pause, resumed, last_pause, end = events
+    assert pause.audio_ms < resumed.audio_ms < last_pause.audio_ms
+    assert (last_pause.audio_ms, last_pause.duration_ms) == (end.audio_ms, end.duration_ms)
+    assert np.array_equal(last_pause.audio, end.audio)
+    # the first pause carries what the end would have been, had the speech not resumed
+    alone = feed(VadSettings(), np.concatenate([silence(0.5), first, silence(1.0)]))
+    assert [type(e) for e in alone] == [SpeechStart, SpeechPaused, SpeechEnd]
+    assert (pause.audio_ms, pause.duration_ms) == (alone[2].audio_ms, alone[2].duration_ms)
+    assert np.array_equal(pause.audio, alone[2].audio)
+
+    without = feed(VadSettings(speculative_ms=0), audio)
+    assert [type(e) for e in without] == [SpeechStart, SpeechEnd]
+    assert without[1].audio_ms == end.audio_ms and np.array_equal(without[1].audio, end.audio)
