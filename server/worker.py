@@ -39,7 +39,7 @@ from tts.synthesizer import CHUNK_SIZE, FIRST_SENTENCE_CHUNK_SIZE, Synthesizer
 from vita.assistant import VitaAssistant
 from vita.engine import Engine
 from vita.generate import ReplyTextStream
-from vita.media_encoder import MediaEncoder, MediaRequest
+from vita.media_encoder import MediaEncoder, MediaRequest, TurnMedia
 from vita.prompt import Conversation, ReplyState
 from vita.sampling import SamplingParams
 from vita.tiny_checkpoint import ensure_tiny_checkpoint
@@ -159,13 +159,15 @@ class ModelWorker:
             log.exception("model_load_failed")
 
     async def _warm_up(self) -> None:
-        """One quiet turn with one frame through every model, so the first user does not pay for
-        lazy initialisation and a checkpoint that cannot answer fails before /readyz says ready."""
+        """A quiet second of audio and a frame through every model, so the first user does not pay
+        for lazy initialisation and a checkpoint that cannot answer fails before /readyz says ready.
+        The LLM answers the audio alone: it prefills the audio system prompt once, and four video
+        frames (1024 tokens) would not fit a small ``max_context_tokens``."""
         noise = np.random.default_rng(0).normal(0.0, 1e-3, MODEL_SAMPLE_RATE).astype(np.float32)  # 1 s
         frame = Image.new("RGB", (448, 448))
-        conversation = self.assistant.new_conversation()  # also prefills the default system prompt once
         media = await asyncio.wrap_future(self.media_encoder.submit(MediaRequest(noise, [frame])))
-        embeds, prefix = self.assistant.engine_turn(self.engine, conversation, media)
+        conversation = self.assistant.new_conversation()
+        embeds, prefix = self.assistant.engine_turn(self.engine, conversation, TurnMedia(audio=media.audio))
         async for _ in self.engine.generate(WARM_UP_SESSION, embeds, SamplingParams(max_tokens=2), prefix):
             pass
         self.engine.end_session(WARM_UP_SESSION)

@@ -51,3 +51,21 @@ def test_batched_windows_equal_one_by_one_decoding(codec):
         for segment, audio in zip(segments, alone):
             assert segment.dtype == np.int16
             assert np.abs(segment.astype(np.int32) - to_int16(audio)).max() <= 1  # float rounding only
+
+
+def test_only_the_planned_window_lengths_are_batched(codec):
+    """Windows of a length outside `batched_lengths` (last windows) get a codec call each, so cuDNN
+    on CUDA meets only the shapes planned at start-up; the others share calls padded to a batch size."""
+    shapes = []
+    hook = codec.generator.register_forward_pre_hook(lambda _, args: shapes.append(tuple(args[0].shape[::2])))
+    generator = torch.Generator().manual_seed(2)
+    windows = [CodecWindow(tuple(torch.randint(0, codec.config.n_codes, (n,), generator=generator).tolist()), 0, n, 0)
+               for n in (10, 10, 10, 7, 7)]
+    try:
+        segments = dict(decode_windows(codec, windows, batch_sizes=(2, 4), batched_lengths={10}))
+    finally:
+        hook.remove()
+    assert sorted(shapes) == [(1, 7), (1, 7), (4, 10)]  # (batch, frames): 3 windows padded to 4, two alone
+    for i, window in enumerate(windows):
+        alone = to_int16(codec.decode(torch.tensor([window.codes]))[0])
+        assert np.abs(segments[i].astype(np.int32) - alone).max() <= 1

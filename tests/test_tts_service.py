@@ -97,15 +97,16 @@ REQUESTS = [  # (text rows, seed, options)
 ]
 
 
-@pytest.mark.parametrize("codec_batch_sizes", [None, (2, 4)])  # CPU's one window per codec call; CUDA's batches
-def test_concurrent_utterances_get_the_segments_synthesize_gives(synth, started, codec_batch_sizes):
+@pytest.mark.parametrize("batching", [{}, {"codec_batch_sizes": (2, 4), "chunk_sizes": (4, 6), "padding": 2}])
+def test_concurrent_utterances_get_the_segments_synthesize_gives(synth, started, batching):
+    """CPU's one window per codec call, and CUDA's batches of the first and middle windows."""
     expected = [reference(synth, rows, seed, **options) for rows, seed, options in REQUESTS]
     assert len({len(e) for e in expected}) > 1  # utterances end at eos after different numbers of codes
-    service = started(synth, max_streams=4, capacity=128, codec_batch_sizes=codec_batch_sizes)  # 2 wait for a slot
+    service = started(synth, max_streams=4, capacity=128, **batching)  # 2 wait for a slot
     recorders = [speak(service, rows, seed, **options)[0] for rows, seed, options in REQUESTS]
     for recorder, segments in zip(recorders, expected):
         assert recorder.finished.wait(WAIT_S)
-        assert recorder.done == [None] and recorder.threads == {"vita-tts"}
+        assert recorder.done == [None] and recorder.threads == {"vita-vocoder"}
         assert [len(s) for s in recorder.segments] == [len(s) for s in segments]
         for got, want in zip(recorder.segments, segments):
             assert got.dtype == np.int16 and np.abs(got.astype(np.int32) - want).max() <= 1  # float rounding only

@@ -17,7 +17,7 @@ on a [B, T] stack (rows are independent, so each equals its one-by-one decode up
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,22 +79,31 @@ def window_lengths(chunk_sizes: tuple[int, ...], padding: int) -> tuple[range, s
 
 
 def decode_windows(
-    codec: TiCodec, windows: list[CodecWindow], batch_sizes: tuple[int, ...] = (1,)
+    codec: TiCodec,
+    windows: list[CodecWindow],
+    batch_sizes: tuple[int, ...] = (1,),
+    batched_lengths: Collection[int] | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """(index, int16 24 kHz segment) of every window, yielded after each codec call. Windows of one
-    length are decoded together, up to the largest of `batch_sizes` (ascending) per call, each
-    call's batch padded up to one of those sizes with rows of code 0: on CUDA, cuDNN then meets only
-    the shapes planned at start-up. Calls go in the order of their first window. (On CUDA a batch of
-    64 windows takes 0.8 ms per window against 4.6 ms alone; on CPU batches are no faster, so the
-    default decodes one window per call.)"""
+    length (one of `batched_lengths`, default any) are decoded together, up to the largest of
+    `batch_sizes` (ascending) per call, each call's batch padded up to one of those sizes with rows
+    of code 0; other windows go one per call. On CUDA, cuDNN then meets only the shapes planned at
+    start-up (a new shape costs a 60 to 100 ms plan). Calls go in the order of their first window.
+    (On CUDA a batch of 64 windows takes 0.8 ms per window against 4.6 ms alone; on CPU batches are
+    no faster, so the default decodes one window per call.)"""
     by_length: dict[int, list[int]] = defaultdict(list)
     for i, window in enumerate(windows):
         by_length[len(window.codes)].append(i)
-    largest = batch_sizes[-1]
-    calls = sorted(indices[begin : begin + largest] for indices in by_length.values()
-                   for begin in range(0, len(indices), largest))
+    calls = sorted(
+        indices[begin : begin + size]
+        for length, indices in by_length.items()
+        for size in [batch_sizes[-1] if batched_lengths is None or length in batched_lengths else 1]
+        for begin in range(0, len(indices), size)
+    )
     for call in calls:
-        codes = torch.zeros(padded(len(call), batch_sizes), len(windows[call[0]].codes), dtype=torch.long)
+        length = len(windows[call[0]].codes)
+        batch = padded(len(call), batch_sizes) if batched_lengths is None or length in batched_lengths else 1
+        codes = torch.zeros(batch, length, dtype=torch.long)
         codes[: len(call)] = torch.tensor([windows[i].codes for i in call])
         audio = to_int16(codec.decode(codes)[: len(call)])
         for row, i in enumerate(call):

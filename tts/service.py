@@ -1,14 +1,17 @@
-"""Push-driven speech synthesis: every utterance of the process synthesised in one thread, "vita-tts".
+"""Push-driven speech synthesis: every utterance of the process, in two threads (decoder, vocoder).
 
 `SpeechService.speak` queues an utterance from any thread and returns a `SpeechHandle` at once; its
-audio comes back through callbacks that run in the TTS thread (a caller with an event loop wraps
-them with `loop.call_soon_threadsafe`). The thread repeats, sleeping while there is nothing to do:
-1. admit queued utterances, first come first served, into free decoder slots (prefill);
-2. one decoder step for every open utterance (`DecoderBatch`: a CUDA graph on CUDA, one read back);
-3. decode the codec windows that became ready: on CUDA those of all utterances together, a codec
-   call per window length with the batch padded to a planned size (`decode_windows`);
-4. hand out the segments, then end the utterances that finished.
-On CUDA the thread works on a CUDA stream of its own, so its reads of results wait for its own
+audio comes back through callbacks that run in the service's threads (a caller with an event loop
+wraps them with `loop.call_soon_threadsafe`). Two threads share the work, sleeping while there is
+nothing to do:
+- "vita-tts" admits queued utterances, first come first served, into free decoder slots (prefill),
+  runs one decoder step for every open utterance (`DecoderBatch`: a CUDA graph on CUDA, one read
+  back) and hands each codec window that became ready to the vocoder thread;
+- "vita-vocoder" decodes the windows waiting, on CUDA those of all utterances together (a codec
+  call per window length, `decode_windows`), and hands out the segments and the ends.
+So codec work never holds up decoder steps: a new utterance's first window (30 steps) is ready
+after 30 quick steps however much audio the others need meanwhile.
+On CUDA each thread works on a CUDA stream of its own, so its reads of results wait for its own
 kernels only, never for the LLM's; an utterance's embeddings, made on the caller's stream, are
 waited for on the device (an event recorded at `speak`).
 
@@ -16,7 +19,7 @@ Callbacks of an utterance: `on_segment` gets its int16 24 kHz segments in order,
 `Synthesizer.synthesize` gives for the same generator (up to float rounding); then exactly one
 `on_done`: None after the last segment, the exception if the model failed (or a callback raised),
 `SpeechServiceClosed` if the service closed first. A cancelled utterance gets no `on_done`: once
-`SpeechHandle.cancel` returns, no callback of it runs (one running in the TTS thread at that moment
+`SpeechHandle.cancel` returns, no callback of it runs (one running in a service thread at that moment
 has returned first; cancelling from inside its own callback is fine).
 """
 
@@ -32,7 +35,7 @@ import numpy as np
 import torch
 
 from tts.batch import DecoderBatch, Stream
-from tts.codec_windows import Chunker, CodecWindow, decode_windows
+from tts.codec_windows import Chunker, CodecWindow, decode_windows, window_lengths
 from tts.shapes import batch_buckets
 from tts.synthesizer import CHUNK_SIZE, FIRST_SENTENCE_CHUNK_SIZE, PADDING, TOP_K, Synthesizer
 
@@ -100,62 +103,67 @@ class _Utterance:
 
 
 class SpeechService:
-    """Synthesises up to `max_streams` utterances at once (more wait for a slot) in one thread."""
+    """Synthesises up to `max_streams` utterances at once (more wait for a slot)."""
 
     def __init__(self, synthesizer: Synthesizer, *, max_streams: int = 64, capacity: int = 2048,
-                 codec_batch_sizes: tuple[int, ...] | None = None) -> None:
+                 codec_batch_sizes: tuple[int, ...] | None = None,
+                 chunk_sizes: tuple[int, ...] = (FIRST_SENTENCE_CHUNK_SIZE, CHUNK_SIZE), padding: int = PADDING) -> None:
         """`capacity`: decoder cache positions per utterance, text rows + 1 + codec tokens (an utterance
         that fills its slot ends there). `codec_batch_sizes` (ascending): how many windows of one length
         a codec call may decode, padded up to one of these; by default `batch_buckets(max_streams)` on
-        CUDA, 1 elsewhere (on CPU batches are no faster)."""
+        CUDA, 1 elsewhere (on CPU batches are no faster). Only the first and middle windows of
+        `chunk_sizes` with `padding` are batched (the shapes `warm_up` plans); last windows go alone."""
         self.synthesizer = synthesizer
         self.batch = DecoderBatch(synthesizer.decoder, max_streams, capacity)
         device = synthesizer.decoder.embedding.weight.device
         self._on_cuda = device.type == "cuda"
-        self._stream = torch.cuda.Stream(device) if self._on_cuda else None
+        self._streams = [torch.cuda.Stream(device) for _ in range(2)] if self._on_cuda else [None, None]
         default_batches = batch_buckets(max_streams) if self._on_cuda else (1,)
         self._codec_batches = default_batches if codec_batch_sizes is None else codec_batch_sizes
+        self._chunk_sizes, self._padding = chunk_sizes, padding
+        self._batched_lengths = window_lengths(chunk_sizes, padding)[1]
         self._warm = False
         self._wake = threading.Condition()
         self._queued: deque[_Utterance] = deque()  # shared with callers, under _wake
+        self._windows: deque[tuple[_Utterance, CodecWindow | None]] = deque()  # for the vocoder, under _wake
         self._closed = False
-        self._open: dict[Stream, _Utterance] = {}  # TTS thread only
-        self._thread: threading.Thread | None = None
+        self._open: dict[Stream, _Utterance] = {}  # decoder thread only
+        self._threads: list[threading.Thread] = []
 
     # ------------------------------------------------------------------ any thread
 
-    def warm_up(
-        self, chunk_sizes: tuple[int, ...] = (FIRST_SENTENCE_CHUNK_SIZE, CHUNK_SIZE), padding: int = PADDING
-    ) -> None:
-        """On CUDA: capture the decoder step graphs and have cuDNN plan the codec shapes of these
-        chunk sizes (seconds). `start` does it if not done; call it while no other thread runs CUDA
-        work (a graph capture fails if another thread launches kernels meanwhile)."""
-        if self._thread is not None:
+    def warm_up(self) -> None:
+        """On CUDA: capture the decoder step graphs and have cuDNN plan the codec shapes of the chunk
+        sizes (seconds). `start` does it if not done; call it while no other thread runs CUDA work
+        (a graph capture fails if another thread launches kernels meanwhile)."""
+        if self._threads:
             raise RuntimeError("warm up before start")
         self.batch.capture_graphs()
         if self._on_cuda:
-            self.synthesizer.plan_codec_windows(chunk_sizes, padding, self._codec_batches)
+            self.synthesizer.plan_codec_windows(self._chunk_sizes, self._padding, self._codec_batches)
         self._warm = True
 
     def start(self) -> None:
-        """Warm up (if not done) and start the "vita-tts" thread."""
-        if self._thread is not None:
+        """Warm up (if not done) and start the decoder and vocoder threads."""
+        if self._threads:
             raise RuntimeError("already started")
         if not self._warm:
             self.warm_up()
-        self._thread = threading.Thread(target=self._run, name="vita-tts", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run_decoder, name="vita-tts", daemon=True),
+                         threading.Thread(target=self._run_vocoder, name="vita-vocoder", daemon=True)]
+        for thread in self._threads:
+            thread.start()
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the thread after its current step; utterances not yet ended get
+        """Stop the threads after their current step; utterances not yet ended get
         on_done(SpeechServiceClosed). Later `speak` calls raise RuntimeError."""
         with self._wake:
             self._closed = True
-            self._wake.notify()
-        if self._thread is None:
-            self._end_all()
-        elif self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+            self._wake.notify_all()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout)
+        self._end_all()
 
     def speak(
         self,
@@ -186,36 +194,39 @@ class SpeechService:
             if self._closed:
                 raise RuntimeError("the speech service is closed")
             self._queued.append(utterance)
-            self._wake.notify()
+            self._wake.notify_all()
         return handle
 
-    # ------------------------------------------------------------------ TTS thread
+    # ------------------------------------------------------------------ decoder thread
 
-    def _run(self) -> None:
-        device = self.batch.cache.keys.device
-        if device.type == "cuda":
-            torch.cuda.set_device(device)  # graphs replay on this thread's current device
-            torch.cuda.set_stream(self._stream)  # this thread's current stream from now on
-        while self._wait_for_work():
+    def _use_own_stream(self, stream: torch.cuda.Stream | None) -> None:
+        if stream is not None:
+            torch.cuda.set_device(stream.device)  # graphs replay on this thread's current device
+            torch.cuda.set_stream(stream)  # this thread's current stream from now on
+
+    def _run_decoder(self) -> None:
+        self._use_own_stream(self._streams[0])
+        while self._wait(lambda: self._queued or self._open):
             try:
-                self._drop_cancelled()
+                self._drop_ended()
                 self._admit()
                 self._advance()
             except Exception as exc:  # a bug outside the model calls: end everything rather than hang callers
                 log.exception("tts_loop_failed")
                 for utterance in list(self._open.values()):
                     self._end(utterance, exc)
-        self._end_all()
 
-    def _wait_for_work(self) -> bool:
+    def _wait(self, has_work: Callable[[], object]) -> bool:
+        """Sleep until `has_work()` or close; False once closed."""
         with self._wake:
-            while not (self._closed or self._queued or self._open):
+            while not (self._closed or has_work()):
                 self._wake.wait()
             return not self._closed
 
-    def _drop_cancelled(self) -> None:
+    def _drop_ended(self) -> None:
+        """Free the slots of utterances cancelled or ended by the vocoder (a failure)."""
         for stream, utterance in list(self._open.items()):
-            if utterance.handle.cancelled:
+            if utterance.handle.ended:
                 self.batch.remove(stream)
                 del self._open[stream]
 
@@ -228,8 +239,8 @@ class SpeechService:
                     admitted.append(utterance)
         for utterance in admitted:
             if utterance.embeddings_ready is not None:  # made on another stream: wait on the device, keep alive
-                self._stream.wait_event(utterance.embeddings_ready)
-                utterance.embeddings.record_stream(self._stream)
+                self._streams[0].wait_event(utterance.embeddings_ready)
+                utterance.embeddings.record_stream(self._streams[0])
             try:
                 stream = self.batch.add(utterance.embeddings, top_k=utterance.top_k, max_tokens=utterance.max_tokens,
                                         generator=utterance.generator)
@@ -240,33 +251,60 @@ class SpeechService:
             self._open[stream] = utterance
 
     def _advance(self) -> None:
-        """One decoder step for all open utterances, then their ready windows, segments and ends."""
+        """One decoder step for all open utterances; their ready windows and ends go to the vocoder."""
         try:
             tokens = self.batch.step()
         except Exception as exc:
             for utterance in list(self._open.values()):
                 self._end(utterance, exc)
             return
-        ready: list[tuple[_Utterance, CodecWindow]] = []
-        ended: list[_Utterance] = []
+        work: list[tuple[_Utterance, CodecWindow | None]] = []
         for stream, token in tokens:
             utterance = self._open[stream]
-            windows = (utterance.chunker.push(token) if token is not None else None,
-                       utterance.chunker.finish() if stream.finished else None)
-            ready += [(utterance, window) for window in windows if window is not None and not utterance.handle.ended]
+            if token is not None and (window := utterance.chunker.push(token)) is not None:
+                work.append((utterance, window))
             if stream.finished:
-                ended.append(self._open.pop(stream))
-        ready.sort(key=lambda item: item[1].first > 0)  # first segments first (an utterance keeps its order)
-        self._decode(ready)
-        for utterance in ended:
-            utterance.handle._finish(None)
+                if (window := utterance.chunker.finish()) is not None:
+                    work.append((utterance, window))
+                work.append((utterance, None))  # its end, after its last window
+                del self._open[stream]
+                self.batch.remove(stream)
+        if work:
+            with self._wake:
+                self._windows.extend(work)
+                self._wake.notify_all()
 
-    def _decode(self, ready: list[tuple[_Utterance, CodecWindow]]) -> None:
-        """Decode the windows and hand out each segment as soon as it and those before it exist."""
+    def _end(self, utterance: _Utterance, error: BaseException) -> None:
+        """Take `utterance` out of the batch (decoder thread) and report `error`."""
+        if self._open.pop(utterance.stream, None) is not None:
+            self.batch.remove(utterance.stream)
+        utterance.handle._finish(error)
+
+    # ------------------------------------------------------------------ vocoder thread
+
+    def _run_vocoder(self) -> None:
+        self._use_own_stream(self._streams[1])
+        while self._wait(lambda: self._windows):
+            with self._wake:
+                work, self._windows = list(self._windows), deque()
+            try:
+                self._vocode(work)
+            except Exception as exc:  # a bug outside the model calls: end these rather than hang callers
+                log.exception("tts_vocoder_failed")
+                for utterance, _ in work:
+                    utterance.handle._finish(exc)
+
+    def _vocode(self, work: list[tuple[_Utterance, CodecWindow | None]]) -> None:
+        """Decode the windows (first segments first, each utterance in order) and hand out each
+        segment as soon as it and those before it exist; then the ends."""
+        ready = [(u, w) for u, w in work if w is not None and not u.handle.ended]
+        ready.sort(key=lambda item: item[1].first > 0)  # stable: an utterance keeps its order
         decoded: dict[int, np.ndarray] = {}
         emitted = 0
         try:
-            for index, segment in decode_windows(self.synthesizer.codec, [w for _, w in ready], self._codec_batches):
+            windows = [w for _, w in ready]
+            for index, segment in decode_windows(self.synthesizer.codec, windows, self._codec_batches,
+                                                 self._batched_lengths):
                 decoded[index] = segment
                 while emitted in decoded:
                     utterance = ready[emitted][0]
@@ -275,20 +313,22 @@ class SpeechService:
                         utterance.handle._segment(decoded.pop(emitted - 1))
                     except Exception as exc:
                         log.exception("tts_on_segment_failed")
-                        self._end(utterance, exc)
+                        utterance.handle._finish(exc)
         except Exception as exc:
             for utterance, _ in ready[emitted:]:
-                self._end(utterance, exc)
+                utterance.handle._finish(exc)
+        for utterance, window in work:
+            if window is None:
+                utterance.handle._finish(None)
 
-    def _end(self, utterance: _Utterance, error: BaseException) -> None:
-        """Take `utterance` out of the batch and report `error`."""
-        if self._open.pop(utterance.stream, None) is not None:
-            self.batch.remove(utterance.stream)
-        utterance.handle._finish(error)
+    # ------------------------------------------------------------------ closing
 
     def _end_all(self) -> None:
+        """After the threads stopped: every utterance not ended gets SpeechServiceClosed."""
         with self._wake:
             waiting, self._queued = list(self._queued), deque()
+            vocoding, self._windows = [u for u, _ in self._windows], deque()
         closed = SpeechServiceClosed("the speech service closed")
-        for utterance in [*self._open.values(), *waiting]:
-            self._end(utterance, closed)
+        for utterance in [*self._open.values(), *waiting, *vocoding]:
+            utterance.handle._finish(closed)
+        self._open.clear()
