@@ -4,7 +4,7 @@ step gives the logits of the exact one; slots come and go."""
 import pytest
 import torch
 
-from tts.batch import DecoderBatch
+from tts.batch import DecoderBatch, UtteranceText
 from tts.decoder import KVCache, LLM2TTSCodecAR
 from tts.tiny_checkpoint import write_tiny_tts_checkpoint
 
@@ -119,3 +119,17 @@ def test_padded_static_step_gives_the_exact_step_logits(decoder):
         tokens = {i: int(padded[i].argmax()) for i in lengths}
     for i, solo in solos.items():
         torch.testing.assert_close(cache.keys[:, i], solo.keys[:, 0])
+
+
+def test_utterances_prefilled_together_decode_as_if_alone(decoder):
+    """One padded prefill forward for texts of different lengths gives each stream the tokens it
+    gets when prefilled alone."""
+    texts = [text(5, 0), text(17, 1), text(9, 2)]
+    together = DecoderBatch(decoder, slots=4, capacity=64)
+    together.add_many([UtteranceText(t, 2, 12, torch.Generator().manual_seed(i)) for i, t in enumerate(texts)])
+    alone = DecoderBatch(decoder, slots=4, capacity=64)
+    for i, t in enumerate(texts):
+        alone.add(t, top_k=2, max_tokens=12, generator=torch.Generator().manual_seed(i))
+    assert [s.length for s in together.streams[:3]] == [s.length for s in alone.streams[:3]] == [6, 18, 10]
+    for _ in range(12):
+        assert [token for _, token in together.step()] == [token for _, token in alone.step()]

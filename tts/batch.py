@@ -61,6 +61,16 @@ class _StepGraph:
         return self.ids
 
 
+@dataclass(frozen=True)
+class UtteranceText:
+    """What an utterance brings to the decoder: text embeddings [T, idim] and its sampling settings."""
+
+    text_embeddings: torch.Tensor
+    top_k: int
+    max_tokens: int
+    generator: torch.Generator | None
+
+
 class DecoderBatch:
     """Shares decoder steps among the utterances being synthesised (all calls from one thread)."""
 
@@ -84,15 +94,22 @@ class DecoderBatch:
     ) -> Stream:
         """Prefill `text_embeddings` [T, idim] into the lowest free slot; the stream then gets a token per
         step until eos, `max_tokens` draws or a full slot. `generator` (CPU) makes its draws reproducible."""
-        if None not in self.streams:
-            raise RuntimeError("no free slot")
-        if len(text_embeddings) + 2 > self.cache.capacity:
-            raise ValueError(f"{len(text_embeddings)} text rows do not fit {self.cache.capacity} cache positions")
-        slot = self.streams.index(None)
-        length = self.decoder.prefill(text_embeddings, self.cache, slot)
-        stream = Stream(slot, top_k, max_tokens, generator, length, self.decoder.config.sos_id)
-        self.streams[slot] = stream
-        return stream
+        return self.add_many([UtteranceText(text_embeddings, top_k, max_tokens, generator)])[0]
+
+    def add_many(self, utterances: list[UtteranceText]) -> list[Stream]:
+        """`add` of several utterances with one prefill forward (rows padded to the longest text)."""
+        if len(utterances) > self.free_slots:
+            raise RuntimeError(f"no free slot: {len(utterances)} utterances for {self.free_slots} free slots")
+        for utterance in utterances:
+            if len(utterance.text_embeddings) + 2 > self.cache.capacity:
+                raise ValueError(f"{len(utterance.text_embeddings)} text rows do not fit {self.cache.capacity} cache positions")
+        slots = [i for i, stream in enumerate(self.streams) if stream is None][: len(utterances)]
+        lengths = self.decoder.prefill_many([u.text_embeddings for u in utterances], self.cache, slots)
+        streams = []
+        for slot, length, u in zip(slots, lengths, utterances):
+            streams.append(Stream(slot, u.top_k, u.max_tokens, u.generator, length, self.decoder.config.sos_id))
+            self.streams[slot] = streams[-1]
+        return streams
 
     def remove(self, stream: Stream) -> None:
         """Free the stream's slot (it gets no more tokens)."""

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.utils.rnn import pad_sequence
 
 from tts.config import DecoderConfig
 from tts.weights import load_strict, read_checkpoint
@@ -76,14 +77,16 @@ class KVCache:
     def capacity(self) -> int:
         return self.keys.shape[3]
 
-    def prefill_store(self, slot: int) -> KVStore:
-        """Store for a whole sequence [1, H, T, D] into `slot` at positions 0..T-1; full attention."""
+    def prefill_store(self, slots: list[int], mask: torch.Tensor | None) -> KVStore:
+        """Store for whole sequences [B, H, T, D] into `slots` at positions 0..T-1; each row attends to
+        the positions `mask` [B, 1, 1, T] allows (None: all)."""
+        index = torch.tensor(slots, device=self.keys.device)
 
-        def store(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        def store(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
             length = k.shape[2]
-            self.keys[layer, slot, :, :length] = k[0]
-            self.values[layer, slot, :, :length] = v[0]
-            return self.keys[layer, slot : slot + 1, :, :length], self.values[layer, slot : slot + 1, :, :length], None
+            self.keys[layer, index, :, :length] = k
+            self.values[layer, index, :, :length] = v
+            return k, v, mask
 
         return store
 
@@ -123,7 +126,9 @@ class SelfAttention(nn.Module):
         sin: torch.Tensor,
         store: KVStore | None = None,
         layer_idx: int = 0,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`mask` (broadcast to [B, H, T, keys], True = attend) applies without a store; a store brings its own."""
         batch, length, _ = x.shape
 
         def heads(t: torch.Tensor) -> torch.Tensor:
@@ -132,7 +137,6 @@ class SelfAttention(nn.Module):
         q = apply_rotary(heads(self.q_proj(x)), cos, sin)
         k = apply_rotary(heads(self.k_proj(x)), cos, sin)
         v = heads(self.v_proj(x))
-        mask = None
         if store is not None:
             k, v, mask = store(layer_idx, k, v)
         with sdpa_kernel(ATTENTION_BACKENDS):
@@ -171,8 +175,9 @@ class DecoderLayer(nn.Module):
         sin: torch.Tensor,
         store: KVStore | None = None,
         layer_idx: int = 0,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, store, layer_idx)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, store, layer_idx, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -215,17 +220,28 @@ class LLM2TTSCodecAR(nn.Module):
     @torch.no_grad()
     def prefill(self, text_embeddings: torch.Tensor, cache: KVCache, slot: int) -> int:
         """Run steps 1-2 on `text_embeddings` [T, idim] into cache `slot`; returns its length T + 1."""
+        return self.prefill_many([text_embeddings], cache, [slot])[0]
+
+    @torch.no_grad()
+    def prefill_many(self, texts: list[torch.Tensor], cache: KVCache, slots: list[int]) -> list[int]:
+        """`prefill` of several utterances in one forward: rows zero-padded to the longest, each
+        attending to its own positions only (full attention within them, as upstream). Positions
+        past a row's length get keys and values too; decoding overwrites them before attending."""
         weight = self.embedding.weight
-        x = text_embeddings.to(device=weight.device, dtype=weight.dtype).unsqueeze(0)
+        lengths = [len(text) for text in texts]
+        x = pad_sequence([t.to(device=weight.device, dtype=weight.dtype) for t in texts], batch_first=True)
+        ends = torch.tensor(lengths, device=weight.device)
+        valid = torch.arange(x.shape[1] + 1, device=weight.device)[None, :] <= ends[:, None]  # bos + text
+        masks = (None, None) if len(set(lengths)) == 1 else (valid[:, None, None, 1:], valid[:, None, None, :])
         cos, sin = self._rotary(torch.arange(x.shape[1], device=weight.device), x.dtype)
         for layer in self.layers_pre_nn:
-            x = layer(x, cos, sin)
-        x = torch.cat([weight[self.config.bos_id].view(1, 1, -1), x], dim=1)
+            x = layer(x, cos, sin, mask=masks[0])
+        x = torch.cat([weight[self.config.bos_id].expand(len(texts), 1, -1), x], dim=1)
         cos, sin = self._rotary(torch.arange(x.shape[1], device=weight.device), x.dtype)
-        store = cache.prefill_store(slot)
+        store = cache.prefill_store(slots, masks[1])
         for layer_idx, layer in enumerate(self.layers):
             x = layer(x, cos, sin, store, layer_idx)
-        return x.shape[1]
+        return [length + 1 for length in lengths]
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, span: int) -> torch.Tensor:

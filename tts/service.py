@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tts.batch import DecoderBatch, Stream
+from tts.batch import DecoderBatch, Stream, UtteranceText
 from tts.codec_windows import Chunker, CodecWindow, decode_windows, window_lengths
 from tts.shapes import batch_buckets
 from tts.synthesizer import CHUNK_SIZE, FIRST_SENTENCE_CHUNK_SIZE, PADDING, TOP_K, Synthesizer
@@ -241,12 +241,22 @@ class SpeechService:
             if utterance.embeddings_ready is not None:  # made on another stream: wait on the device, keep alive
                 self._streams[0].wait_event(utterance.embeddings_ready)
                 utterance.embeddings.record_stream(self._streams[0])
-            try:
-                stream = self.batch.add(utterance.embeddings, top_k=utterance.top_k, max_tokens=utterance.max_tokens,
-                                        generator=utterance.generator)
-            except Exception as exc:
-                utterance.handle._finish(exc)
-                continue
+        if admitted:
+            self._prefill(admitted)
+
+    def _prefill(self, utterances: list[_Utterance]) -> None:
+        """One prefill forward for `utterances`; if it fails, one each, so a bad one fails alone."""
+        texts = [UtteranceText(u.embeddings, u.top_k, u.max_tokens, u.generator) for u in utterances]
+        try:
+            streams = self.batch.add_many(texts)
+        except Exception as exc:
+            if len(utterances) > 1:
+                for utterance in utterances:
+                    self._prefill([utterance])
+            else:
+                utterances[0].handle._finish(exc)
+            return
+        for utterance, stream in zip(utterances, streams):
             utterance.embeddings, utterance.stream = None, stream
             self._open[stream] = utterance
 
