@@ -27,32 +27,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tts.config import SAMPLE_RATE, CodecConfig, DecoderConfig
+from tts.config import SAMPLE_RATE
 from tts.service import SpeechService
 from tts.synthesizer import PADDING, Synthesizer
-from tts.tiny_checkpoint import write_random_tts_checkpoint, write_tiny_tts_checkpoint
-
-# Plausible VITA-1.5 shapes (the real model.json files ship only with the weights): 896-wide decoder
-# as the demos' reshape implies; 4 blocks, 14 heads, 4864 FFN (Qwen2-0.5B-like) and the TiCodec
-# generator/quantizer below follow a public Freeze-Omni training re-implementation's configs.
-FULL_DECODER = DecoderConfig(
-    idim=896, odim=1024, transformer_attention_dim=896, transformer_linear_units=4864,
-    transformer_attention_heads=14, transformer_num_blocks=4, encoder_output_dim=896,
+from tts.tiny_checkpoint import (
+    full_size_codec_config,
+    full_size_decoder_config,
+    write_random_tts_checkpoint,
+    write_tiny_tts_checkpoint,
 )
-FULL_CODEC = CodecConfig(
-    upsample_rates=(8, 5, 5, 3), upsample_kernel_sizes=(16, 11, 11, 5), upsample_initial_channel=512,
-    resblock="1", resblock_kernel_sizes=(3, 7, 11), resblock_dilation_sizes=((1, 3, 5),) * 3,
-    n_codes=1024, n_code_groups=1, residul_layer=1, global_code_num=8,
-    global_tokens=(473, 975, 419, 219, 565, 121, 550, 616),
-)
-
 
 def load(config: str, device: str, dtype: torch.dtype | None = None) -> Synthesizer:
     with tempfile.TemporaryDirectory() as tmp:
         if config == "tiny":
             write_tiny_tts_checkpoint(Path(tmp))
         else:
-            write_random_tts_checkpoint(Path(tmp), FULL_DECODER, FULL_CODEC)
+            write_random_tts_checkpoint(Path(tmp), full_size_decoder_config(), full_size_codec_config())
         return Synthesizer.load(Path(tmp), device, dtype)
 
 
@@ -140,9 +130,8 @@ def main() -> None:
     rows = 4 * args.text_tokens
     service = SpeechService(synth, max_streams=max(args.streams))
     started = time.perf_counter()
-    service.warm_up()
+    service.start()  # captures graphs, plans codec shapes
     warm_up_s = time.perf_counter() - started
-    service.start()
     run_streams(service, max(args.streams), tokens=60, chunk=20, rows=rows, device=args.device)  # first calls
     results = [min((run_streams(service, n, tokens=args.tokens, chunk=chunk, rows=rows, device=args.device)
                     for _ in range(args.repeats)), key=lambda r: r["wall_s"])

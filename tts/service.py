@@ -112,7 +112,7 @@ class SpeechService:
         that fills its slot ends there). `codec_batch_sizes` (ascending): how many windows of one length
         a codec call may decode, padded up to one of these; by default `batch_buckets(max_streams)` on
         CUDA, 1 elsewhere (on CPU batches are no faster). Only the first and middle windows of
-        `chunk_sizes` with `padding` are batched (the shapes `warm_up` plans); last windows go alone."""
+        `chunk_sizes` with `padding` are batched (the shapes `start` plans); last windows go alone."""
         self.synthesizer = synthesizer
         self.batch = DecoderBatch(synthesizer.decoder, max_streams, capacity)
         device = synthesizer.decoder.embedding.weight.device
@@ -122,7 +122,6 @@ class SpeechService:
         self._codec_batches = default_batches if codec_batch_sizes is None else codec_batch_sizes
         self._chunk_sizes, self._padding = chunk_sizes, padding
         self._batched_lengths = window_lengths(chunk_sizes, padding)[1]
-        self._warm = False
         self._wake = threading.Condition()
         self._queued: deque[_Utterance] = deque()  # shared with callers, under _wake
         self._windows: deque[tuple[_Utterance, CodecWindow | None]] = deque()  # for the vocoder, under _wake
@@ -132,27 +131,19 @@ class SpeechService:
 
     # ------------------------------------------------------------------ any thread
 
-    def warm_up(self) -> None:
-        """On CUDA: capture the decoder step graphs and have cuDNN plan the codec shapes of the chunk
-        sizes (seconds). `start` does it if not done; call it while no other thread runs CUDA work
-        (a graph capture fails if another thread launches kernels meanwhile)."""
-        if self._threads:
-            raise RuntimeError("warm up before start")
-        self.batch.capture_graphs()
-        if self._on_cuda:
-            self.synthesizer.plan_codec_windows(self._chunk_sizes, self._padding, self._codec_batches)
-        self._warm = True
-
     def start(self) -> None:
-        """Warm up (if not done) and start the decoder and vocoder threads."""
+        """Capture the decoder step graphs (CUDA), start the decoder and vocoder threads and return once
+        the vocoder has had cuDNN plan the codec shapes of the chunk sizes (CUDA: seconds). Call it while
+        no other thread launches CUDA work (a graph capture fails if one does)."""
         if self._threads:
             raise RuntimeError("already started")
-        if not self._warm:
-            self.warm_up()
+        self.batch.capture_graphs()
+        planned = threading.Event()
         self._threads = [threading.Thread(target=self._run_decoder, name="vita-tts", daemon=True),
-                         threading.Thread(target=self._run_vocoder, name="vita-vocoder", daemon=True)]
+                         threading.Thread(target=self._run_vocoder, args=(planned,), name="vita-vocoder", daemon=True)]
         for thread in self._threads:
             thread.start()
+        planned.wait()
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the threads after their current step; utterances not yet ended get
@@ -292,8 +283,13 @@ class SpeechService:
 
     # ------------------------------------------------------------------ vocoder thread
 
-    def _run_vocoder(self) -> None:
+    def _run_vocoder(self, planned: threading.Event) -> None:
         self._use_own_stream(self._streams[1])
+        try:
+            if self._on_cuda:  # PyTorch keeps cuDNN convolution plans per thread: plan in this one
+                self.synthesizer.plan_codec_windows(self._chunk_sizes, self._padding, self._codec_batches)
+        finally:
+            planned.set()
         while self._wait(lambda: self._windows):
             with self._wake:
                 work, self._windows = list(self._windows), deque()

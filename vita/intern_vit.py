@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vita.plain_conv import conv_without_cudnn
 from vita.sdpa import attention
 
 PIXEL_SHUFFLE_SCALE = 0.5
@@ -125,7 +126,7 @@ class InternVisionEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, 1 + (H/14)*(W/14), hidden]."""
-        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
+        patches = conv_without_cudnn(self.patch_embedding, pixel_values.to(self.patch_embedding.weight.dtype))
         batch, _, height, width = patches.shape
         patches = patches.flatten(2).transpose(1, 2)
         cls = self.class_embedding.expand(batch, 1, -1).to(patches.dtype)

@@ -28,6 +28,7 @@ import yaml
 from torch import nn
 
 from vita.fbank import fbank
+from vita.plain_conv import conv_without_cudnn
 from vita.sdpa import attention
 
 # Score of a masked attention entry (upstream fills float16's lowest value).
@@ -297,7 +298,8 @@ class Conv2dSubsampling4(nn.Module):
         self.out = nn.Sequential(nn.Linear(hidden * (((input_dim - 1) // 2 - 1) // 2), hidden))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x[:, None])  # [B, C, T', F']
+        x = torch.relu(conv_without_cudnn(self.conv[0], x[:, None]))
+        x = torch.relu(conv_without_cudnn(self.conv[2], x))  # [B, C, T', F']
         batch, channels, time, freq = x.shape
         return self.out(x.transpose(1, 2).reshape(batch, time, channels * freq))
 
@@ -433,7 +435,7 @@ class CNNSubsamplingAdapter(nn.Module):
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """``x [B, T, D]`` with padding frames (``~valid``) zeroed -> ``[B, (T + 1) // 2, llm_hidden]``."""
         x = x.masked_fill(~valid[:, :, None], 0.0).transpose(1, 2)
-        x = self.conv1d2(F.pad(x, (0, self.right_padding))).transpose(1, 2)
+        x = conv_without_cudnn(self.conv1d2, F.pad(x, (0, self.right_padding))).transpose(1, 2)
         return self.project(F.gelu(self.bn2(x)))
 
 
