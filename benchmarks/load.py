@@ -85,6 +85,8 @@ async def run_level(url: str, clients: int, audio: np.ndarray, rate: int, args: 
     conversation = np.concatenate([part for _ in range(args.turns) for part in (audio, gap)][:-1])
     update = {"generation": {"max_new_tokens": args.max_new_tokens, "respect_not_addressed": False,
                              "temperature": args.temperature, "top_p": 1.0}}
+    if args.speculative_ms is not None:
+        update["vad"] = {"speculative_ms": args.speculative_ms}
     started = time.monotonic()
     runs = [
         stream_audio(url, conversation, rate, session_update=update, expected_turns=args.turns,
@@ -195,6 +197,7 @@ def main() -> None:
     parser.add_argument("--clients", default="1,4", help="comma-separated concurrency levels")
     parser.add_argument("--turns", type=int, default=3, help="utterances per client")
     parser.add_argument("--gap-s", type=float, default=6.0, help="silence between utterances")
+    parser.add_argument("--speculative-ms", type=int, help="the sessions' vad.speculative_ms (default: the server's)")
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="sampling temperature (random weights: sampling keeps replies varied, so they read "
                              "as sentences; 0 = greedy)")
@@ -234,6 +237,7 @@ def main() -> None:
         "gap_s": args.gap_s,
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
+        "speculative_ms": args.speculative_ms,
         "levels": results,
     }
     if args.json:

@@ -33,7 +33,7 @@ from server.turns import (
     TurnRequest,
 )
 from tts.sentences import SentenceChunker
-from tts.silence import trim_leading_silence
+from tts.silence import LeadingSilenceTrimmer
 from tts.service import SpeechService
 from tts.synthesizer import CHUNK_SIZE, FIRST_SENTENCE_CHUNK_SIZE, Synthesizer
 from vita.assistant import VitaAssistant
@@ -327,27 +327,28 @@ class ModelWorker:
 
     async def _speak(self, sentences: asyncio.Queue[str | None], emit: OutputCallback) -> tuple[float, int]:
         """Synthesise the sentences one after another as they arrive; every segment is emitted as
-        soon as it exists, the reply's leading silence trimmed.
+        soon as it exists, the reply's leading silence trimmed (``LeadingSilenceTrimmer``).
 
         Returns the wall time the sentences took from their start to their last segment (waits
         for a free synthesis slot included) and the number of samples made.
         """
         busy_s, samples, first_sentence = 0.0, 0, True
+        trimmer = LeadingSilenceTrimmer()
 
-        def on_segment(segment: np.ndarray) -> None:
+        def play(pieces: list[np.ndarray]) -> None:
             nonlocal samples
-            if samples == 0:
-                segment = trim_leading_silence(segment)
-            if len(segment):
-                samples += len(segment)
-                emit(AudioSegment(segment))
+            for piece in pieces:
+                if len(piece):
+                    samples += len(piece)
+                    emit(AudioSegment(piece))
 
         while (sentence := await sentences.get()) is not None:
             chunk_size = FIRST_SENTENCE_CHUNK_SIZE if first_sentence else CHUNK_SIZE
             first_sentence = False
             started = time.perf_counter()
-            await self._speak_sentence(sentence, chunk_size, on_segment)
+            await self._speak_sentence(sentence, chunk_size, lambda segment: play(trimmer.push(segment)))
             busy_s += time.perf_counter() - started
+        play(trimmer.flush())
         return busy_s, samples
 
     async def _speak_sentence(

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tts.silence import trim_leading_silence
+from tts.silence import LeadingSilenceTrimmer, trim_leading_silence
 
 RATE = 24000
 
@@ -48,3 +48,21 @@ def test_threshold_is_configurable_and_strict():
     assert trim_leading_silence(signal, threshold=0.6) is signal
     int_signal = np.array([0, 983, 984, -2000], dtype=np.int16)  # 0.03 * 32768 = 983.04
     np.testing.assert_array_equal(trim_leading_silence(int_signal), [984, -2000])
+
+
+def test_a_reply_is_trimmed_up_to_its_first_audible_sample_and_no_further():
+    """Silence spanning whole segments is dropped; a pause inside the speech is kept."""
+    rng = np.random.default_rng(1)
+    quiet = to_int16(0.01 * rng.uniform(-1, 1, 12000))
+    voice, pause = to_int16(tone(0.2, 0.5)), to_int16(np.zeros(6000))
+    segments = [quiet, np.concatenate([quiet[:3000], voice]), np.concatenate([pause, voice]), pause]
+    trimmer = LeadingSilenceTrimmer()
+    played = [piece for segment in segments for piece in trimmer.push(segment)] + trimmer.flush()
+    np.testing.assert_array_equal(np.concatenate(played), np.concatenate([voice, pause, voice, pause]))
+
+
+def test_a_reply_with_nothing_audible_is_released_whole_at_the_end():
+    quiet = to_int16(0.02 * np.ones(2400))
+    trimmer = LeadingSilenceTrimmer()
+    assert trimmer.push(quiet) == [] and trimmer.push(quiet) == []
+    assert [len(s) for s in trimmer.flush()] == [2400, 2400]
