@@ -20,3 +20,13 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from vita.tiny_checkpoint import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "vita_tiny_ckpt")
+
+
+@pytest.fixture(scope="session")
+def tts_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder of a tiny random TTS checkpoint (`vita_tts_ckpt/` layout), written once per session."""
+    from tts.tiny_checkpoint import write_tiny_tts_checkpoint
+
+    path = tmp_path_factory.mktemp("tts")
+    write_tiny_tts_checkpoint(path)
+    return path

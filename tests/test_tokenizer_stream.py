@@ -8,14 +8,10 @@ several tokens, as rare characters do in Qwen2's real vocabulary.
 import random
 
 import pytest
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from vita.tokenizer import END_OF_TEXT, IM_END, IM_START, VitaTokenizer
+from vita.random_tokenizer import build_tiny_tokenizer
+from vita.tokenizer import VitaTokenizer
 
-QWEN2_SPLIT_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 TRAINING_TEXT = [
     "你好！今天天气怎么样？今天天气晴朗，气温二十五度，适合出去散步。😀🎉",
     "我是一个开源的多模态大语言模型，我可以听、看，也可以和你对话。👍🏽",
@@ -28,19 +24,7 @@ REPLY = "☞ 你好！北京明天多云转晴，最高气温二十八度🌤️
 
 @pytest.fixture(scope="module")
 def tokenizer() -> VitaTokenizer:
-    bpe = Tokenizer(models.BPE())
-    bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    bpe.train_from_iterator(TRAINING_TEXT * 4, trainer)
-    bpe.add_special_tokens([END_OF_TEXT, IM_START, IM_END])
-    return VitaTokenizer(bpe)
+    return VitaTokenizer(build_tiny_tokenizer(TRAINING_TEXT, vocab_size=323))  # 320 learned + 3 special
 
 
 def stream(tokenizer: VitaTokenizer, ids: list[int]) -> tuple[list[str], str]:

@@ -2,21 +2,13 @@
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from tts.codec import TiCodec
-from tts.tiny_checkpoint import tiny_codec_config, write_tiny_tts_checkpoint
+from tts.tiny_checkpoint import tiny_codec_config
 from tts.weights import WeightMismatchError, fold_weight_norm
-
-
-@pytest.fixture(scope="module")
-def tts_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tts")
-    write_tiny_tts_checkpoint(path)
-    return path
 
 
 @pytest.fixture(scope="module")

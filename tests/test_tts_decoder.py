@@ -1,7 +1,6 @@
 """LLM2TTSCodecAR against transformers' Llama modules (independent reference of the upstream math)."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,15 +11,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMS
 from tts.config import DecoderConfig
 from tts.batch import DecoderBatch
 from tts.decoder import DecoderLayer, KVCache, LLM2TTSCodecAR, rotary_cos_sin
-from tts.tiny_checkpoint import write_tiny_tts_checkpoint
 from tts.weights import WeightMismatchError
-
-
-@pytest.fixture(scope="module")
-def tts_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tts")
-    write_tiny_tts_checkpoint(path)
-    return path
 
 
 def llama_config(config: DecoderConfig) -> LlamaConfig:

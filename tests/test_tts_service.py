@@ -2,7 +2,6 @@
 
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,16 +9,8 @@ import torch
 
 from tts.service import SpeechService, SpeechServiceClosed
 from tts.synthesizer import Synthesizer
-from tts.tiny_checkpoint import write_tiny_tts_checkpoint
 
 WAIT_S = 20.0
-
-
-@pytest.fixture(scope="module")
-def tts_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tts")
-    write_tiny_tts_checkpoint(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,6 @@ EMBED_SEED = 3
 
 
 @pytest.fixture(scope="module")
-def tts_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tts")
-    write_tiny_tts_checkpoint(path, llm_hidden=64)
-    return path
-
-
-@pytest.fixture(scope="module")
 def synth(tts_dir) -> Synthesizer:
     """The tiny TTS with eos disabled, so every utterance lasts exactly max_tokens codes."""
     synthesizer = Synthesizer.load(tts_dir, "cpu")

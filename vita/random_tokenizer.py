@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -50,8 +51,8 @@ FILLER_ENDING_PERIOD = 40
 WORD_START = "\u0120"  # byte-level BPE's picture of a leading space
 
 
-def build_tiny_tokenizer() -> Tokenizer:
-    """Train a Qwen2-style byte-level BPE (NFC, Qwen2 split regex) on the embedded text.
+def build_tiny_tokenizer(text: Sequence[str] = TRAINING_TEXT, vocab_size: int = TINY_VOCAB_SIZE) -> Tokenizer:
+    """Train a Qwen2-style byte-level BPE (NFC, Qwen2 split regex) on `text` (the embedded text).
 
     The special tokens come after the learned vocabulary, as in Qwen2. Byte-level BPE
     can encode any text, so ☞ ☟ ☜ always tokenize (they are in the training text too).
@@ -64,11 +65,11 @@ def build_tiny_tokenizer() -> Tokenizer:
     ])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB_SIZE - len(SPECIAL_TOKENS),
+        vocab_size=vocab_size - len(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(TRAINING_TEXT * 4, trainer)
+    tokenizer.train_from_iterator(list(text) * 4, trainer)
     tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
     return tokenizer
 
