@@ -1,12 +1,27 @@
-"""What the gateway hands the worker for one user turn, and what comes back from it."""
+"""What the gateway hands the worker for one user turn, and what comes back from it (the turn
+pipeline's outputs, defined by `vita.turn_outputs`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 from server.protocol import GenerationSettings
+from vita.turn_outputs import (
+    AudioSegment,
+    HistoryCleared,
+    OutputCallback,
+    TextDelta,
+    TurnFailed,
+    TurnFinished,
+    TurnOutput,
+)
+
+__all__ = [
+    "AudioSegment", "HistoryCleared", "OutputCallback", "TextDelta", "TurnFailed", "TurnFinished", "TurnHandle",
+    "TurnOutput", "TurnRequest", "TurnRunner",
+]
 
 
 @dataclass(frozen=True)
@@ -19,40 +34,6 @@ class TurnRequest:
     audio_16k: np.ndarray
     frames: list[bytes] = field(default_factory=list)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
-
-
-@dataclass(frozen=True)
-class TextDelta:
-    text: str
-
-
-@dataclass(frozen=True)
-class AudioSegment:
-    """Reply audio, int16 mono 24 kHz, ready to send."""
-
-    pcm: np.ndarray
-
-
-@dataclass(frozen=True)
-class HistoryCleared:
-    """The conversation outgrew the context: it was restarted before answering this turn."""
-
-
-@dataclass(frozen=True)
-class TurnFinished:
-    text: str
-    state: Literal["answer", "not_addressed"]
-    synthesis_seconds: float
-    audio_samples: int
-
-
-@dataclass(frozen=True)
-class TurnFailed:
-    message: str
-
-
-TurnOutput = TextDelta | AudioSegment | HistoryCleared | TurnFinished | TurnFailed
-OutputCallback = Callable[[TurnOutput], None]
 
 
 class TurnHandle(Protocol):

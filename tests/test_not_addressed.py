@@ -26,8 +26,9 @@ from server.settings import ServerSettings
 from test_server import REPLY_SETTINGS, clip
 from vita.assistant import VitaAssistant
 from vita.checkpoint import INDEX_FILE
-from vita.generate import ReplyTextStream, generate_text
+from vita.generate import generate_text
 from vita.prompt import ASSISTANT_HEADER, ReplyState
+from vita.reply_text import ReplyTextStream
 from vita.sampling import SamplingParams
 from vita.tokenizer import VitaTokenizer
 

@@ -28,7 +28,8 @@ from server.protocol import AUDIO_HEADER, OUTPUT_SAMPLE_RATE, VadSettings, decod
 from server.settings import ServerSettings
 from server.vad import SpeechEnd, TurnDetector
 from vita.assistant import VitaAssistant
-from vita.generate import ReplyTextStream, generate_text
+from vita.generate import generate_text
+from vita.reply_text import ReplyTextStream
 from vita.sampling import SamplingParams
 from shared_data import AUDIO
 

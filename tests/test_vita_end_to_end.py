@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 from tts.synthesizer import Synthesizer
 from vita.assistant import VitaAssistant
 from vita.engine import Engine
-from vita.generate import ReplyTextStream, generate_ids, generate_text
+from vita.generate import generate_ids, generate_text
 from vita.prompt import (
     SYSTEM_PROMPTS,
     Conversation,
@@ -24,6 +24,7 @@ from vita.prompt import (
     system_block,
     user_content,
 )
+from vita.reply_text import ReplyTextStream
 from vita.sampling import SamplingParams
 from vita.tokenizer import AUDIO_TOKEN_INDEX, IMAGE_TOKEN_INDEX, VitaTokenizer
 from shared_data import AUDIO

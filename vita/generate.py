@@ -1,8 +1,8 @@
 """Plain single-stream streaming generation: the reference path, no engine.
 
 `generate_ids` runs one prompt through the LLM with its own KV cache and yields sampled ids
-until a stop id (yielded too, as the engine does) or `max_tokens`. `ReplyTextStream` turns
-ids into clean text deltas and splits off the reply's leading state token (☞ ☟ ☜).
+until a stop id (yielded too, as the engine does) or `max_tokens`; `generate_text` turns them
+into a reply's text deltas through `vita.reply_text.ReplyTextStream`.
 """
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from vita.model import VitaQwen2ForCausalLM
-from vita.prompt import ReplyState, parse_reply_state
 from vita.qwen2 import KVCache
+from vita.reply_text import ReplyTextStream
 from vita.sampling import SamplingBatch, SamplingParams, sample
-from vita.tokenizer import VitaTokenizer
 
 
 @torch.inference_mode()
@@ -47,53 +46,6 @@ def generate_ids(
             return
         inputs = llm.embed_tokens(torch.tensor([[token_id]], device=device))
         positions = torch.tensor([[kv_len]], device=device)
-
-
-class ReplyTextStream:
-    """Ids of one reply -> text deltas without the leading state token.
-
-    Text is held back until the first non-blank character shows whether the reply starts
-    with a state token; `state` is None until then (and stays None if it does not).
-    `closed` tells whether the reply ended with a stop id.
-    """
-
-    def __init__(self, tokenizer: VitaTokenizer):
-        self.tokenizer = tokenizer
-        self.decoder = tokenizer.stream_decoder()
-        self.token_ids: list[int] = []
-        self.state: ReplyState | None = None
-        self.state_known = False
-        self.pending = ""
-
-    @property
-    def closed(self) -> bool:
-        return bool(self.token_ids) and self.token_ids[-1] in self.tokenizer.stop_ids
-
-    def push(self, token_id: int) -> str:
-        """Add one reply id; returns the text it releases ('' while held back)."""
-        self.token_ids.append(token_id)
-        return self._release(self.decoder.push(token_id))
-
-    def flush(self) -> str:
-        """End of the reply: returns the text still held back, settling `state`."""
-        delta = self._release(self.decoder.flush())
-        if self.state_known:
-            return delta
-        self.state, rest = parse_reply_state(self.pending)
-        self.state_known, self.pending = True, ""
-        return rest
-
-    def _release(self, delta: str) -> str:
-        if self.state_known:
-            return delta
-        self.pending += delta
-        if not self.pending.strip():
-            return ""
-        self.state, rest = parse_reply_state(self.pending)
-        if self.state is not None and not rest:
-            return ""  # the space that may follow the state token has not arrived yet
-        self.state_known, self.pending = True, ""
-        return rest
 
 
 def generate_text(
