@@ -70,7 +70,9 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 
-OUTPUT_SAMPLE_RATE = 24_000
+from tts.config import SAMPLE_RATE
+
+OUTPUT_SAMPLE_RATE = SAMPLE_RATE  # the TTS's 24 kHz
 MIN_INPUT_SAMPLE_RATE = 8_000
 MAX_INPUT_SAMPLE_RATE = 48_000
 MAX_AUDIO_FRAME_BYTES = 1 << 20  # 1 MiB: about 5.5 s of 48 kHz stereo PCM16

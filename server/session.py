@@ -60,11 +60,12 @@ from server.turns import (
     TurnRunner,
 )
 from server import vad
+from vita.image_tiles import sample_frames
+from vita.media_encoder import VIDEO_FRAMES
 
 log = logging.getLogger("vita.session")
 
 VIDEO_WINDOW_S = 1.0
-MAX_VIDEO_FRAMES = 4
 MAX_BUFFERED_FRAMES = 30  # a second of 30 fps video; older ones fall out of the window anyway
 
 
@@ -247,11 +248,10 @@ class Session:
             self.send(SpeechDiscarded(audio_ms=event.audio_ms, duration_ms=event.duration_ms))
 
     def _recent_frames(self, now: float) -> list[bytes]:
+        """The frames of the last second that the model will see, picked by vita's rule (only
+        those are decoded for the turn)."""
         recent = [image for t, image in self._frames if t >= now - VIDEO_WINDOW_S]
-        if len(recent) <= MAX_VIDEO_FRAMES:
-            return recent
-        picks = np.linspace(0, len(recent) - 1, MAX_VIDEO_FRAMES).round().astype(int)
-        return [recent[i] for i in picks]
+        return recent if len(recent) <= VIDEO_FRAMES else sample_frames(recent, min_frames=1, max_frames=VIDEO_FRAMES)
 
     def _start_turn(self, audio_16k: np.ndarray) -> ActiveResponse:
         """Hand the utterance to the worker as the next reply; nothing is sent to the client."""

@@ -25,6 +25,7 @@ from server.protocol import GenerationSettings
 from server.settings import ServerSettings
 from server.turns import OutputCallback, TurnFailed, TurnOutput, TurnRequest
 from tts.async_speech import speak
+from tts.config import TTS_DIR
 from tts.service import SpeechService
 from tts.synthesizer import FIRST_SENTENCE_CHUNK_SIZE, Synthesizer
 from vita.assistant import VitaAssistant
@@ -37,7 +38,6 @@ from vita.voice_turn import TurnInput, VoiceTurn
 
 log = logging.getLogger("vita.worker")
 
-TTS_DIR_NAME = "vita_tts_ckpt"
 STOP_TIMEOUT_S = 10.0
 WARM_UP_SESSION = "warm-up"
 WARM_UP_CODES = 60  # 1.5 s of audio: one full codec chunk with its padding
@@ -134,7 +134,7 @@ class ModelWorker:
                 self.engine.capture_graphs()
             self.media_encoder = MediaEncoder(self.assistant.model)
             # graphs and codec plans now, while no other thread launches CUDA work
-            self.speech = SpeechService(Synthesizer.load(self.checkpoint / TTS_DIR_NAME, device=device),
+            self.speech = SpeechService(Synthesizer.load(self.checkpoint / TTS_DIR, device=device),
                                         max_streams=self.settings.max_sessions)
             self.speech.start()
             await self._warm_up()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 CODEC_FRAME_SAMPLES = 600  # upstream hard-codes 600 samples per codec token (24 kHz / 40 Hz)
 SAMPLE_RATE = 24000
+TTS_DIR = "vita_tts_ckpt"  # the TTS folder inside a VITA-1.5 checkpoint
 CODEC_LATENT_DIM = 512  # TiCodec fixes the quantizer/latent width at 512
 GLOBAL_FEATURE_DIM = 128  # TiCodec fixes the global style feature width at 128
 

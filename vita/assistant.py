@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tts.config import DecoderConfig
+from tts.config import TTS_DIR, DecoderConfig
 from vita.checkpoint import default_dtype, load_model
 from vita.config import VitaConfig
 from vita.engine import Engine
@@ -32,7 +32,7 @@ from vita.model import VitaQwen2ForCausalLM
 from vita.prompt import Conversation, system_block, user_content
 from vita.tokenizer import VitaTokenizer
 
-TTS_DECODER_CONFIG = Path("vita_tts_ckpt") / "decoder" / "model.json"
+TTS_DECODER_CONFIG = Path(TTS_DIR) / "decoder" / "model.json"
 
 
 class EngineTurn(NamedTuple):

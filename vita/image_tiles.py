@@ -11,10 +11,13 @@ Every tile is then scaled to [0, 1] and normalised with the ImageNet mean/std.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
 from PIL import Image
+
+Frame = TypeVar("Frame")
 
 TILE_SIZE = 448
 MAX_TILES = 12
@@ -107,11 +110,10 @@ def frames_to_tiles(frames: Sequence[Image.Image]) -> torch.Tensor:
     return normalize([center_square(frame.convert("RGB")) for frame in frames])
 
 
-def sample_frames(
-    frames: Sequence[Image.Image], *, min_frames: int = 4, max_frames: int = 4
-) -> list[Image.Image]:
-    """Frames evenly spaced from first to last, as upstream's video reader picks them: the count
-    is clamped to [min_frames, max_frames] (frames repeat when there are too few)."""
+def sample_frames(frames: Sequence[Frame], *, min_frames: int = 4, max_frames: int = 4) -> list[Frame]:
+    """Frames (images, or their encoded bytes) evenly spaced from first to last, as upstream's video
+    reader picks them: the count is clamped to [min_frames, max_frames] (frames repeat when there
+    are too few)."""
     if not frames:
         return []
     count = min(max(len(frames), min_frames), max_frames)

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
+from tts.config import TTS_DIR
 from tts.tiny_checkpoint import write_full_size_tts_checkpoint, write_tiny_tts_checkpoint
 from vita.checkpoint import INDEX_FILE, build_on_meta
 from vita.config import AUDIO_ENCODER_DIR, VISION_TOWER_DIR, VitaConfig
@@ -139,7 +140,7 @@ def write_tiny_checkpoint(out_dir: Path, seed: int = SEED) -> Path:
     config = VitaConfig.tiny()
     state = random_state_dict(config, torch.Generator().manual_seed(seed))
     out_dir = write_random_checkpoint(out_dir, config, state, build_tiny_tokenizer(), NUM_SHARDS["tiny"])
-    write_tiny_tts_checkpoint(out_dir / "vita_tts_ckpt", llm_hidden=config.llm.hidden_size, seed=seed)
+    write_tiny_tts_checkpoint(out_dir / TTS_DIR, llm_hidden=config.llm.hidden_size, seed=seed)
     return out_dir
 
 
@@ -151,7 +152,7 @@ def write_full_size_checkpoint(
     state = random_state_dict(config, torch.Generator(device).manual_seed(seed), full_size_dtype)
     out_dir = write_random_checkpoint(out_dir, config, state, build_full_size_tokenizer(seed), NUM_SHARDS["full"])
     del state
-    write_full_size_tts_checkpoint(out_dir / "vita_tts_ckpt", seed=seed)
+    write_full_size_tts_checkpoint(out_dir / TTS_DIR, seed=seed)
     return out_dir
 
 
