@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
@@ -15,7 +16,16 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from server.metrics import ServerMetrics
 from server.outgoing import OutgoingQueue
-from server.protocol import AUDIO_HEADER, MAX_MESSAGE_BYTES, OUTPUT_SAMPLE_RATE, ErrorCode, ErrorEvent, encode_event
+from server.protocol import (
+    AUDIO_HEADER,
+    CLOSE_CODES,
+    MAX_MESSAGE_BYTES,
+    OUTPUT_SAMPLE_RATE,
+    ErrorCode,
+    ErrorEvent,
+    encode_event,
+)
+from server.seats import Seats
 from server.session import Session
 from server.settings import ServerSettings
 from server.worker import ModelWorker
@@ -26,14 +36,13 @@ log = logging.getLogger("vita.app")
 # compresses; deflating every segment was a visible share of the gateway's time at 32 clients on the H200).
 WEBSOCKET_OPTIONS = {"ws_max_size": MAX_MESSAGE_BYTES, "ws_per_message_deflate": False}
 CLOSE_NORMAL = 1000
-CLOSE_TRY_AGAIN_LATER = 1013
 FLUSH_TIMEOUT_S = 2.0
 
 
 def create_app(settings: ServerSettings, worker: ModelWorker) -> FastAPI:
     """The gateway app; ``worker`` is started (model loading) and stopped with the app."""
     metrics = ServerMetrics()
-    sessions: dict[str, Session] = {}
+    seats = Seats(settings.max_sessions, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -66,24 +75,21 @@ def create_app(settings: ServerSettings, worker: ModelWorker) -> FastAPI:
         if not worker.ready:
             await refuse(websocket, ErrorCode.NOT_READY, "the model is still loading; retry shortly")
             return
-        if len(sessions) >= settings.max_sessions:
-            metrics.sessions_rejected.inc()
-            await refuse(websocket, ErrorCode.SERVER_FULL, f"server is full ({settings.max_sessions} sessions)")
-            return
         outgoing = OutgoingQueue(int(settings.outgoing_audio_limit_s * OUTPUT_SAMPLE_RATE * 2))
-        session = Session(worker, outgoing, metrics)
-        sessions[session.session_id] = session
-        metrics.sessions_total.inc()
-        metrics.sessions_active.inc()
+        session = Session(worker, outgoing, metrics, seats)
         writer = asyncio.create_task(write_loop(websocket, outgoing, session))
+        reader = asyncio.create_task(read_loop(websocket, session))
+        watchdog = asyncio.create_task(watch_deadlines(session, settings.handshake_timeout_s, settings.idle_timeout_s))
         try:
-            await read_loop(websocket, session, settings.idle_timeout_s)
+            await asyncio.wait((reader, watchdog), return_when=asyncio.FIRST_COMPLETED)
         finally:
+            reader.cancel()
+            watchdog.cancel()
+            await asyncio.gather(reader, watchdog, return_exceptions=True)
             session.close()
-            del sessions[session.session_id]
-            metrics.sessions_active.dec()
-            await flush_and_close(websocket, outgoing, writer)
-            log.info("session_end session=%s", session.session_id)
+            await flush_and_close(websocket, outgoing, writer, session.closing)
+            log.info("session_end session=%s reason=%s", session.session_id,
+                     session.closing.value if session.closing else "client")
 
     if settings.web_dir.is_dir():
         app.mount("/", StaticFiles(directory=settings.web_dir, html=True), name="web")
@@ -95,19 +101,34 @@ async def refuse(websocket: WebSocket, code: ErrorCode, message: str) -> None:
     log.info("session_refused code=%s", code.value)
     try:
         await websocket.send_text(encode_event(ErrorEvent(code=code, message=message, fatal=True)))
-        await websocket.close(CLOSE_TRY_AGAIN_LATER)
+        await websocket.close(CLOSE_CODES[code], code.value)
     except Exception:  # the client left first: nothing more to tell it
         log.info("session_refused_client_gone code=%s", code.value)
 
 
-async def read_loop(websocket: WebSocket, session: Session, idle_timeout_s: float) -> None:
-    """Feed client frames to the session until disconnect or idle timeout."""
+async def watch_deadlines(session: Session, handshake_timeout_s: float, idle_timeout_s: float) -> None:
+    """Fail the session (and return) when it is not started within ``handshake_timeout_s`` or,
+    once started, has had no speech, turn or event other than audio and video for ``idle_timeout_s``."""
+    connected = time.monotonic()
     while True:
-        try:
-            message = await asyncio.wait_for(websocket.receive(), idle_timeout_s)
-        except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11 on
-            session.send_error(ErrorCode.IDLE_TIMEOUT, f"no message for {idle_timeout_s:g} s", fatal=True)
+        if session.started:
+            deadline = session.idle_since() + idle_timeout_s
+            code, message = ErrorCode.IDLE_TIMEOUT, f"no speech or other activity for {idle_timeout_s:g} s"
+        else:
+            deadline = connected + handshake_timeout_s
+            code, message = ErrorCode.HANDSHAKE_TIMEOUT, f"no session.start within {handshake_timeout_s:g} s"
+        delay = deadline - time.monotonic()
+        if delay <= 0:
+            session.fail(code, message)
             return
+        await asyncio.sleep(delay)
+
+
+async def read_loop(websocket: WebSocket, session: Session) -> None:
+    """Feed client frames to the session until disconnect or a fatal error."""
+    while session.closing is None:
+        try:
+            message = await websocket.receive()
         except (WebSocketDisconnect, RuntimeError):
             return
         if message["type"] == "websocket.disconnect":
@@ -119,7 +140,7 @@ async def read_loop(websocket: WebSocket, session: Session, idle_timeout_s: floa
                 await session.handle_text(message["text"])
         except Exception:  # a bug must not take the server or this session down
             log.exception("session_bug session=%s", session.session_id)
-            session.send_error(ErrorCode.INTERNAL_ERROR, "internal error while handling the message")
+            session.client_error(ErrorCode.INTERNAL_ERROR, "internal error while handling the message")
 
 
 async def write_loop(websocket: WebSocket, outgoing: OutgoingQueue, session: Session) -> None:
@@ -133,8 +154,11 @@ async def write_loop(websocket: WebSocket, outgoing: OutgoingQueue, session: Ses
             await websocket.send_text(message)
 
 
-async def flush_and_close(websocket: WebSocket, outgoing: OutgoingQueue, writer: asyncio.Task[None]) -> None:
-    """Give the writer a moment to send what is queued (e.g. a fatal error), then close."""
+async def flush_and_close(
+    websocket: WebSocket, outgoing: OutgoingQueue, writer: asyncio.Task[None], closing: ErrorCode | None
+) -> None:
+    """Give the writer a moment to send what is queued (e.g. a fatal error), then close with the
+    fatal error's close code and code as reason."""
     outgoing.close()
     try:
         await asyncio.wait_for(writer, FLUSH_TIMEOUT_S)
@@ -142,6 +166,6 @@ async def flush_and_close(websocket: WebSocket, outgoing: OutgoingQueue, writer:
         writer.cancel()
     if websocket.client_state == WebSocketState.CONNECTED:
         try:
-            await websocket.close(CLOSE_NORMAL)
+            await websocket.close(CLOSE_CODES.get(closing, CLOSE_NORMAL), closing.value if closing else None)
         except (RuntimeError, OSError):
             pass

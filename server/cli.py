@@ -55,6 +55,7 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
                         help="VITA model dtype (default bfloat16 on GPU, float32 on CPU; upstream runs float16)")
     parser.add_argument("--max-sessions", type=int)
     parser.add_argument("--idle-timeout-s", type=float)
+    parser.add_argument("--handshake-timeout-s", type=float)
     parser.add_argument("--ssl-certfile", type=Path)
     parser.add_argument("--ssl-keyfile", type=Path)
     parser.add_argument("--log-format", choices=["json", "kv"])

@@ -3,7 +3,8 @@
 The file is sent as it is (any sample rate the server accepts, mono or stereo; the server
 resamples), in 20 ms PCM16 frames paced by the clock, followed by silence so the server's VAD
 can close the last utterance. Reply audio of every turn is written to one 24 kHz WAV file and
-per-turn timings are printed.
+per-turn timings are printed. A refused connection, a server error or a run without reply audio
+exits non-zero with a one-line message (and writes no WAV when there is no audio).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +69,16 @@ class ClientResult:
     def reply_audio(self) -> np.ndarray:
         parts = [a for turn in self.turns for a in turn.audio]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int16)
+
+
+def read_wav(path: Path) -> tuple[np.ndarray, int]:
+    """Any WAV (PCM 8/16/24/32-bit or float) -> int16 samples [N] or [N, C] and its rate.
+
+    Read as float (PCM is scaled to [-1, 1]; float files are taken as they are), then clipped
+    and scaled to int16: libsndfile's own int16 reading would truncate float samples to 0.
+    """
+    audio, sample_rate = sf.read(path, dtype="float32")
+    return np.round(np.clip(audio, -1.0, 1.0) * 32767).astype(np.int16), sample_rate
 
 
 def pcm_frames(audio: np.ndarray, sample_rate: int) -> list[bytes]:
@@ -168,7 +180,12 @@ async def stream_audio(
 
         receiver = asyncio.create_task(receive())
         for i, frame in enumerate(frames):
-            await ws.send(frame)
+            if receiver.done():  # the server closed the connection (after a fatal error)
+                break
+            try:
+                await ws.send(frame)
+            except websockets.ConnectionClosed:
+                break
             delay = started + (i + 1) * FRAME_MS / 1000 / speed - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -209,25 +226,38 @@ def main(argv: list[str] | None = None) -> None:
         "--settings", type=json.loads, help='session.update body, e.g. \'{"generation": {"temperature": 0}}\''
     )
     args = parser.parse_args(argv)
-    audio, sample_rate = sf.read(args.wav, dtype="int16")
-    result = asyncio.run(
-        stream_audio(
-            args.url,
-            audio,
-            sample_rate,
-            speed=args.speed,
-            tail_silence_s=args.tail_silence_s,
-            reply_timeout_s=args.timeout_s,
-            session_update=args.settings,
+    try:
+        audio, sample_rate = read_wav(args.wav)
+    except (OSError, sf.SoundFileError) as error:
+        sys.exit(f"vita-client: cannot read {args.wav}: {error}")
+    try:
+        result = asyncio.run(
+            stream_audio(
+                args.url,
+                audio,
+                sample_rate,
+                speed=args.speed,
+                tail_silence_s=args.tail_silence_s,
+                reply_timeout_s=args.timeout_s,
+                session_update=args.settings,
+            )
         )
-    )
-    for event in result.of_type("error"):
+    except (OSError, websockets.WebSocketException) as error:
+        sys.exit(f"vita-client: cannot talk to {args.url}: {error or type(error).__name__}")
+    errors = result.of_type("error")
+    for event in errors:
         print(f"error {event['code']}: {event['message']}")
     for turn in result.turns:
         print(f"reply {turn.response_id}: {turn.text!r}")
     print(timing_table(result))
-    sf.write(args.out, result.reply_audio(), OUTPUT_SAMPLE_RATE, subtype="PCM_16")
-    print(f"reply audio: {args.out} ({len(result.reply_audio()) / OUTPUT_SAMPLE_RATE:.2f} s)")
+    reply = result.reply_audio()
+    if len(reply):
+        sf.write(args.out, reply, OUTPUT_SAMPLE_RATE, subtype="PCM_16")
+        print(f"reply audio: {args.out} ({len(reply) / OUTPUT_SAMPLE_RATE:.2f} s)")
+    if errors:
+        sys.exit(f"vita-client: server error {errors[0]['code']}: {errors[0]['message']}")
+    if not len(reply):
+        sys.exit(f"vita-client: no reply audio; {args.out} not written")
 
 
 if __name__ == "__main__":

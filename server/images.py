@@ -20,5 +20,7 @@ def decode_image(data: bytes) -> Image.Image:
         if image.width * image.height > MAX_IMAGE_PIXELS:
             raise ProtocolError(ErrorCode.INVALID_IMAGE, f"image of {image.width}x{image.height} is too large")
         return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ProtocolError(ErrorCode.INVALID_IMAGE, f"not a readable JPEG/PNG image: {exc}") from None
+    except Image.DecompressionBombError:
+        raise ProtocolError(ErrorCode.INVALID_IMAGE, "image has too many pixels") from None
+    except (UnidentifiedImageError, OSError, ValueError):  # their messages carry object reprs: not passed on
+        raise ProtocolError(ErrorCode.INVALID_IMAGE, "not a readable JPEG/PNG image (unknown format, truncated or corrupt)") from None

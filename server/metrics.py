@@ -14,12 +14,12 @@ class ServerMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.sessions_active = Gauge("vita_sessions_active", "Open websocket sessions", registry=self.registry)
-        self.sessions_total = Counter("vita_sessions_total", "Sessions accepted", registry=self.registry)
+        self.sessions_active = Gauge("vita_sessions_active", "Started sessions (seats taken)", registry=self.registry)
+        self.sessions_total = Counter("vita_sessions_total", "Sessions started", registry=self.registry)
         self.sessions_rejected = Counter(
-            "vita_sessions_rejected_total", "Connections refused because the server was full", registry=self.registry
+            "vita_sessions_rejected_total", "session.start refused because every seat was taken", registry=self.registry
         )
-        self.turns = Counter("vita_turns_total", "User turns by outcome", ["outcome"], registry=self.registry)
+        self.turns = Counter("vita_turns_total", "User turns by outcome (aborted: the client left while the reply was generated)", ["outcome"], registry=self.registry)
         self.speculative_turns = Counter(
             "vita_speculative_turns_total",
             "Turns started at a pause in speech, by step: started, confirmed (the pause ended the utterance), "

@@ -52,9 +52,18 @@ Server -> client
                                ``response.done``: the user spoke while the reply still played.
     ``error``                  ``code`` (one of ``ErrorCode``) and a human ``message``; a reply
                                that failed carries its ``response_id`` (no ``response.done``
-                               follows for it). Errors are not fatal unless ``fatal`` is true:
-                               ``not_ready``, ``server_full`` (close code 1013) and
-                               ``idle_timeout`` (1000) are followed by a close of the websocket.
+                               follows for it). At most ``ERROR_EVENTS_PER_S`` errors a second
+                               are sent: ``suppressed`` counts those of the session left out
+                               since the previous error event (a summary event reports them
+                               when no error follows). Errors are not fatal unless ``fatal`` is
+                               true: then the websocket is closed with the code's
+                               ``CLOSE_CODES`` close code and the code as reason:
+                               ``not_ready`` and ``server_full`` (1013; a seat is taken at
+                               ``session.start``), ``handshake_timeout`` (no ``session.start``
+                               within the server's handshake timeout, 1008),
+                               ``too_many_errors`` (errors kept coming faster than they are
+                               reported, 1008) and ``idle_timeout`` (no speech, turn or event
+                               other than audio and video for the server's idle timeout, 1000).
                                On server shutdown the websocket is closed with code 1012.
                                Messages over ``MAX_MESSAGE_BYTES`` close it with code 1009.
 """
@@ -79,6 +88,8 @@ MAX_AUDIO_FRAME_BYTES = 1 << 20  # 1 MiB: about 5.5 s of 48 kHz stereo PCM16
 MAX_IMAGE_BYTES = 4 << 20  # decoded JPEG/PNG size
 MAX_TEXT_FRAME_BYTES = 8 << 20  # whole JSON message (base64 image or audio included)
 MAX_MESSAGE_BYTES = 16 << 20  # any larger websocket message closes the connection (code 1009)
+MAX_SYSTEM_PROMPT_CHARS = 8_000
+ERROR_EVENTS_PER_S = 5  # error events a session is sent per second; more are counted, not sent
 AUDIO_HEADER = struct.Struct("<II")  # response_id, segment index
 
 
@@ -97,7 +108,17 @@ class ErrorCode(str, Enum):
     NOT_READY = "not_ready"
     SERVER_FULL = "server_full"
     IDLE_TIMEOUT = "idle_timeout"
+    HANDSHAKE_TIMEOUT = "handshake_timeout"
+    TOO_MANY_ERRORS = "too_many_errors"
     INTERNAL_ERROR = "internal_error"
+
+
+CLOSE_CODES = {  # websocket close code after each fatal error; 1000 for others
+    ErrorCode.NOT_READY: 1013,
+    ErrorCode.SERVER_FULL: 1013,
+    ErrorCode.HANDSHAKE_TIMEOUT: 1008,
+    ErrorCode.TOO_MANY_ERRORS: 1008,
+}
 
 
 class _Event(BaseModel):
@@ -151,7 +172,7 @@ class SessionStart(_Event):
     sample_rate: int = Field(ge=MIN_INPUT_SAMPLE_RATE, le=MAX_INPUT_SAMPLE_RATE)
     channels: int = Field(1, ge=1, le=2)
     format: Literal["pcm16"] = "pcm16"
-    system_prompt: str | None = Field(None, max_length=8_000)
+    system_prompt: str | None = Field(None, max_length=MAX_SYSTEM_PROMPT_CHARS)
     vad: VadSettings | None = None
     generation: GenerationSettings | None = None
 
@@ -170,7 +191,7 @@ class VideoFrame(_Event):
 
 class SessionUpdate(_Event):
     type: Literal["session.update"] = "session.update"
-    system_prompt: str | None = Field(None, max_length=8_000)
+    system_prompt: str | None = Field(None, max_length=MAX_SYSTEM_PROMPT_CHARS)
     vad: VadSettings | None = None
     generation: GenerationSettings | None = None
 
@@ -288,6 +309,7 @@ class ErrorEvent(_Event):
     message: str
     fatal: bool = False
     response_id: int | None = Field(None, description="the reply that failed (internal_error); it ends there")
+    suppressed: int = Field(0, description="errors of the session not sent since the previous error event")
 
 
 ServerEvent = Union[

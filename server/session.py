@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from server.audio_input import MODEL_SAMPLE_RATE, InputAudioConverter, InvalidAudio
+from server.error_budget import ErrorBudget, Verdict
 from server.images import decode_image
 from server.metrics import ServerMetrics
 from server.outgoing import OutgoingQueue
+from server.seats import Seats
 from server.protocol import (
     MAX_AUDIO_FRAME_BYTES,
     OUTPUT_SAMPLE_RATE,
@@ -91,14 +93,23 @@ class ActiveResponse:
 
 
 class Session:
-    """Protocol state of one connection; ``handle_text``/``handle_bytes`` take client frames."""
+    """Protocol state of one connection; ``handle_text``/``handle_bytes`` take client frames.
 
-    def __init__(self, runner: TurnRunner, outgoing: OutgoingQueue, metrics: ServerMetrics) -> None:
+    ``closing`` is set by a fatal error: the connection is to be closed with that reason.
+    """
+
+    def __init__(self, runner: TurnRunner, outgoing: OutgoingQueue, metrics: ServerMetrics, seats: Seats) -> None:
         self.session_id = uuid.uuid4().hex[:12]
         self.runner = runner
         self.outgoing = outgoing
         self.metrics = metrics
+        self.seats = seats
         self.started = False
+        self.closing: ErrorCode | None = None
+        self._errors = ErrorBudget()
+        self._last_error = (ErrorCode.INTERNAL_ERROR, "")  # the latest client error, for the summary
+        self._summary: asyncio.TimerHandle | None = None  # reports suppressed errors at the window's end
+        self._last_activity = time.monotonic()  # speech, a turn, or an event other than audio/video
         self.system_prompt: str | None = None
         self.vad_settings = VadSettings()
         self.generation = GenerationSettings()
@@ -117,6 +128,8 @@ class Session:
         """One JSON text frame; a bad one is answered with an ``error`` event."""
         try:
             event = parse_client_event(text)
+            if not isinstance(event, (InputAudio, VideoFrame)):
+                self._last_activity = time.monotonic()
             if isinstance(event, SessionStart):
                 self._start(event)
             elif not self.started:
@@ -132,7 +145,7 @@ class Session:
             elif isinstance(event, SessionReset):
                 self._reset()
         except ProtocolError as exc:
-            self.send_error(exc.code, exc.message)
+            self.client_error(exc.code, exc.message)
 
     def handle_bytes(self, data: bytes) -> None:
         """One binary frame of PCM16 input audio; a bad one is answered with an ``error`` event."""
@@ -145,21 +158,64 @@ class Session:
                 )
             self._take_audio(data)
         except ProtocolError as exc:
-            self.send_error(exc.code, exc.message)
+            self.client_error(exc.code, exc.message)
 
     def send(self, event: ServerEvent) -> None:
         """Queue an event for the client (events are never dropped)."""
         self.outgoing.put_event(event)
 
-    def send_error(self, code: ErrorCode, message: str, fatal: bool = False, response_id: int | None = None) -> None:
+    def send_error(
+        self, code: ErrorCode, message: str, fatal: bool = False, response_id: int | None = None, suppressed: int = 0
+    ) -> None:
         """Count, log and send an ``error`` event."""
         self.metrics.errors.labels(code.value).inc()
-        log.info("error session=%s code=%s message=%r", self.session_id, code.value, message)
-        self.send(ErrorEvent(code=code, message=message, fatal=fatal, response_id=response_id))
+        log.info("error session=%s code=%s message=%r suppressed=%d", self.session_id, code.value, message, suppressed)
+        self.send(ErrorEvent(code=code, message=message, fatal=fatal, response_id=response_id, suppressed=suppressed))
+
+    def client_error(self, code: ErrorCode, message: str) -> None:
+        """An error caused by what the client sent, under the session's ``ErrorBudget``."""
+        verdict = self._errors.admit()
+        if verdict is Verdict.SEND:
+            self.send_error(code, message, suppressed=self._errors.take_suppressed())
+        elif verdict is Verdict.SUPPRESS:
+            self.metrics.errors.labels(code.value).inc()
+            self._last_error = (code, message)
+            if self._summary is None:
+                delay = max(0.0, self._errors.window_end - time.monotonic())
+                self._summary = asyncio.get_running_loop().call_later(delay, self._report_suppressed)
+        else:
+            self.metrics.errors.labels(code.value).inc()
+            self.fail(ErrorCode.TOO_MANY_ERRORS, f"closing: errors keep coming faster than "
+                      f"{self._errors.events_per_s} a second (the last: {message})")
+
+    def _report_suppressed(self) -> None:
+        """The summary event of the errors suppressed in the window that ended."""
+        self._summary = None
+        if self._errors.suppressed and self.closing is None:
+            count = self._errors.take_suppressed()
+            code, message = self._last_error
+            log.info("error_summary session=%s code=%s suppressed=%d", self.session_id, code.value, count)
+            self.send(ErrorEvent(code=code, suppressed=count, message=f"{count} more errors were not sent "
+                                 f"(at most {self._errors.events_per_s} a second); the last: {message}"))
+
+    def fail(self, code: ErrorCode, message: str) -> None:
+        """Send a fatal error (with any suppressed count) and mark the session for closing."""
+        if self.closing is None:
+            self.closing = code
+            self.send_error(code, message, fatal=True, suppressed=self._errors.take_suppressed())
+
+    def idle_since(self) -> float:
+        """Monotonic time since which nothing happened (now while speech or a reply is under way)."""
+        if self._active is not None or (self._detector is not None and self._detector.speaking):
+            return time.monotonic()
+        return max(self._last_activity, self._playback_until)
 
     def _start(self, event: SessionStart) -> None:
         if self.started:
             raise ProtocolError(ErrorCode.SESSION_ALREADY_STARTED, "session.start was already received")
+        if not self.seats.take(self.session_id):
+            self.fail(ErrorCode.SERVER_FULL, f"server is full ({self.seats.limit} sessions)")
+            return
         self._converter = InputAudioConverter(event.sample_rate, event.channels)
         self.system_prompt = event.system_prompt
         self.vad_settings = event.vad or VadSettings()
@@ -233,6 +289,7 @@ class Session:
     # ------------------------------------------------------------------ turns
 
     def _on_vad(self, event: vad.VadEvent) -> None:
+        self._last_activity = time.monotonic()
         if isinstance(event, vad.SpeechStart):
             self.send(SpeechStarted(audio_ms=event.audio_ms))
             self._interrupt("barge_in")
@@ -350,12 +407,14 @@ class Session:
         else:
             assert isinstance(output, TurnFailed)
             self._active = None
+            self._last_activity = now
             self.metrics.turns.labels("error").inc()
             message = f"reply {response_id} failed: {output.message}"
             self.send_error(ErrorCode.INTERNAL_ERROR, message, response_id=response_id)
 
     def _finish(self, active: ActiveResponse, output: TurnFinished, now: float) -> None:
         self._active = None
+        self._last_activity = now
         audio_s = output.audio_samples / OUTPUT_SAMPLE_RATE
         rtf = output.synthesis_seconds / audio_s if audio_s > 0 else None
         if rtf is not None:
@@ -394,10 +453,15 @@ class Session:
             self._playback_until = max(self._playback_until, now) + samples / OUTPUT_SAMPLE_RATE
 
     def close(self) -> None:
-        """Connection gone: stop any reply and free the worker's state of this session."""
+        """Connection gone: stop any reply (counted as aborted), free the worker's state of this
+        session and its seat."""
         active, self._active = self._active, None
         if active is not None:
             active.handle.cancel()
+            self.metrics.turns.labels("aborted").inc()
         self._discard_speculation()
+        if self._summary is not None:
+            self._summary.cancel()
         if self.started:
             self.runner.close_session(self.session_id)
+        self.seats.free(self.session_id)

@@ -29,7 +29,10 @@ class ServerSettings(BaseSettings):
     ssl_keyfile: Path | None = None
     max_sessions: int = Field(32, ge=1)
     max_context_tokens: int = Field(8192, ge=512, description="KV cache length of one conversation")
-    idle_timeout_s: float = Field(300.0, gt=0, description="close sessions silent for this long")
+    idle_timeout_s: float = Field(
+        300.0, gt=0, description="close sessions with no speech, turn or event other than audio/video for this long"
+    )
+    handshake_timeout_s: float = Field(10.0, gt=0, description="close connections that send no session.start")
     outgoing_audio_limit_s: float = Field(
         20.0, gt=0, description="reply audio a slow client may have queued before segments are dropped"
     )

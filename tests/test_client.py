@@ -20,6 +20,7 @@ import pytest
 import soundfile as sf
 import websockets
 
+from server.client import read_wav
 from vita.tiny_checkpoint import TINY_CHECKPOINT_VERSION
 from shared_data import AUDIO
 
@@ -117,6 +118,43 @@ def test_client_streams_any_rate_and_channels(server_process, tmp_path: Path) ->
     assert run.returncode == 0, run.stderr
     assert "error" not in run.stdout
     assert sf.info(tmp_path / "r.wav").frames > 0
+
+
+@pytest.mark.parametrize("subtype", ["FLOAT", "PCM_24"])
+def test_read_wav_scales_float_and_24_bit_files_to_int16(subtype: str, tmp_path: Path) -> None:
+    hello, rate = sf.read(HELLO, dtype="int16")
+    wav = tmp_path / f"hello_{subtype}.wav"
+    sf.write(wav, hello.astype(np.float32) / 32768, rate, subtype=subtype)
+    audio, read_rate = read_wav(wav)
+    assert read_rate == rate and audio.dtype == np.int16
+    assert np.abs(audio.astype(np.int32) - hello).max() <= 1
+
+
+def test_client_reads_a_float_wav(server_process, tmp_path: Path) -> None:
+    _, port = server_process
+    hello, rate = sf.read(HELLO, dtype="float32")
+    wav = tmp_path / "hello_float.wav"
+    sf.write(wav, hello, rate, subtype="FLOAT")
+    settings = {"generation": {"respect_not_addressed": False, "temperature": 0, "max_new_tokens": 8}}
+    run = subprocess.run(
+        [sys.executable, "-m", "server.client", str(wav), "--url", f"ws://127.0.0.1:{port}/ws",
+         "--out", str(tmp_path / "r.wav"), "--speed", "4", "--settings", json.dumps(settings)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr  # read as int16 the file was silence: no reply
+    assert sf.info(tmp_path / "r.wav").frames > 0
+
+
+def test_client_exits_non_zero_on_a_refused_connection(tmp_path: Path) -> None:
+    out = tmp_path / "reply.wav"
+    run = subprocess.run(
+        [sys.executable, "-m", "server.client", str(HELLO), "--url", f"ws://127.0.0.1:{free_port()}/ws",
+         "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert run.returncode != 0
+    assert len(run.stderr.splitlines()) == 1 and run.stderr.startswith("vita-client: cannot talk to"), run.stderr
+    assert not out.exists()
 
 
 def test_sigterm_closes_sessions_and_exits_cleanly(server_process) -> None:
