@@ -1,7 +1,8 @@
 """Model worker: assistant, engine and TTS in a thread with its own event loop.
 
 The gateway's loop never runs model math. It calls the worker's thread-safe methods, which
-schedule work on the worker loop; outputs go back through ``loop.call_soon_threadsafe``. Each
+schedule work on the worker loop; outputs go back in batches (``LoopBridge``: one wake-up of the
+gateway loop per worker loop iteration, not one per text delta). Each
 session is a ``vita.chat.Chat``; each turn a ``vita.voice_turn.VoiceTurn`` run as a task on the
 worker loop, so the engine batches the decode steps of all sessions; media encoding
 (``MediaEncoder``) and speech synthesis (``SpeechService``) run in threads of their own, batched
@@ -21,6 +22,7 @@ import numpy as np
 from PIL import Image
 from server.audio_input import MODEL_SAMPLE_RATE
 from server.images import decode_image
+from server.loop_bridge import LoopBridge
 from server.protocol import GenerationSettings
 from server.settings import ServerSettings
 from server.turns import OutputCallback, TurnFailed, TurnOutput, TurnRequest
@@ -96,6 +98,7 @@ class ModelWorker:
         self._thread = threading.Thread(target=self._run_loop, name="vita-worker", daemon=True)
         self._chats: dict[str, Chat] = {}
         self._turns: dict[str, asyncio.Task[None]] = {}
+        self._bridge: LoopBridge | None = None  # outputs to the gateway loop
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -184,9 +187,12 @@ class ModelWorker:
 
     def start_turn(self, request: TurnRequest, on_output: OutputCallback) -> TurnTask:
         gateway_loop = asyncio.get_running_loop()
+        if self._bridge is None or self._bridge.target is not gateway_loop:
+            self._bridge = LoopBridge(self._loop, gateway_loop)
+        bridge = self._bridge
 
-        def emit(output: TurnOutput) -> None:
-            gateway_loop.call_soon_threadsafe(on_output, output)
+        def emit(output: TurnOutput) -> None:  # on the worker loop
+            bridge.call(on_output, output)
 
         handle = TurnTask(self._loop)
         self._loop.call_soon_threadsafe(self._begin_turn, request, emit, handle)
