@@ -99,30 +99,10 @@ def check_names_and_shapes(expected: dict[str, tuple[int, ...]], stored: dict[st
             raise CheckpointError(f"tensor {name} has shape {list(stored[name])}, the model expects {list(shape)}")
 
 
-@contextlib.contextmanager
-def parameters_on_meta() -> Iterator[None]:
-    """Modules built inside get their parameters on the meta device; buffers stay real (small).
-
-    Patches `nn.Module.register_parameter` for the duration: modules another thread builds
-    meanwhile would get meta parameters too.
-    """
-    register_parameter = nn.Module.register_parameter
-
-    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        register_parameter(module, name, param)
-        if param is not None:
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register_on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register_parameter
-
-
 def build_on_meta(config: VitaConfig) -> VitaQwen2ForCausalLM:
-    """The model with meta parameters: costs no memory, knows every name and shape."""
-    with parameters_on_meta():
+    """The model on the meta device (costs no memory, knows every name and shape); only buffers
+    computed rather than loaded (RoPE's `inv_freq`) are made on the CPU."""
+    with torch.device("meta"):
         return VitaQwen2ForCausalLM(config)
 
 

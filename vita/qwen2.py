@@ -156,7 +156,8 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.float, device="cpu") / head_dim  # real even on meta
+        inv_freq = 1.0 / theta**exponents
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(
