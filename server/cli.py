@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 import uvicorn
 
 from server.app import WEBSOCKET_OPTIONS, create_app
@@ -56,6 +57,7 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
     parser.add_argument("--max-sessions", type=int)
     parser.add_argument("--idle-timeout-s", type=float)
     parser.add_argument("--handshake-timeout-s", type=float)
+    parser.add_argument("--cpu-threads", type=int, help="torch threads per operation on the CPU device (default 1)")
     parser.add_argument("--ssl-certfile", type=Path)
     parser.add_argument("--ssl-keyfile", type=Path)
     parser.add_argument("--log-format", choices=["json", "kv"])
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(settings.log_format, settings.log_level)
     checkpoint, is_tiny = resolve_checkpoint(settings)
     print(banner(settings, checkpoint, is_tiny), flush=True)
+    if settings.resolved_device() == "cpu":
+        torch.set_num_threads(settings.cpu_threads)
     app = create_app(settings, ModelWorker(settings, checkpoint, is_tiny))
     uvicorn.run(
         app,

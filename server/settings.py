@@ -28,6 +28,10 @@ class ServerSettings(BaseSettings):
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
     max_sessions: int = Field(32, ge=1)
+    cpu_threads: int = Field(
+        1, ge=1, description="torch threads per operation on the CPU device: the worker, media and TTS threads "
+        "already run at once, so more only oversubscribes the cores"
+    )
     max_context_tokens: int = Field(8192, ge=512, description="KV cache length of one conversation")
     idle_timeout_s: float = Field(
         300.0, gt=0, description="close sessions with no speech, turn or event other than audio/video for this long"
