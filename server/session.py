@@ -50,20 +50,11 @@ from server.protocol import (
     VideoFrame,
     parse_client_event,
 )
-from server.turns import (
-    AudioSegment,
-    HistoryCleared,
-    TextDelta,
-    TurnFailed,
-    TurnFinished,
-    TurnHandle,
-    TurnOutput,
-    TurnRequest,
-    TurnRunner,
-)
+from server.turns import TurnHandle, TurnRequest, TurnRunner
 from server import vad
 from vita.image_tiles import sample_frames
 from vita.media_encoder import VIDEO_FRAMES
+from vita.turn_outputs import AudioSegment, HistoryCleared, TextDelta, TurnFailed, TurnFinished, TurnOutput
 
 log = logging.getLogger("vita.session")
 

@@ -1,5 +1,4 @@
-"""What the gateway hands the worker for one user turn, and what comes back from it (the turn
-pipeline's outputs, defined by `vita.turn_outputs`)."""
+"""What the gateway hands the worker for one user turn; what comes back is `vita.turn_outputs`."""
 
 from __future__ import annotations
 
@@ -8,20 +7,7 @@ from typing import Protocol
 
 import numpy as np
 from server.protocol import GenerationSettings
-from vita.turn_outputs import (
-    AudioSegment,
-    HistoryCleared,
-    OutputCallback,
-    TextDelta,
-    TurnFailed,
-    TurnFinished,
-    TurnOutput,
-)
-
-__all__ = [
-    "AudioSegment", "HistoryCleared", "OutputCallback", "TextDelta", "TurnFailed", "TurnFinished", "TurnHandle",
-    "TurnOutput", "TurnRequest", "TurnRunner",
-]
+from vita.turn_outputs import OutputCallback
 
 
 @dataclass(frozen=True)

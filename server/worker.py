@@ -25,7 +25,7 @@ from server.images import decode_image
 from server.loop_bridge import LoopBridge
 from server.protocol import GenerationSettings
 from server.settings import ServerSettings
-from server.turns import OutputCallback, TurnFailed, TurnOutput, TurnRequest
+from server.turns import TurnRequest
 from tts.async_speech import speak
 from tts.config import TTS_DIR
 from tts.service import SpeechService
@@ -36,6 +36,7 @@ from vita.engine import Engine
 from vita.media_encoder import MediaEncoder, MediaRequest, TurnMedia
 from vita.sampling import SamplingParams
 from vita.tiny_checkpoint import ensure_tiny_checkpoint
+from vita.turn_outputs import OutputCallback, TurnFailed, TurnOutput
 from vita.voice_turn import TurnInput, VoiceTurn
 
 log = logging.getLogger("vita.worker")

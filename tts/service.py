@@ -92,12 +92,9 @@ class SpeechHandle:
 
 @dataclass(eq=False)
 class _Utterance:
-    embeddings: torch.Tensor | None  # dropped once prefilled
+    text: UtteranceText | None  # dropped once prefilled
     embeddings_ready: torch.cuda.Event | None  # recorded on the caller's stream at `speak` (CUDA)
     chunker: Chunker
-    top_k: int
-    max_tokens: int
-    generator: torch.Generator | None
     handle: SpeechHandle
     stream: Stream | None = None  # once admitted
 
@@ -179,8 +176,8 @@ class SpeechService:
         if self._on_cuda and embeddings.is_cuda:
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(embeddings.device))
-        utterance = _Utterance(embeddings, ready, Chunker(codec_chunk_size, padding), top_k, max_tokens, generator,
-                               handle)
+        utterance = _Utterance(UtteranceText(embeddings, top_k, max_tokens, generator), ready,
+                               Chunker(codec_chunk_size, padding), handle)
         with self._wake:
             if self._closed:
                 raise RuntimeError("the speech service is closed")
@@ -231,15 +228,14 @@ class SpeechService:
         for utterance in admitted:
             if utterance.embeddings_ready is not None:  # made on another stream: wait on the device, keep alive
                 self._streams[0].wait_event(utterance.embeddings_ready)
-                utterance.embeddings.record_stream(self._streams[0])
+                utterance.text.text_embeddings.record_stream(self._streams[0])
         if admitted:
             self._prefill(admitted)
 
     def _prefill(self, utterances: list[_Utterance]) -> None:
         """One prefill forward for `utterances`; if it fails, one each, so a bad one fails alone."""
-        texts = [UtteranceText(u.embeddings, u.top_k, u.max_tokens, u.generator) for u in utterances]
         try:
-            streams = self.batch.add_many(texts)
+            streams = self.batch.add_many([u.text for u in utterances])
         except Exception as exc:
             if len(utterances) > 1:
                 for utterance in utterances:
@@ -248,7 +244,7 @@ class SpeechService:
                 utterances[0].handle._finish(exc)
             return
         for utterance, stream in zip(utterances, streams):
-            utterance.embeddings, utterance.stream = None, stream
+            utterance.text, utterance.stream = None, stream
             self._open[stream] = utterance
 
     def _advance(self) -> None:
