@@ -38,6 +38,7 @@ MAX_CLIENTS = 64
 MAX_DURATION_S = 600.0
 DEFAULT_WAV = Path(__file__).resolve().parents[2] / "shared" / "audio" / "en_hello.wav"  # shared/ beside the checkout
 Stats = dict[str, float | None]
+STAGES = ("started", "media_encoded", "first_token", "first_sentence", "first_audio")  # TurnStageTimings
 
 
 def percentiles(values: list[float]) -> Stats:
@@ -76,6 +77,10 @@ def summarize(clients: int, turns: int, results: list[ClientResult | BaseExcepti
         "server_first_text_ms": server("end_of_speech_to_first_text_ms"),
         "server_first_audio_ms": server("end_of_speech_to_first_audio_ms"),
         "tts_real_time_factor": server("real_time_factor"),
+        "server_stages_ms": {
+            stage: percentiles([v for s in timings if s.get("stages") and (v := s["stages"][f"{stage}_ms"]) is not None])
+            for stage in STAGES
+        },
     }
 
 
@@ -125,6 +130,16 @@ def table(levels: list[dict[str, Any]]) -> str:
             f"{fmt(level['tts_real_time_factor'], ('p50', 'p90'), 2):>9}  {fmt(busy):>10} "
             f"{'-' if memory is None else f'{memory:.1f}':>7}"
         )
+    return "\n".join(rows)
+
+
+def stage_table(levels: list[dict[str, Any]]) -> str:
+    """Where a reply's time goes: each pipeline stage's p50/p95 in ms from the end of speech (negative =
+    reached before it, by a speculative turn), one row per concurrency level."""
+    rows = [f"{'clients':>7} " + " ".join(f"{stage:>16}" for stage in STAGES),
+            "(worker turn pipeline stages, ms from the VAD's end-of-turn decision, p50/p95)"]
+    for level in levels:
+        rows.append(f"{level['clients']:>7} " + " ".join(f"{fmt(level['server_stages_ms'][s]):>16}" for s in STAGES))
     return "\n".join(rows)
 
 
@@ -228,6 +243,7 @@ def main() -> None:
             results.append(level | gpu.summary())
             gpu_name = gpu.name
     print(table(results))
+    print(stage_table(results))
     report = {
         "machine": machine(gpu_name),
         "server": args.url or f"embedded, device {args.device}",

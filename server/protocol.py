@@ -278,6 +278,17 @@ class ResponseAudioDropped(_Event):
     samples: int
 
 
+class TurnStageTimings(_Event):
+    """When the worker's turn pipeline reached each stage, in ms from the end of speech: negative for a
+    turn prepared speculatively before the end was confirmed; ``None`` where it never got there."""
+
+    started_ms: float
+    media_encoded_ms: float | None = None
+    first_token_ms: float | None = None
+    first_sentence_ms: float | None = None
+    first_audio_ms: float | None = None
+
+
 class ResponseTimings(_Event):
     """Milliseconds measured by the server; ``None`` where the event never happened."""
 
@@ -286,6 +297,7 @@ class ResponseTimings(_Event):
     total_ms: float
     audio_ms: float = Field(description="duration of the reply audio")
     real_time_factor: float | None = Field(None, description="synthesis time / audio duration")
+    stages: TurnStageTimings | None = None
 
 
 class ResponseDone(_Event):

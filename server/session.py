@@ -46,6 +46,7 @@ from server.protocol import (
     SpeechDiscarded,
     SpeechStarted,
     SpeechStopped,
+    TurnStageTimings,
     VadSettings,
     VideoFrame,
     parse_client_event,
@@ -421,6 +422,7 @@ class Session:
             total_ms=round((now - active.end_of_speech) * 1000, 1),
             audio_ms=round(audio_s * 1000, 1),
             real_time_factor=None if rtf is None else round(rtf, 3),
+            stages=TurnStageTimings(**{f"{name}_ms": ms_since_end(t) for name, t in vars(output.stages).items()}),
         )
         self.send(
             ResponseDone(

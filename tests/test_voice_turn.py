@@ -126,6 +126,9 @@ async def test_a_turn_streams_text_then_audio_and_says_what_the_reference_says(
     assert segments and all(s.dtype == np.int16 and len(s) for s in segments)
     assert sum(map(len, segments)) == finished.audio_samples
     assert finished.synthesis_seconds > 0
+    stages = finished.stages  # every stage reached, in pipeline order
+    times = [stages.started, stages.media_encoded, stages.first_token, stages.first_sentence, stages.first_audio]
+    assert None not in times and times == sorted(times)
     await engine.close()
 
 
@@ -137,7 +140,9 @@ async def test_a_reply_marked_not_addressed_says_nothing_unless_the_turn_ignores
     hello = clip("en_hello")
     respecting = Chat(assistant, engine, "respecting")
     outputs, _ = await answer(respecting, speech, hello, respect_not_addressed=True)
-    assert outputs == [TurnFinished(text="", state="not_addressed", synthesis_seconds=0.0, audio_samples=0)]
+    [finished] = outputs
+    assert (finished.text, finished.state, finished.synthesis_seconds, finished.audio_samples) == ("", "not_addressed", 0, 0)
+    assert finished.stages.first_token is not None and finished.stages.first_sentence is finished.stages.first_audio is None
     assert respecting.conversation.turns == 1 and not respecting.conversation.reply_closed  # stopped at ☟
 
     ignoring = Chat(assistant, engine, "ignoring")

@@ -31,6 +31,17 @@ class HistoryCleared:
 
 
 @dataclass(frozen=True)
+class TurnStages:
+    """When (``time.monotonic()``) the turn reached each stage of the pipeline; None if it never did."""
+
+    started: float  # the turn's task began
+    media_encoded: float | None = None  # audio and frames through the encoders
+    first_token: float | None = None  # the engine's first reply token
+    first_sentence: float | None = None  # the first unit handed to speech synthesis
+    first_audio: float | None = None  # the first audio segment made
+
+
+@dataclass(frozen=True)
 class TurnFinished:
     """The reply is complete: its whole text, whether VITA marked it ☟, and its synthesis figures."""
 
@@ -38,6 +49,7 @@ class TurnFinished:
     state: Literal["answer", "not_addressed"]
     synthesis_seconds: float  # the wall time of the sentences, each from its start to its last segment
     audio_samples: int
+    stages: TurnStages
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from vita.turn_outputs import (
     TurnFailed,
     TurnFinished,
     TurnOutput,
+    TurnStages,
 )
 
 log = logging.getLogger("vita.turn")
@@ -74,13 +75,19 @@ class VoiceTurn:
         self.emit = emit
         self._ended = False
         self._replied_in: Conversation | None = None  # the conversation that holds this turn's reply
+        self._stages: dict[str, float] = {}  # TurnStages fields reached so far -> time.monotonic()
+
+    def _reached(self, stage: str) -> None:
+        self._stages.setdefault(stage, time.monotonic())
 
     async def run(self) -> None:
         """Answer the turn through `emit`, last with `TurnFinished` or `TurnFailed` (unless cancelled)."""
+        self._reached("started")
         sentences: asyncio.Queue[str | None] = asyncio.Queue()
         speaker = asyncio.create_task(self._speak(sentences)) if self.turn.speak else None
         try:
             media = await self.encode_media(MediaRequest(self.turn.audio_16k, self.turn.frames))
+            self._reached("media_encoded")
             try:
                 text, state = await self._reply(media, sentences)
             except ContextFull as exc:
@@ -90,7 +97,8 @@ class VoiceTurn:
                 text, state = await self._reply(media, sentences)
             sentences.put_nowait(None)
             synthesis_s, samples = await speaker if speaker is not None else (0.0, 0)
-            self._emit(TurnFinished(text=text, state=state, synthesis_seconds=synthesis_s, audio_samples=samples))
+            self._emit(TurnFinished(text=text, state=state, synthesis_seconds=synthesis_s, audio_samples=samples,
+                                    stages=TurnStages(**self._stages)))
         except Exception as exc:
             log.exception("turn_failed session=%s", self.chat.session_id)
             self._emit(TurnFailed(f"{type(exc).__name__}: {exc}"))
@@ -127,11 +135,14 @@ class VoiceTurn:
             text += delta
             self._emit(TextDelta(delta))
             for sentence in chunker.push(delta):
+                self._reached("first_sentence")
                 sentences.put_nowait(sentence)
 
         conversation = self.chat.conversation
         async with aclosing(self.chat.reply(media, self.turn.params)) as token_ids:
             async for token_id in token_ids:
+                if self._replied_in is None:
+                    self._reached("first_token")
                 self._replied_in = conversation
                 delta = reply.push(token_id)
                 if silenced():
@@ -144,6 +155,7 @@ class VoiceTurn:
         if tail:
             publish(tail)
         for sentence in chunker.flush():
+            self._reached("first_sentence")
             sentences.put_nowait(sentence)
         return text, "answer"
 
@@ -161,6 +173,7 @@ class VoiceTurn:
             nonlocal samples
             for piece in pieces:
                 if len(piece):
+                    self._reached("first_audio")
                     samples += len(piece)
                     self._emit(AudioSegment(piece))
 
