@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tts.activity_log import ActivityLog
 from tts.batch import DecoderBatch, Stream, UtteranceText
 from tts.codec_windows import Chunker, CodecWindow, decode_windows, window_lengths
 from tts.shapes import batch_buckets
@@ -194,11 +196,16 @@ class SpeechService:
 
     def _run_decoder(self) -> None:
         self._use_own_stream(self._streams[0])
+        activity = ActivityLog(log, "vita-tts")
         while self._wait(lambda: self._queued or self._open):
             try:
                 self._drop_ended()
-                self._admit()
-                self._advance()
+                started = time.perf_counter()
+                if admitted := self._admit():
+                    activity.add("prefill", time.perf_counter() - started, admitted)
+                    started = time.perf_counter()
+                if rows := self._advance():
+                    activity.add("step", time.perf_counter() - started, rows)
             except Exception as exc:  # a bug outside the model calls: end everything rather than hang callers
                 log.exception("tts_loop_failed")
                 for utterance in list(self._open.values()):
@@ -218,7 +225,8 @@ class SpeechService:
                 self.batch.remove(stream)
                 del self._open[stream]
 
-    def _admit(self) -> None:
+    def _admit(self) -> int:
+        """Prefill the queued utterances that fit free slots; how many were taken."""
         with self._wake:
             admitted = []
             while self._queued and len(admitted) < self.batch.free_slots:
@@ -231,6 +239,7 @@ class SpeechService:
                 utterance.text.text_embeddings.record_stream(self._streams[0])
         if admitted:
             self._prefill(admitted)
+        return len(admitted)
 
     def _prefill(self, utterances: list[_Utterance]) -> None:
         """One prefill forward for `utterances`; if it fails, one each, so a bad one fails alone."""
@@ -247,14 +256,15 @@ class SpeechService:
             utterance.text, utterance.stream = None, stream
             self._open[stream] = utterance
 
-    def _advance(self) -> None:
-        """One decoder step for all open utterances; their ready windows and ends go to the vocoder."""
+    def _advance(self) -> int:
+        """One decoder step for all open utterances; their ready windows and ends go to the vocoder.
+        Returns how many utterances it advanced."""
         try:
             tokens = self.batch.step()
         except Exception as exc:
             for utterance in list(self._open.values()):
                 self._end(utterance, exc)
-            return
+            return 0
         work: list[tuple[_Utterance, CodecWindow | None]] = []
         for stream, token in tokens:
             utterance = self._open[stream]
@@ -270,6 +280,7 @@ class SpeechService:
             with self._wake:
                 self._windows.extend(work)
                 self._wake.notify_all()
+        return len(tokens)
 
     def _end(self, utterance: _Utterance, error: BaseException) -> None:
         """Take `utterance` out of the batch (decoder thread) and report `error`."""
@@ -286,11 +297,14 @@ class SpeechService:
                 self.synthesizer.plan_codec_windows(self._chunk_sizes, self._padding, self._codec_batches)
         finally:
             planned.set()
+        activity = ActivityLog(log, "vita-vocoder")
         while self._wait(lambda: self._windows):
             with self._wake:
                 work, self._windows = list(self._windows), deque()
             try:
+                started = time.perf_counter()
                 self._vocode(work)
+                activity.add("vocode", time.perf_counter() - started, len(work))
             except Exception as exc:  # a bug outside the model calls: end these rather than hang callers
                 log.exception("tts_vocoder_failed")
                 for utterance, _ in work:

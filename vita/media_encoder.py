@@ -14,8 +14,10 @@ engine's loop, where one encode after another would stall every session's decodi
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
+import time
 from contextlib import nullcontext
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -26,6 +28,7 @@ import torch
 from PIL import Image
 from torch.nn.utils.rnn import pad_sequence
 
+from tts.activity_log import ActivityLog
 from vita.image_tiles import frames_to_tiles, sample_frames
 from vita.model import VitaQwen2ForCausalLM
 from vita.whale import MIN_FBANK_FRAMES
@@ -116,6 +119,7 @@ class MediaEncoder:
         self._thread.join()
 
     def _run(self) -> None:
+        activity = ActivityLog(logging.getLogger("vita.media"), "vita-media")
         while (first := self._requests.get()) is not None:
             batch = [first]
             while len(batch) < self.max_batch:
@@ -127,7 +131,9 @@ class MediaEncoder:
                     self._requests.put(None)
                     break
                 batch.append(item)
+            started = time.perf_counter()
             self._encode([item for item in batch if item[1].set_running_or_notify_cancel()])
+            activity.add("encode", time.perf_counter() - started, len(batch))
         while True:  # closed: cancel what is left
             try:
                 item = self._requests.get_nowait()
