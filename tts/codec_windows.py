@@ -19,13 +19,19 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from tts.codec import TiCodec
 from tts.config import CODEC_FRAME_SAMPLES
 from tts.shapes import padded
+
+
+class CodecDecoder(Protocol):
+    """`TiCodec`, or `CodecGraphs` replaying it: codes [B, T] -> float audio [B, T * 600]."""
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -79,7 +85,7 @@ def window_lengths(chunk_sizes: tuple[int, ...], padding: int) -> tuple[range, s
 
 
 def decode_windows(
-    codec: TiCodec,
+    codec: CodecDecoder,
     windows: list[CodecWindow],
     batch_sizes: tuple[int, ...] = (1,),
     batched_lengths: Collection[int] | None = None,

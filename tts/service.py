@@ -8,7 +8,8 @@ nothing to do:
   runs one decoder step for every open utterance (`DecoderBatch`: a CUDA graph on CUDA, one read
   back) and hands each codec window that became ready to the vocoder thread;
 - "vita-vocoder" decodes the windows waiting, on CUDA those of all utterances together (a codec
-  call per window length, `decode_windows`), and hands out the segments and the ends.
+  call per window length, `decode_windows`, replayed from a CUDA graph per batch size and length of
+  first and middle windows, `CodecGraphs`), and hands out the segments and the ends.
 So codec work never holds up decoder steps: a new utterance's first window (30 steps) is ready
 after 30 quick steps however much audio the others need meanwhile.
 On CUDA each thread works on a CUDA stream of its own, so its reads of results wait for its own
@@ -37,6 +38,7 @@ import torch
 
 from tts.activity_log import ActivityLog
 from tts.batch import DecoderBatch, Stream, UtteranceText
+from tts.codec_graphs import CodecGraphs
 from tts.codec_windows import Chunker, CodecWindow, decode_windows, window_lengths
 from tts.shapes import batch_buckets
 from tts.synthesizer import CHUNK_SIZE, FIRST_SENTENCE_CHUNK_SIZE, PADDING, TOP_K, Synthesizer
@@ -121,6 +123,7 @@ class SpeechService:
         self._codec_batches = default_batches if codec_batch_sizes is None else codec_batch_sizes
         self._chunk_sizes, self._padding = chunk_sizes, padding
         self._batched_lengths = window_lengths(chunk_sizes, padding)[1]
+        self._codec = CodecGraphs(synthesizer.codec)  # graphs of the batched windows' shapes, captured at `start` (CUDA)
         self._wake = threading.Condition()
         self._queued: deque[_Utterance] = deque()  # shared with callers, under _wake
         self._windows: deque[tuple[_Utterance, CodecWindow | None]] = deque()  # for the vocoder, under _wake
@@ -132,8 +135,9 @@ class SpeechService:
 
     def start(self) -> None:
         """Capture the decoder step graphs (CUDA), start the decoder and vocoder threads and return once
-        the vocoder has had cuDNN plan the codec shapes of the chunk sizes (CUDA: seconds). Call it while
-        no other thread launches CUDA work (a graph capture fails if one does)."""
+        the vocoder has had cuDNN plan the codec shapes of last windows and captured the codec graphs of
+        first and middle windows (CUDA: seconds). Call it while no other thread launches CUDA work (the
+        decoder step captures fail if one does)."""
         if self._threads:
             raise RuntimeError("already started")
         self.batch.capture_graphs()
@@ -293,8 +297,11 @@ class SpeechService:
     def _run_vocoder(self, planned: threading.Event) -> None:
         self._use_own_stream(self._streams[1])
         try:
-            if self._on_cuda:  # PyTorch keeps cuDNN convolution plans per thread: plan in this one
-                self.synthesizer.plan_codec_windows(self._chunk_sizes, self._padding, self._codec_batches)
+            if self._on_cuda:  # PyTorch keeps cuDNN convolution plans per thread: plan and capture in this one
+                self.synthesizer.plan_codec_windows(self._chunk_sizes, self._padding)  # last windows, eager
+                self._codec.capture((batch, length) for batch in self._codec_batches for length in self._batched_lengths)
+        except Exception:
+            log.exception("codec_graph_capture_failed: the vocoder decodes eagerly")
         finally:
             planned.set()
         activity = ActivityLog(log, "vita-vocoder")
@@ -319,7 +326,7 @@ class SpeechService:
         emitted = 0
         try:
             windows = [w for _, w in ready]
-            for index, segment in decode_windows(self.synthesizer.codec, windows, self._codec_batches,
+            for index, segment in decode_windows(self._codec, windows, self._codec_batches,
                                                  self._batched_lengths):
                 decoded[index] = segment
                 while emitted in decoded:
