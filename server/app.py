@@ -1,4 +1,9 @@
-"""FastAPI gateway: /ws sessions, /healthz, /readyz, /metrics and the web page at /."""
+"""FastAPI gateway: /ws and /v1/realtime sessions, /healthz, /readyz, /metrics and the web page at /.
+
+Both websocket endpoints run the same ``Session`` (turns, VAD, barge-in) behind the same gate
+(``server.auth``); they differ only in how client messages are read and server events written
+(``/ws``: ``server.protocol``; ``/v1/realtime``: ``server.realtime``).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable, Protocol
 
 from fastapi import FastAPI, Response, WebSocket
 from fastapi.responses import JSONResponse
@@ -14,17 +19,12 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from server.auth import Gatekeeper
 from server.metrics import ServerMetrics
-from server.outgoing import OutgoingQueue
-from server.protocol import (
-    AUDIO_HEADER,
-    CLOSE_CODES,
-    MAX_MESSAGE_BYTES,
-    OUTPUT_SAMPLE_RATE,
-    ErrorCode,
-    ErrorEvent,
-    encode_event,
-)
+from server.outgoing import Encoding, NativeEncoding, OutgoingQueue
+from server.protocol import CLOSE_CODES, MAX_MESSAGE_BYTES, OUTPUT_SAMPLE_RATE, ErrorCode, ErrorEvent
+from server.realtime import RealtimeConnection
+from server.realtime_protocol import RealtimeEncoding
 from server.seats import Seats
 from server.session import Session
 from server.settings import ServerSettings
@@ -39,10 +39,24 @@ CLOSE_NORMAL = 1000
 FLUSH_TIMEOUT_S = 2.0
 
 
+class ClientMessages(Protocol):
+    """What reads a connection's client messages into its session (the ``Session`` itself for ``/ws``)."""
+
+    async def handle_text(self, text: str) -> None: ...
+
+    def handle_bytes(self, data: bytes) -> None: ...
+
+
+async def native_messages(session: Session) -> ClientMessages:
+    """``/ws``: the session reads the native protocol itself."""
+    return session
+
+
 def create_app(settings: ServerSettings, worker: ModelWorker) -> FastAPI:
     """The gateway app; ``worker`` is started (model loading) and stopped with the app."""
     metrics = ServerMetrics()
     seats = Seats(settings.max_sessions, metrics)
+    gate = Gatekeeper(settings, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -69,38 +83,60 @@ def create_app(settings: ServerSettings, worker: ModelWorker) -> FastAPI:
     async def metrics_endpoint() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    async def serve(
+        websocket: WebSocket, encoding: Encoding, open_messages: Callable[[Session], Awaitable[ClientMessages]]
+    ) -> None:
+        """One connection: the gate, then a session until either side ends it."""
+        admission = gate.admit(websocket)
+        await websocket.accept(subprotocol=admission.subprotocol)
+        try:
+            if admission.refusal is not None:
+                await refuse(websocket, encoding, admission.refusal.code, admission.refusal.message)
+                return
+            if not worker.ready:
+                metrics.connections_refused.labels(ErrorCode.NOT_READY.value).inc()
+                await refuse(websocket, encoding, ErrorCode.NOT_READY, "the model is still loading; retry shortly")
+                return
+            outgoing = OutgoingQueue(int(settings.outgoing_audio_limit_s * OUTPUT_SAMPLE_RATE * 2), encoding)
+            session = Session(worker, outgoing, metrics, seats)
+            writer = asyncio.create_task(write_loop(websocket, outgoing, session))
+            reader = asyncio.create_task(read_loop(websocket, session, await open_messages(session)))
+            watchdog = asyncio.create_task(
+                watch_deadlines(session, settings.handshake_timeout_s, settings.idle_timeout_s)
+            )
+            try:
+                await asyncio.wait((reader, watchdog), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                reader.cancel()
+                watchdog.cancel()
+                await asyncio.gather(reader, watchdog, return_exceptions=True)
+                session.close()
+                await flush_and_close(websocket, outgoing, writer, session.closing)
+                log.info("session_end session=%s reason=%s", session.session_id,
+                         session.closing.value if session.closing else "client")
+        finally:
+            gate.release(admission)
+
     @app.websocket("/ws")
     async def websocket_endpoint(websocket: WebSocket) -> None:
-        await websocket.accept()
-        if not worker.ready:
-            await refuse(websocket, ErrorCode.NOT_READY, "the model is still loading; retry shortly")
-            return
-        outgoing = OutgoingQueue(int(settings.outgoing_audio_limit_s * OUTPUT_SAMPLE_RATE * 2))
-        session = Session(worker, outgoing, metrics, seats)
-        writer = asyncio.create_task(write_loop(websocket, outgoing, session))
-        reader = asyncio.create_task(read_loop(websocket, session))
-        watchdog = asyncio.create_task(watch_deadlines(session, settings.handshake_timeout_s, settings.idle_timeout_s))
-        try:
-            await asyncio.wait((reader, watchdog), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            reader.cancel()
-            watchdog.cancel()
-            await asyncio.gather(reader, watchdog, return_exceptions=True)
-            session.close()
-            await flush_and_close(websocket, outgoing, writer, session.closing)
-            log.info("session_end session=%s reason=%s", session.session_id,
-                     session.closing.value if session.closing else "client")
+        await serve(websocket, NativeEncoding(), native_messages)
+
+    @app.websocket("/v1/realtime")
+    async def realtime_endpoint(websocket: WebSocket) -> None:
+        encoding = RealtimeEncoding()
+        await serve(websocket, encoding, lambda session: RealtimeConnection.open(session, encoding))
 
     if settings.web_dir.is_dir():
         app.mount("/", StaticFiles(directory=settings.web_dir, html=True), name="web")
     return app
 
 
-async def refuse(websocket: WebSocket, code: ErrorCode, message: str) -> None:
-    """Tell a connection why it cannot have a session, then close it cleanly."""
+async def refuse(websocket: WebSocket, encoding: Encoding, code: ErrorCode, message: str) -> None:
+    """Tell a connection why it cannot have a session (in its protocol), then close it cleanly."""
     log.info("session_refused code=%s", code.value)
     try:
-        await websocket.send_text(encode_event(ErrorEvent(code=code, message=message, fatal=True)))
+        for text in encoding.event(ErrorEvent(code=code, message=message, fatal=True)):
+            await websocket.send_text(text)
         await websocket.close(CLOSE_CODES[code], code.value)
     except Exception:  # the client left first: nothing more to tell it
         log.info("session_refused_client_gone code=%s", code.value)
@@ -124,8 +160,8 @@ async def watch_deadlines(session: Session, handshake_timeout_s: float, idle_tim
         await asyncio.sleep(delay)
 
 
-async def read_loop(websocket: WebSocket, session: Session) -> None:
-    """Feed client frames to the session until disconnect or a fatal error."""
+async def read_loop(websocket: WebSocket, session: Session, messages: ClientMessages) -> None:
+    """Feed client frames to the session (through ``messages``) until disconnect or a fatal error."""
     while session.closing is None:
         try:
             message = await websocket.receive()
@@ -135,9 +171,9 @@ async def read_loop(websocket: WebSocket, session: Session) -> None:
             return
         try:
             if message.get("bytes") is not None:
-                session.handle_bytes(message["bytes"])
+                messages.handle_bytes(message["bytes"])
             elif message.get("text") is not None:
-                await session.handle_text(message["text"])
+                await messages.handle_text(message["text"])
         except Exception:  # a bug must not take the server or this session down
             log.exception("session_bug session=%s", session.session_id)
             session.client_error(ErrorCode.INTERNAL_ERROR, "internal error while handling the message")
@@ -146,12 +182,12 @@ async def read_loop(websocket: WebSocket, session: Session) -> None:
 async def write_loop(websocket: WebSocket, outgoing: OutgoingQueue, session: Session) -> None:
     """Send queued messages in order; awaiting each send is the backpressure."""
     while (message := await outgoing.get()) is not None:
-        if isinstance(message, bytes):
-            await websocket.send_bytes(message)
-            response_id, _ = AUDIO_HEADER.unpack_from(message)  # the header only: no copy of the samples
-            session.audio_sent(response_id, (len(message) - AUDIO_HEADER.size) // 2)
+        if isinstance(message.data, bytes):
+            await websocket.send_bytes(message.data)
         else:
-            await websocket.send_text(message)
+            await websocket.send_text(message.data)
+        if message.response_id is not None:
+            session.audio_sent(message.response_id, message.samples)
 
 
 async def flush_and_close(

@@ -19,6 +19,13 @@ class ServerMetrics:
         self.sessions_rejected = Counter(
             "vita_sessions_rejected_total", "session.start refused because every seat was taken", registry=self.registry
         )
+        self.connections_refused = Counter(
+            "vita_connections_refused_total",
+            "Websockets refused before a session, by reason: unauthorized, origin_not_allowed, "
+            "too_many_connections, not_ready",
+            ["reason"],
+            registry=self.registry,
+        )
         self.turns = Counter("vita_turns_total", "User turns by outcome (aborted: the client left while the reply was generated)", ["outcome"], registry=self.registry)
         self.speculative_turns = Counter(
             "vita_speculative_turns_total",

@@ -5,18 +5,30 @@ Transport: one websocket per user at ``/ws``. Text frames carry JSON objects wit
 
 Client -> server
     ``session.start``   must come first: input ``sample_rate`` (8000-48000 Hz), ``channels``
-                        (1 or 2), ``format`` ("pcm16"); optional ``system_prompt``, ``vad`` and
-                        ``generation`` settings. Answered by ``session.ready``.
+                        (1 or 2), ``format`` ("pcm16"); optional ``system_prompt``,
+                        ``turn_detection`` ("vad", the default: the server ends turns at
+                        pauses; "manual": the client ends them with ``input_audio.commit``),
+                        ``vad`` and ``generation`` settings. Answered by ``session.ready``.
     binary frame        raw little-endian PCM16 at the declared rate, channels interleaved.
                         Must hold a whole number of samples (frame length multiple of
                         2 * channels) and be at most ``MAX_AUDIO_FRAME_BYTES``.
     ``input_audio``     the same audio as base64 in JSON (``audio`` field).
     ``video.frame``     one camera image, JPEG or PNG, base64 (``image`` field). Frames of the
                         last second (at most 4) are attached to the next user turn as video.
-    ``session.update``  change ``system_prompt``, ``vad`` and/or ``generation`` settings; only
-                        the fields present change, the others keep their value. VAD changes
-                        apply from the next utterance on; a new system prompt starts a new
-                        conversation. Answered by ``session.updated`` with the effective settings.
+    ``session.update``  change ``system_prompt``, ``turn_detection``, ``vad`` and/or
+                        ``generation`` settings; only the fields present change, the others keep
+                        their value. VAD and turn detection changes apply from the next
+                        utterance on (audio buffered in manual mode goes to the VAD when it is
+                        switched back on); a new system prompt starts a new conversation.
+                        Answered by ``session.updated`` with the effective settings.
+    ``input_audio.commit``  end the user's turn now (push-to-talk release): in manual mode with
+                        the audio received since the last turn (at least ``MIN_COMMIT_MS``),
+                        with the VAD with the utterance in progress. Answered like a turn the
+                        VAD ended (``response.started`` ...), or ``error`` ``no_audio``.
+    ``input_audio.clear``   drop the audio received since the last turn (manual mode) or the
+                        utterance in progress (VAD); answered by ``input_audio.cleared``.
+    ``input_text``      a typed user turn (``text``), with the camera frames of the last second;
+                        answered like a spoken one, with text and speech.
     ``response.cancel`` stop the reply being generated or still playing (answered by
                         ``response.interrupted``, or ``error`` ``no_response`` if there is none).
     ``session.reset``   cancel any reply and forget the conversation history; answered by
@@ -43,9 +55,10 @@ Server -> client
                                leave gaps in the index.
     ``response.audio.dropped`` the client read too slowly: this many segments of that reply were
                                not sent (the per-session outgoing queue is bounded).
+    ``input_audio.cleared``    the audio of ``input_audio.clear`` was dropped (``audio_ms`` of it).
     ``response.done``          the reply is complete: full ``text``, ``state`` ("answer" or
-                               "not_addressed": VITA's ☟ token, nothing is spoken) and measured
-                               ``timings``.
+                               "not_addressed": VITA's ☟ token, nothing is spoken), measured
+                               ``timings`` and token ``usage``.
     ``response.interrupted``   the reply was stopped (``reason``: "barge_in", "cancel",
                                "reset"); the client must drop any queued audio of it. No further
                                audio of that ``response_id`` follows. It can also come after
@@ -89,6 +102,10 @@ MAX_IMAGE_BYTES = 4 << 20  # decoded JPEG/PNG size
 MAX_TEXT_FRAME_BYTES = 8 << 20  # whole JSON message (base64 image or audio included)
 MAX_MESSAGE_BYTES = 16 << 20  # any larger websocket message closes the connection (code 1009)
 MAX_SYSTEM_PROMPT_CHARS = 8_000
+MAX_INPUT_TEXT_CHARS = 8_000
+MAX_NEW_TOKENS = 2_048
+MIN_COMMIT_MS = 100  # a manual turn's audio: the audio encoder needs about 85 ms
+MAX_BUFFERED_AUDIO_MS = 60_000  # audio held for a manual turn; more is refused (audio_buffer_full)
 ERROR_EVENTS_PER_S = 5  # error events a session is sent per second; more are counted, not sent
 AUDIO_HEADER = struct.Struct("<II")  # response_id, segment index
 
@@ -105,11 +122,17 @@ class ErrorCode(str, Enum):
     FRAME_TOO_LARGE = "frame_too_large"
     INVALID_IMAGE = "invalid_image"
     NO_RESPONSE = "no_response"
+    NO_AUDIO = "no_audio"
+    AUDIO_BUFFER_FULL = "audio_buffer_full"
+    UNSUPPORTED = "unsupported"
     NOT_READY = "not_ready"
     SERVER_FULL = "server_full"
     IDLE_TIMEOUT = "idle_timeout"
     HANDSHAKE_TIMEOUT = "handshake_timeout"
     TOO_MANY_ERRORS = "too_many_errors"
+    UNAUTHORIZED = "unauthorized"
+    ORIGIN_NOT_ALLOWED = "origin_not_allowed"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
     INTERNAL_ERROR = "internal_error"
 
 
@@ -118,6 +141,9 @@ CLOSE_CODES = {  # websocket close code after each fatal error; 1000 for others
     ErrorCode.SERVER_FULL: 1013,
     ErrorCode.HANDSHAKE_TIMEOUT: 1008,
     ErrorCode.TOO_MANY_ERRORS: 1008,
+    ErrorCode.UNAUTHORIZED: 1008,
+    ErrorCode.ORIGIN_NOT_ALLOWED: 1008,
+    ErrorCode.TOO_MANY_CONNECTIONS: 1013,
 }
 
 
@@ -157,11 +183,14 @@ class GenerationSettings(_Event):
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy")
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="used when temperature > 0")
     top_k: int = Field(0, ge=0, description="used when temperature > 0; 0 = off")
-    max_new_tokens: int = Field(512, ge=1, le=2_048)
+    max_new_tokens: int = Field(512, ge=1, le=MAX_NEW_TOKENS)
     speak: bool = Field(True, description="synthesise reply audio")
     respect_not_addressed: bool = Field(
         True, description="stay silent when VITA answers ☟ (speech not addressed to it)"
     )
+
+
+TurnDetection = Literal["vad", "manual"]  # the server's VAD ends turns, or the client does (input_audio.commit)
 
 
 # ---------------------------------------------------------------- client -> server
@@ -173,6 +202,7 @@ class SessionStart(_Event):
     channels: int = Field(1, ge=1, le=2)
     format: Literal["pcm16"] = "pcm16"
     system_prompt: str | None = Field(None, max_length=MAX_SYSTEM_PROMPT_CHARS)
+    turn_detection: TurnDetection | None = None
     vad: VadSettings | None = None
     generation: GenerationSettings | None = None
 
@@ -192,8 +222,22 @@ class VideoFrame(_Event):
 class SessionUpdate(_Event):
     type: Literal["session.update"] = "session.update"
     system_prompt: str | None = Field(None, max_length=MAX_SYSTEM_PROMPT_CHARS)
+    turn_detection: TurnDetection | None = None
     vad: VadSettings | None = None
     generation: GenerationSettings | None = None
+
+
+class InputAudioCommit(_Event):
+    type: Literal["input_audio.commit"] = "input_audio.commit"
+
+
+class InputAudioClear(_Event):
+    type: Literal["input_audio.clear"] = "input_audio.clear"
+
+
+class InputText(_Event):
+    type: Literal["input_text"] = "input_text"
+    text: str = Field(min_length=1, max_length=MAX_INPUT_TEXT_CHARS)
 
 
 class ResponseCancel(_Event):
@@ -205,11 +249,15 @@ class SessionReset(_Event):
 
 
 ClientEvent = Annotated[
-    Union[SessionStart, InputAudio, VideoFrame, SessionUpdate, ResponseCancel, SessionReset],
+    Union[
+        SessionStart, InputAudio, VideoFrame, SessionUpdate, InputAudioCommit, InputAudioClear, InputText,
+        ResponseCancel, SessionReset,
+    ],
     Field(discriminator="type"),
 ]
 CLIENT_EVENT_TYPES = frozenset(
-    ["session.start", "input_audio", "video.frame", "session.update", "response.cancel", "session.reset"]
+    ["session.start", "input_audio", "video.frame", "session.update", "input_audio.commit", "input_audio.clear",
+     "input_text", "response.cancel", "session.reset"]
 )
 _client_event_adapter: TypeAdapter[ClientEvent] = TypeAdapter(ClientEvent)
 
@@ -224,6 +272,7 @@ class SessionReady(_Event):
     input_channels: int
     output_sample_rate: int = OUTPUT_SAMPLE_RATE
     system_prompt: str | None
+    turn_detection: TurnDetection
     vad: VadSettings
     generation: GenerationSettings
     model: str = Field(description="checkpoint the server runs (tiny = random noise replies)")
@@ -232,6 +281,7 @@ class SessionReady(_Event):
 class SessionUpdated(_Event):
     type: Literal["session.updated"] = "session.updated"
     system_prompt: str | None
+    turn_detection: TurnDetection
     vad: VadSettings
     generation: GenerationSettings
 
@@ -257,6 +307,11 @@ class SpeechDiscarded(_Event):
     type: Literal["vad.speech_discarded"] = "vad.speech_discarded"
     audio_ms: int
     duration_ms: int = Field(description="shorter than vad.min_speech_ms")
+
+
+class InputAudioCleared(_Event):
+    type: Literal["input_audio.cleared"] = "input_audio.cleared"
+    audio_ms: int = Field(description="how much audio was dropped")
 
 
 class ResponseStarted(_Event):
@@ -300,6 +355,11 @@ class ResponseTimings(_Event):
     stages: TurnStageTimings | None = None
 
 
+class ResponseUsage(_Event):
+    input_tokens: int = Field(description="the turn's prompt (the system block included on a first turn)")
+    output_tokens: int = Field(description="the reply's tokens")
+
+
 class ResponseDone(_Event):
     type: Literal["response.done"] = "response.done"
     response_id: int
@@ -307,6 +367,7 @@ class ResponseDone(_Event):
     state: Literal["answer", "not_addressed"]
     audio_segments: int
     timings: ResponseTimings
+    usage: ResponseUsage
 
 
 class ResponseInterrupted(_Event):
@@ -331,6 +392,7 @@ ServerEvent = Union[
     SpeechStarted,
     SpeechStopped,
     SpeechDiscarded,
+    InputAudioCleared,
     ResponseStarted,
     ResponseTextDelta,
     ResponseAudioDropped,

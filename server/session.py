@@ -1,9 +1,14 @@
-"""One websocket user: protocol state machine, VAD turns, camera frames, barge-in, timings.
+"""One websocket user: protocol state machine, VAD or manual turns, camera frames, barge-in, timings.
 
 The session lives on the gateway's event loop and never runs model math: turns go to the
 worker, whose outputs come back through ``_on_output`` on this loop. A turn starts
 speculatively at a pause in speech (``vad.speculative_ms``): the client sees nothing of it until
 the hangover confirms the end of the utterance, and its work is discarded if speech resumes.
+
+It speaks the native protocol (``server.protocol``): ``handle_text``/``handle_bytes`` parse
+``/ws`` frames into ``handle_event``, and every server event goes to ``outgoing``. Another
+protocol adapts to it (``server.realtime``: client events in through ``handle_event`` and the
+manual-turn methods, the session's events translated on their way out).
 """
 
 from __future__ import annotations
@@ -24,11 +29,18 @@ from server.outgoing import OutgoingQueue
 from server.seats import Seats
 from server.protocol import (
     MAX_AUDIO_FRAME_BYTES,
+    MAX_BUFFERED_AUDIO_MS,
+    MIN_COMMIT_MS,
     OUTPUT_SAMPLE_RATE,
+    ClientEvent,
     ErrorCode,
     ErrorEvent,
     GenerationSettings,
     InputAudio,
+    InputAudioClear,
+    InputAudioCleared,
+    InputAudioCommit,
+    InputText,
     ProtocolError,
     ResponseCancel,
     ResponseDone,
@@ -36,6 +48,7 @@ from server.protocol import (
     ResponseStarted,
     ResponseTextDelta,
     ResponseTimings,
+    ResponseUsage,
     ServerEvent,
     SessionCleared,
     SessionReady,
@@ -47,6 +60,7 @@ from server.protocol import (
     SpeechStarted,
     SpeechStopped,
     TurnStageTimings,
+    TurnDetection,
     VadSettings,
     VideoFrame,
     parse_client_event,
@@ -103,6 +117,10 @@ class Session:
         self._summary: asyncio.TimerHandle | None = None  # reports suppressed errors at the window's end
         self._last_activity = time.monotonic()  # speech, a turn, or an event other than audio/video
         self.system_prompt: str | None = None
+        self.turn_detection: TurnDetection = "vad"
+        self._manual = False  # turn detection in effect: switches between utterances
+        self._buffer: list[np.ndarray] = []  # 16 kHz audio since the last turn, in manual mode
+        self._buffered_samples = 0
         self.vad_settings = VadSettings()
         self.generation = GenerationSettings()
         self._converter: InputAudioConverter | None = None
@@ -119,25 +137,34 @@ class Session:
     async def handle_text(self, text: str) -> None:
         """One JSON text frame; a bad one is answered with an ``error`` event."""
         try:
-            event = parse_client_event(text)
-            if not isinstance(event, (InputAudio, VideoFrame)):
-                self._last_activity = time.monotonic()
-            if isinstance(event, SessionStart):
-                self._start(event)
-            elif not self.started:
-                raise ProtocolError(ErrorCode.SESSION_NOT_STARTED, f"send session.start before {event.type}")
-            elif isinstance(event, InputAudio):
-                self._take_audio(event.audio)
-            elif isinstance(event, VideoFrame):
-                await self._take_frame(event.image)
-            elif isinstance(event, SessionUpdate):
-                self._update(event)
-            elif isinstance(event, ResponseCancel):
-                self._cancel()
-            elif isinstance(event, SessionReset):
-                self._reset()
+            await self.handle_event(parse_client_event(text))
         except ProtocolError as exc:
             self.client_error(exc.code, exc.message)
+
+    async def handle_event(self, event: ClientEvent) -> None:
+        """One client event; raises ``ProtocolError`` for one that cannot be accepted."""
+        if not isinstance(event, (InputAudio, VideoFrame)):
+            self._last_activity = time.monotonic()
+        if isinstance(event, SessionStart):
+            self._start(event)
+        elif not self.started:
+            raise ProtocolError(ErrorCode.SESSION_NOT_STARTED, f"send session.start before {event.type}")
+        elif isinstance(event, InputAudio):
+            self._take_audio(event.audio)
+        elif isinstance(event, VideoFrame):
+            await self._take_frame(event.image)
+        elif isinstance(event, SessionUpdate):
+            self._update(event)
+        elif isinstance(event, InputAudioCommit):
+            self._commit()
+        elif isinstance(event, InputAudioClear):
+            self.send(InputAudioCleared(audio_ms=self.clear_audio()))
+        elif isinstance(event, InputText):
+            self.start_user_turn(None, event.text, self._recent_frames(time.monotonic()))
+        elif isinstance(event, ResponseCancel):
+            self._cancel()
+        elif isinstance(event, SessionReset):
+            self._reset()
 
     def handle_bytes(self, data: bytes) -> None:
         """One binary frame of PCM16 input audio; a bad one is answered with an ``error`` event."""
@@ -210,6 +237,8 @@ class Session:
             return
         self._converter = InputAudioConverter(event.sample_rate, event.channels)
         self.system_prompt = event.system_prompt
+        self.turn_detection = event.turn_detection or "vad"
+        self._manual = self.turn_detection == "manual"
         self.vad_settings = event.vad or VadSettings()
         self.generation = event.generation or GenerationSettings()
         self._detector = vad.TurnDetector(self.vad_settings)
@@ -224,6 +253,7 @@ class Session:
                 input_sample_rate=event.sample_rate,
                 input_channels=event.channels,
                 system_prompt=self.system_prompt,
+                turn_detection=self.turn_detection,
                 vad=self.vad_settings,
                 generation=self.generation,
                 model=self.runner.model_name,
@@ -236,15 +266,68 @@ class Session:
             samples = self._converter.convert(data)
         except InvalidAudio as exc:
             raise ProtocolError(ErrorCode.INVALID_AUDIO, str(exc)) from None
+        if self._manual:
+            if (self._buffered_samples + len(samples)) * 1000 > MAX_BUFFERED_AUDIO_MS * MODEL_SAMPLE_RATE:
+                raise ProtocolError(ErrorCode.AUDIO_BUFFER_FULL, f"more than {MAX_BUFFERED_AUDIO_MS} ms of audio "
+                                    "since the last turn: commit or clear it")
+            self._buffer.append(samples)
+            self._buffered_samples += len(samples)
+            return
         for event in self._detector.feed(samples):
             self._on_vad(event)
         self._refresh_detector()
 
     def _refresh_detector(self) -> None:
-        """New VAD settings take effect between utterances, never cutting one short."""
+        """New VAD settings and turn detection take effect between utterances, never cutting one short;
+        audio buffered in manual mode goes to the VAD when it is switched back on."""
         assert self._detector is not None
-        if self._detector.settings != self.vad_settings and not self._detector.speaking:
+        if self._detector.speaking:
+            return
+        if self._detector.settings != self.vad_settings:
             self._detector = vad.TurnDetector(self.vad_settings)
+        self._manual = self.turn_detection == "manual"
+        if not self._manual and self._buffer:
+            buffered = np.concatenate(self._buffer)
+            self._buffer, self._buffered_samples = [], 0
+            for event in self._detector.feed(buffered):
+                self._on_vad(event)
+
+    def take_buffered_audio(self) -> np.ndarray:
+        """The 16 kHz audio received since the last turn (manual mode), which ends the buffer;
+        ``ProtocolError`` ``no_audio`` when there is too little (it stays buffered)."""
+        duration_ms = self._buffered_samples * 1000 // MODEL_SAMPLE_RATE
+        if duration_ms < MIN_COMMIT_MS:
+            raise ProtocolError(ErrorCode.NO_AUDIO, f"{duration_ms} ms of audio since the last turn: "
+                                f"a turn needs at least {MIN_COMMIT_MS} ms")
+        audio = np.concatenate(self._buffer)
+        self._buffer, self._buffered_samples = [], 0
+        return audio
+
+    def clear_audio(self) -> int:
+        """Drop the audio since the last turn (manual) or the utterance in progress (VAD, its
+        speculative reply with it); returns how many ms were dropped."""
+        assert self._detector is not None
+        dropped_ms = self._buffered_samples * 1000 // MODEL_SAMPLE_RATE
+        self._buffer, self._buffered_samples = [], 0
+        if self._detector.speaking:
+            self._discard_speculation()
+            ended = self._detector.end_now()
+            dropped_ms += 0 if ended is None else ended.duration_ms
+        self._detector = vad.TurnDetector(self.vad_settings)
+        self._refresh_detector()
+        return dropped_ms
+
+    def _commit(self) -> None:
+        """The client ended its turn: the audio buffered (manual) or the utterance in progress (VAD)."""
+        assert self._detector is not None
+        if self._manual:
+            self.start_user_turn(self.take_buffered_audio(), None, self._recent_frames(time.monotonic()))
+            return
+        ended = self._detector.end_now()
+        if ended is None:
+            raise ProtocolError(ErrorCode.NO_AUDIO, "input_audio.commit: no speech in progress")
+        self._on_vad(ended)
+        self._refresh_detector()
 
     async def _take_frame(self, data: bytes) -> None:
         await asyncio.to_thread(decode_image, data)  # refuse a bad image now, not at the turn
@@ -254,9 +337,11 @@ class Session:
             self._frames.popleft()
 
     def _update(self, event: SessionUpdate) -> None:
+        if event.turn_detection is not None:
+            self.turn_detection = event.turn_detection
         if event.vad is not None:
             self.vad_settings = self.vad_settings.model_copy(update=event.vad.model_dump(exclude_unset=True))
-            self._refresh_detector()
+        self._refresh_detector()
         if event.generation is not None:
             self.generation = self.generation.model_copy(update=event.generation.model_dump(exclude_unset=True))
         if "system_prompt" in event.model_fields_set and event.system_prompt != self.system_prompt:
@@ -264,7 +349,8 @@ class Session:
             self._discard_speculation()
             self._interrupt("reset")
             self.runner.reset_session(self.session_id, self.system_prompt)
-        self.send(SessionUpdated(system_prompt=self.system_prompt, vad=self.vad_settings, generation=self.generation))
+        self.send(SessionUpdated(system_prompt=self.system_prompt, turn_detection=self.turn_detection,
+                                 vad=self.vad_settings, generation=self.generation))
 
     def _cancel(self) -> None:
         if not self._interrupt("cancel"):
@@ -275,7 +361,9 @@ class Session:
         self._interrupt("reset")
         self.runner.reset_session(self.session_id, self.system_prompt)
         self._frames.clear()
+        self._buffer, self._buffered_samples = [], 0
         self._detector = vad.TurnDetector(self.vad_settings)
+        self._refresh_detector()
         self.send(SessionCleared())
 
     # ------------------------------------------------------------------ turns
@@ -302,10 +390,18 @@ class Session:
         recent = [image for t, image in self._frames if t >= now - VIDEO_WINDOW_S]
         return recent if len(recent) <= VIDEO_FRAMES else sample_frames(recent, min_frames=1, max_frames=VIDEO_FRAMES)
 
-    def _start_turn(self, audio_16k: np.ndarray) -> ActiveResponse:
-        """Hand the utterance to the worker as the next reply; nothing is sent to the client."""
-        frames = self._recent_frames(time.monotonic())
-        request = TurnRequest(self.session_id, self._last_response_id + 1, audio_16k, frames, self.generation)
+    def _start_turn(
+        self, audio_16k: np.ndarray | None, text: str | None = None, frames: list[bytes] | None = None,
+        generation: GenerationSettings | None = None,
+    ) -> ActiveResponse:
+        """Hand the turn to the worker as the next reply; nothing is sent to the client. Without
+        ``frames``, those of the last second go with it."""
+        if frames is None:
+            frames = self._recent_frames(time.monotonic())
+        elif len(frames) > VIDEO_FRAMES:
+            frames = sample_frames(frames, min_frames=1, max_frames=VIDEO_FRAMES)
+        request = TurnRequest(self.session_id, self._last_response_id + 1, audio_16k, frames,
+                              generation or self.generation, text)
         reply: ActiveResponse  # the worker calls back later, on this loop
         handle = self.runner.start_turn(request, lambda output: self._on_output(reply, output))
         reply = ActiveResponse(request, handle)
@@ -330,6 +426,17 @@ class Session:
             self.send(SessionCleared(reason="context_full"))
         log.info("turn_speculative_discarded session=%s held=%d", self.session_id, len(reply.held))
 
+    def start_user_turn(
+        self, audio_16k: np.ndarray | None, text: str | None, frames: list[bytes],
+        generation: GenerationSettings | None = None,
+    ) -> None:
+        """A turn the client ended itself (audio, typed text and images, any of them): any reply
+        still generated or played is interrupted, and this one goes out from now on."""
+        self._last_activity = time.monotonic()
+        self._discard_speculation()
+        self._interrupt("barge_in")
+        self._release(self._start_turn(audio_16k, text, frames, generation))
+
     def _respond(self, audio_16k: np.ndarray) -> None:
         """The VAD confirmed the end of the turn: its reply (the speculative one, unless the
         generation settings changed since the pause) goes out from now on, held outputs first."""
@@ -342,14 +449,19 @@ class Session:
             reply = self._start_turn(audio_16k)
         else:
             self.metrics.speculative_turns.labels("confirmed").inc()
+        self._release(reply)
+
+    def _release(self, reply: ActiveResponse) -> None:
+        """The reply becomes the active one: the client is told, held outputs go out first."""
+        audio_16k = reply.request.audio_16k
         self._last_response_id = self._playing_id = reply.response_id
         self._playback_until = 0.0
         self._active = reply
         reply.end_of_speech = time.monotonic()
         self.send(ResponseStarted(response_id=reply.response_id, video_frames=len(reply.request.frames)))
-        log.info("turn_start session=%s response=%d audio_ms=%d frames=%d held=%d", self.session_id,
-                 reply.response_id, len(audio_16k) * 1000 // MODEL_SAMPLE_RATE, len(reply.request.frames),
-                 len(reply.held))
+        log.info("turn_start session=%s response=%d audio_ms=%d text_chars=%d frames=%d held=%d", self.session_id,
+                 reply.response_id, 0 if audio_16k is None else len(audio_16k) * 1000 // MODEL_SAMPLE_RATE,
+                 len(reply.request.text or ""), len(reply.request.frames), len(reply.held))
         held, reply.held = reply.held, []
         for output in held:
             self._on_output(reply, output)
@@ -431,6 +543,7 @@ class Session:
                 state=output.state,
                 audio_segments=active.segments,
                 timings=timings,
+                usage=ResponseUsage(input_tokens=output.input_tokens, output_tokens=output.output_tokens),
             )
         )
         log.info("turn_done session=%s response=%d state=%s first_text_ms=%s first_audio_ms=%s rtf=%s",

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,10 +40,25 @@ class ServerSettings(BaseSettings):
     outgoing_audio_limit_s: float = Field(
         20.0, gt=0, description="reply audio a slow client may have queued before segments are dropped"
     )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated; when set, every websocket must bring one of them"
+    )
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated browser origins allowed besides the page's own; * = any"
+    )
+    max_connections_per_ip: int = Field(0, ge=0, description="open websockets per client address; 0 = no limit")
     web_dir: Path = REPO_ROOT / "web"
     log_format: Literal["json", "kv"] = "kv"
     log_level: str = "INFO"
     shutdown_grace_s: float = Field(5.0, ge=0, description="time given to open sessions on shutdown")
+
+    @field_validator("api_keys", "allowed_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        """``VITA_API_KEYS=key1,key2`` (and the same for origins) into a list."""
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
 
     def resolved_device(self) -> str:
         """The torch device to run on: ``auto`` picks CUDA when it is available."""

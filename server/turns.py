@@ -12,14 +12,15 @@ from vita.turn_outputs import OutputCallback
 
 @dataclass(frozen=True)
 class TurnRequest:
-    """One user utterance (16 kHz mono int16, as the VAD cut it) with the camera frames (JPEG/PNG)
-    of its last second."""
+    """One user turn: an utterance (16 kHz mono int16, as the VAD or the client cut it), typed text,
+    or both, with camera frames (JPEG/PNG: those of its last second, or the images the client sent)."""
 
     session_id: str
     response_id: int
-    audio_16k: np.ndarray
+    audio_16k: np.ndarray | None
     frames: list[bytes] = field(default_factory=list)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
+    text: str | None = None
 
 
 class TurnHandle(Protocol):

@@ -96,6 +96,12 @@ class TurnDetector:
         self._pending = self._pending[n_frames * self._frame_samples :].copy()
         return events
 
+    def end_now(self) -> SpeechEnd | SpeechDiscarded | None:
+        """End the utterance in progress at once (the client committed its turn); None if there is none."""
+        if self._utterance is None:
+            return None
+        return self._finish(self._last_voiced_frame + 1 - self._utterance_start_frame, truncated=False)
+
     def _ms(self, frames: int) -> int:
         return frames * self.settings.frame_ms
 

@@ -250,8 +250,9 @@ class ModelWorker:
 def turn_input(request: TurnRequest) -> TurnInput:
     """The pipeline's input for a gateway turn: audio as floats in [-1, 1], the frames decoded."""
     return TurnInput(
-        audio_16k=request.audio_16k.astype(np.float32) / 32768.0,
+        audio_16k=None if request.audio_16k is None else request.audio_16k.astype(np.float32) / 32768.0,
         frames=[decode_image(data) for data in request.frames],
+        text=request.text,
         params=sampling_params(request.generation),
         speak=request.generation.speak,
         respect_not_addressed=request.generation.respect_not_addressed,

@@ -11,7 +11,7 @@ async def drain(queue: OutgoingQueue) -> list[str | bytes]:
     queue.close()
     out = []
     while (message := await queue.get()) is not None:
-        out.append(message)
+        out.append(message.data)
     return out
 
 
@@ -66,4 +66,4 @@ async def test_get_waits_for_a_message() -> None:
     await asyncio.sleep(0.01)
     assert not getter.done()
     queue.put_event(ResponseStarted(response_id=4))
-    assert json.loads(await asyncio.wait_for(getter, 1))["response_id"] == 4
+    assert json.loads((await asyncio.wait_for(getter, 1)).data)["response_id"] == 4

@@ -56,13 +56,13 @@ def encoder(assistant: VitaAssistant):
     return lambda request: asyncio.to_thread(assistant.encode_media, request.audio_16k, request.frames)
 
 
-def voice_turn(chat: Chat, speech: SpeechService, audio: np.ndarray, emit: OutputCallback, **options) -> VoiceTurn:
+def voice_turn(chat: Chat, speech: SpeechService, audio: np.ndarray | None, emit: OutputCallback, **options) -> VoiceTurn:
     """A greedy turn that speaks a ☟ reply too (the tiny checkpoint's replies are random)."""
     turn = TurnInput(audio, **{"params": GREEDY, "respect_not_addressed": False, **options})
     return VoiceTurn(chat, turn, encode_media=encoder(chat.assistant), speech=speech, emit=emit)
 
 
-async def answer(chat: Chat, speech: SpeechService, audio: np.ndarray, **options) -> tuple[list[TurnOutput], VoiceTurn]:
+async def answer(chat: Chat, speech: SpeechService, audio: np.ndarray | None, **options) -> tuple[list[TurnOutput], VoiceTurn]:
     """Run one turn to its end; its outputs and the turn."""
     outputs: list[TurnOutput] = []
     turn = voice_turn(chat, speech, audio, outputs.append, **options)
@@ -132,6 +132,22 @@ async def test_a_turn_streams_text_then_audio_and_says_what_the_reference_says(
     await engine.close()
 
 
+async def test_a_typed_turn_is_answered_as_the_reference_answers_the_same_text(
+    assistant: VitaAssistant, speech: SpeechService
+) -> None:
+    engine = assistant.make_engine(max_sessions=2, max_len=1024)
+    chat = Chat(assistant, engine, "typed")
+    outputs, _ = await answer(chat, speech, None, text="What is on the table?")
+    embeds = assistant.turn_embeddings(assistant.new_conversation(), text="What is on the table?")
+    expected = "".join(generate_text(assistant.model, ReplyTextStream(assistant.tokenizer), embeds, GREEDY))
+    assert reply_text(outputs) == expected != ""
+    finished = outputs[-1]
+    reference_ids = list(generate_ids(assistant.model, embeds, GREEDY, assistant.tokenizer.stop_ids))
+    assert (finished.input_tokens, finished.output_tokens) == (embeds.shape[0], len(reference_ids))
+    assert any(isinstance(o, AudioSegment) for o in outputs)  # spoken like a spoken turn
+    await engine.close()
+
+
 async def test_a_reply_marked_not_addressed_says_nothing_unless_the_turn_ignores_the_mark(
     not_addressed_checkpoint: Path, speech: SpeechService  # noqa: F811
 ) -> None:
@@ -143,6 +159,8 @@ async def test_a_reply_marked_not_addressed_says_nothing_unless_the_turn_ignores
     [finished] = outputs
     assert (finished.text, finished.state, finished.synthesis_seconds, finished.audio_samples) == ("", "not_addressed", 0, 0)
     assert finished.stages.first_token is not None and finished.stages.first_sentence is finished.stages.first_audio is None
+    prompt_tokens = assistant.turn_embeddings(assistant.new_conversation(), audio_16k=hello).shape[0]
+    assert (finished.input_tokens, finished.output_tokens) == (prompt_tokens, 1)  # the ☟ alone
     assert respecting.conversation.turns == 1 and not respecting.conversation.reply_closed  # stopped at ☟
 
     ignoring = Chat(assistant, engine, "ignoring")

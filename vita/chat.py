@@ -33,15 +33,18 @@ class Chat:
         self.session_id = session_id
         self.conversation = assistant.new_conversation(system_prompt)
         self.closed = False
+        self.last_input_tokens = 0
 
-    async def reply(self, media: TurnMedia, params: SamplingParams) -> AsyncIterator[int]:
-        """Add a turn of encoded `media` and stream its reply's token ids.
+    async def reply(self, media: TurnMedia, params: SamplingParams, text: str | None = None) -> AsyncIterator[int]:
+        """Add a turn of encoded `media` and typed `text` and stream its reply's token ids;
+        `last_input_tokens` is the turn's prompt length (the system block included on a first turn).
 
         The conversation keeps every id yielded, also when the caller stops early or its task is
         cancelled (iterate under `contextlib.aclosing`, so that the engine stops at once); a turn
         that got no id is forgotten. Raises `ContextFull` before the first id if the turn does not fit.
         """
-        embeds, prefix = self.assistant.engine_turn(self.engine, self.conversation, media)
+        embeds, prefix = self.assistant.engine_turn(self.engine, self.conversation, media, text)
+        self.last_input_tokens = embeds.shape[0] + (0 if prefix is None else self.engine.prefix_length(prefix) or 0)
         conversation, token_ids = self.conversation, []
         try:
             async with aclosing(self.engine.generate(self.session_id, embeds, params, prefix)) as ids:

@@ -43,13 +43,16 @@ class TurnStages:
 
 @dataclass(frozen=True)
 class TurnFinished:
-    """The reply is complete: its whole text, whether VITA marked it ☟, and its synthesis figures."""
+    """The reply is complete: its whole text, whether VITA marked it ☟, its synthesis figures and
+    token counts (the turn's prompt, the reply's ids)."""
 
     text: str
     state: Literal["answer", "not_addressed"]
     synthesis_seconds: float  # the wall time of the sentences, each from its start to its last segment
     audio_samples: int
     stages: TurnStages
+    input_tokens: int = 0
+    output_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -49,10 +49,12 @@ log = logging.getLogger("vita.turn")
 
 @dataclass(frozen=True)
 class TurnInput:
-    """What a turn brings: 16 kHz mono float audio in [-1, 1], its camera frames, and how to answer."""
+    """What a turn brings: 16 kHz mono float audio in [-1, 1], its camera frames, typed text (any of
+    the three may be absent, not all), and how to answer."""
 
-    audio_16k: np.ndarray
+    audio_16k: np.ndarray | None
     frames: Sequence[Image.Image] = ()
+    text: str | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     speak: bool = True
     respect_not_addressed: bool = True  # a ☟ reply says nothing
@@ -86,19 +88,22 @@ class VoiceTurn:
         sentences: asyncio.Queue[str | None] = asyncio.Queue()
         speaker = asyncio.create_task(self._speak(sentences)) if self.turn.speak else None
         try:
-            media = await self.encode_media(MediaRequest(self.turn.audio_16k, self.turn.frames))
+            media = TurnMedia()
+            if self.turn.audio_16k is not None or self.turn.frames:
+                media = await self.encode_media(MediaRequest(self.turn.audio_16k, self.turn.frames))
             self._reached("media_encoded")
             try:
-                text, state = await self._reply(media, sentences)
+                text, state, output_tokens = await self._reply(media, sentences)
             except ContextFull as exc:
                 log.info("conversation_full session=%s detail=%r", self.chat.session_id, str(exc))
                 self.chat.restart()
                 self._emit(HistoryCleared())
-                text, state = await self._reply(media, sentences)
+                text, state, output_tokens = await self._reply(media, sentences)
             sentences.put_nowait(None)
             synthesis_s, samples = await speaker if speaker is not None else (0.0, 0)
             self._emit(TurnFinished(text=text, state=state, synthesis_seconds=synthesis_s, audio_samples=samples,
-                                    stages=TurnStages(**self._stages)))
+                                    stages=TurnStages(**self._stages), input_tokens=self.chat.last_input_tokens,
+                                    output_tokens=output_tokens))
         except Exception as exc:
             log.exception("turn_failed session=%s", self.chat.session_id)
             self._emit(TurnFailed(f"{type(exc).__name__}: {exc}"))
@@ -120,12 +125,13 @@ class VoiceTurn:
 
     async def _reply(
         self, media: TurnMedia, sentences: asyncio.Queue[str | None]
-    ) -> tuple[str, Literal["answer", "not_addressed"]]:
+    ) -> tuple[str, Literal["answer", "not_addressed"], int]:
         """Stream the reply text to `emit` and, sentence by sentence, to `sentences`; a ☟ reply is
-        stopped at once and says nothing, unless the turn ignores the mark."""
+        stopped at once and says nothing, unless the turn ignores the mark. Returns the text, the
+        state and how many ids the engine yielded."""
         reply = ReplyTextStream(self.chat.assistant.tokenizer)
         chunker = SentenceChunker()
-        text = ""
+        text, count = "", 0
 
         def silenced() -> bool:
             return reply.state is ReplyState.NOT_ADDRESSED and self.turn.respect_not_addressed
@@ -139,25 +145,26 @@ class VoiceTurn:
                 sentences.put_nowait(sentence)
 
         conversation = self.chat.conversation
-        async with aclosing(self.chat.reply(media, self.turn.params)) as token_ids:
+        async with aclosing(self.chat.reply(media, self.turn.params, self.turn.text)) as token_ids:
             async for token_id in token_ids:
                 if self._replied_in is None:
                     self._reached("first_token")
                 self._replied_in = conversation
+                count += 1
                 delta = reply.push(token_id)
                 if silenced():
-                    return "", "not_addressed"
+                    return "", "not_addressed", count
                 if delta:
                     publish(delta)
         tail = reply.flush()
         if silenced():
-            return "", "not_addressed"
+            return "", "not_addressed", count
         if tail:
             publish(tail)
         for sentence in chunker.flush():
             self._reached("first_sentence")
             sentences.put_nowait(sentence)
-        return text, "answer"
+        return text, "answer", count
 
     async def _speak(self, sentences: asyncio.Queue[str | None]) -> tuple[float, int]:
         """Synthesise the sentences one after another as they arrive; every segment is emitted as soon
