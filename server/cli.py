@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import sys
@@ -57,6 +58,9 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
     parser.add_argument("--max-sessions", type=int)
     parser.add_argument("--idle-timeout-s", type=float)
     parser.add_argument("--handshake-timeout-s", type=float)
+    parser.add_argument("--api-keys", help="comma-separated API keys; every websocket must bring one")
+    parser.add_argument("--allowed-origins", help="comma-separated browser origins allowed besides the page's own")
+    parser.add_argument("--max-connections-per-ip", type=int, help="open websockets per client address (0: no limit)")
     parser.add_argument("--cpu-threads", type=int, help="torch threads per operation on the CPU device (default 1)")
     parser.add_argument("--ssl-certfile", type=Path)
     parser.add_argument("--ssl-keyfile", type=Path)
@@ -66,13 +70,29 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
     return {name: value for name, value in args.items() if value is not None}
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only takes connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def banner(settings: ServerSettings, checkpoint: Path, is_tiny: bool) -> str:
     """What the server prints on start: its URL, device and checkpoint (and a warning if tiny)."""
     scheme = "https" if settings.ssl_certfile else "http"
     lines = [
-        f"vita-server on {scheme}://{settings.host}:{settings.port}/ (websocket /ws), device {settings.resolved_device()}",
+        f"vita-server on {scheme}://{settings.host}:{settings.port}/ (websockets /ws and /v1/realtime), "
+        f"device {settings.resolved_device()}",
         f"checkpoint: {checkpoint}",
     ]
+    if not is_loopback(settings.host) and not settings.api_keys:
+        lines.append(
+            f"WARNING: listening on {settings.host} without API keys: anyone who can reach this port can use the "
+            "server. Set VITA_API_KEYS (and VITA_ALLOWED_ORIGINS for pages served elsewhere)."
+        )
     if is_tiny:
         lines.append(
             "NOTE: no --checkpoint given: running the TINY RANDOM checkpoint; replies are random noise "
