@@ -77,6 +77,12 @@ Server -> client
                                ``too_many_errors`` (errors kept coming faster than they are
                                reported, 1008) and ``idle_timeout`` (no speech, turn or event
                                other than audio and video for the server's idle timeout, 1000).
+                               A connection refused before its session gets one fatal error
+                               and close 1008 (``unauthorized``: a missing or wrong API key;
+                               ``origin_not_allowed``) or 1013 (``too_many_connections`` from
+                               one address). Client-ended turns: ``no_audio`` (nothing, or too
+                               little, to commit) and ``audio_buffer_full`` (more than
+                               ``MAX_BUFFERED_AUDIO_MS`` uncommitted in manual mode).
                                On server shutdown the websocket is closed with code 1012.
                                Messages over ``MAX_MESSAGE_BYTES`` close it with code 1009.
 """
