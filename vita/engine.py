@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from vita.qwen2 import KVCache, Qwen2Model
+from vita.qwen2 import Qwen2Model, new_kv_cache
 from vita.sampling import SamplingParams, sample_requests
 
 _FINISHED = None
@@ -150,7 +150,7 @@ class Engine:
         self.prefilled_tokens = 0  # every token a prefill forward has processed, prefixes included
         self.padding_slot = max_sessions
         self.prefix_slot = max_sessions + 1  # where prefixes are computed before being copied out
-        self.cache = KVCache(model_core.config, max_sessions + 2, max_len, self.device, dtype)
+        self.cache = new_kv_cache(model_core.config, max_sessions + 2, max_len, self.device, dtype)
         self._kv_buckets = kv_buckets(max_len)
         self._batch_buckets = batch_buckets(max_sessions)
         self.generator = torch.Generator(self.device).manual_seed(seed)
