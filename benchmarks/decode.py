@@ -201,14 +201,15 @@ def profile_decode_step(engine: Engine, core: Qwen2Model, path: str) -> None:
     """Kernel table of one eager (no graph) batch-1 decode forward at a 1024-token bucket."""
     from torch.profiler import ProfilerActivity, profile
 
+    runner = engine.runner
     inputs = (torch.tensor([1], device=engine.device), torch.tensor([[600]], device=engine.device),
-              engine.cache, torch.tensor([0], device=engine.device), 1024)
+              runner.cache, torch.tensor([0], device=engine.device), 1024)
     with torch.inference_mode():
         for _ in range(3):
-            engine.lm_head(core(core.embed_tokens(inputs[0])[:, None], *inputs[1:]))
+            runner.lm_head(core(core.embed_tokens(inputs[0])[:, None], *inputs[1:]))
         synchronize(engine.device)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            engine.lm_head(core(core.embed_tokens(inputs[0])[:, None], *inputs[1:]))
+            runner.lm_head(core(core.embed_tokens(inputs[0])[:, None], *inputs[1:]))
             synchronize(engine.device)
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
     with open(path, "w") as file:

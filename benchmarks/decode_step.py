@@ -24,8 +24,9 @@ from torch.nn.attention import SDPBackend
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.decode import build_model
-from vita import sdpa
-from vita.qwen2 import KVCache, LLMConfig
+from layers import attention as sdpa
+from layers.kv_cache import KVCache
+from vita.qwen2 import LLMConfig, new_kv_cache
 
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -124,7 +125,7 @@ def main() -> None:
     device = torch.device("cuda")
     config = LLMConfig.full()
     core, lm_head = build_model(config, device, torch.bfloat16)
-    cache = KVCache(config, max(args.batches), args.kv_len, device, torch.bfloat16)
+    cache = new_kv_cache(config, max(args.batches), args.kv_len, device, torch.bfloat16)
 
     def step(ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, kv_len: int) -> torch.Tensor:
         return lm_head(core(core.embed_tokens(ids)[:, None], positions, cache, slots, kv_len)[:, 0])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vita.decode_attention import BLOCK_KEYS, decode_attention, splits_for
-from vita.qwen2 import KVCache, LLMConfig, attention_bias, grouped_attention
+from vita.qwen2 import LLMConfig, attention_bias, grouped_attention, new_kv_cache
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -15,7 +15,7 @@ def test_matches_gather_and_sdpa(dtype, max_keys):
                        num_attention_heads=14, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e4,
                        max_position_embeddings=512)
     generator = torch.Generator().manual_seed(max_keys)
-    cache = KVCache(config, slots=5, max_len=max_keys, device="cpu", dtype=dtype)
+    cache = new_kv_cache(config, slots=5, max_len=max_keys, device="cpu", dtype=dtype)
     cache.layers[0].copy_(torch.randn(cache.layers[0].shape, generator=generator))
     slot_ids = torch.tensor([3, 0, 4])
     lengths = torch.tensor([1, max_keys, max_keys // 2 + 5])

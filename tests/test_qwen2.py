@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from vita.qwen2 import KVCache, LLMConfig, Qwen2Model
+from vita.qwen2 import LLMConfig, Qwen2Model, new_kv_cache
 
 VOCAB = 300
 
@@ -108,7 +108,7 @@ def test_prefill_logits_match_transformers(dtype, fused):
         expected = Expected(dtype, lambda d: make_pair(d)[2](input_ids=ids).logits)
         embeds = ours.embed_tokens(ids)
         expected.check(lm_head(ours.forward_reference(embeds)))
-        cache = KVCache(ours.config, slots=3, max_len=64, device="cpu", dtype=dtype)
+        cache = new_kv_cache(ours.config, slots=3, max_len=64, device="cpu", dtype=dtype)
         positions = torch.arange(ids.shape[1]).expand_as(ids)
         expected.check(lm_head(ours(embeds, positions, cache, torch.tensor([2, 0]), kv_len=32)))
 
@@ -122,7 +122,7 @@ def test_batched_decode_over_slots_matches_transformers(dtype, fused):
     generator = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, VOCAB, (n,), generator=generator) for n in (9, 17)]
     slots = torch.tensor([3, 1])
-    cache = KVCache(ours.config, slots=4, max_len=48, device="cpu", dtype=dtype)
+    cache = new_kv_cache(ours.config, slots=4, max_len=48, device="cpu", dtype=dtype)
     sequences = [p.tolist() for p in prompts]
     with torch.no_grad():
         for slot, prompt in zip(slots.tolist(), prompts):
@@ -146,7 +146,7 @@ def test_cached_step_decode_matches_transformers_cache():
     """Token-by-token decode: our slot cache against transformers' own KV cache."""
     ours, lm_head, reference = make_pair(torch.float32)
     ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(4))
-    cache = KVCache(ours.config, slots=1, max_len=16, device="cpu", dtype=torch.float32)
+    cache = new_kv_cache(ours.config, slots=1, max_len=16, device="cpu", dtype=torch.float32)
     past = None
     with torch.no_grad():
         for t in range(ids.shape[1]):
@@ -178,7 +178,7 @@ def test_fast_kernels_match_transformers():
     ours, lm_head, reference = make_pair(torch.float32)
     ours.prepare_for_inference(use_fast_kernels=True)
     ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
-    cache = KVCache(ours.config, slots=3, max_len=32, device="cpu", dtype=torch.float32)
+    cache = new_kv_cache(ours.config, slots=3, max_len=32, device="cpu", dtype=torch.float32)
     slots = torch.tensor([2, 0])
     with torch.no_grad():
         expected = reference(input_ids=ids).logits

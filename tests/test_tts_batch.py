@@ -4,8 +4,9 @@ step gives the logits of the exact one; slots come and go."""
 import pytest
 import torch
 
+from layers.kv_cache import KVCache
 from tts.batch import DecoderBatch, UtteranceText
-from tts.decoder import KVCache, LLM2TTSCodecAR
+from tts.decoder import LLM2TTSCodecAR, new_kv_cache
 from tts.tiny_checkpoint import write_tiny_tts_checkpoint
 
 
@@ -96,16 +97,25 @@ def test_eos_ends_a_stream_without_a_token(decoder):
             decoder.out_fnn.bias[decoder.config.eos_id] = -1e9
 
 
+def copy_of_slots(cache: KVCache, slots) -> KVCache:
+    """A cache holding a copy of `slots` of `cache`, as its slots 0, 1, ..."""
+    copy = KVCache(num_layers=len(cache.layers), kv_heads=cache.kv_heads, head_dim=cache.layers[0].shape[-1],
+                   slots=len(slots), max_len=cache.max_len, device=cache.device, dtype=cache.dtype)
+    for target, source in zip(copy.layers, cache.layers):
+        target.copy_(source[list(slots)])
+    return copy
+
+
 def test_padded_static_step_gives_the_exact_step_logits(decoder):
     """What a CUDA graph replays: a batch of more rows than streams (free slots in between) over a
     span past every position, the mask built from positions, gives each stream the logits of a
     batch of exactly its rows attending exactly its length, and of the stream alone."""
     config = decoder.config
-    cache = KVCache.empty(config, slots=8, capacity=64, device=torch.device("cpu"), dtype=torch.float32)
+    cache = new_kv_cache(config, slots=8, capacity=64, device="cpu", dtype=torch.float32)
     lengths = {0: decoder.prefill(text(5, 0), cache, 0), 2: decoder.prefill(text(17, 1), cache, 2),
                3: decoder.prefill(text(9, 2), cache, 3)}
-    exact = KVCache(cache.keys[:, :4].clone(), cache.values[:, :4].clone())
-    solos = {i: KVCache(cache.keys[:, i : i + 1].clone(), cache.values[:, i : i + 1].clone()) for i in lengths}
+    exact = copy_of_slots(cache, range(4))
+    solos = {i: copy_of_slots(cache, [i]) for i in lengths}
     tokens = {0: config.sos_id, 2: 7, 3: 40}
     for step in range(3):
         fed = torch.tensor([tokens.get(i, config.pad_id) for i in range(8)])
@@ -118,7 +128,8 @@ def test_padded_static_step_gives_the_exact_step_logits(decoder):
             torch.testing.assert_close(padded[i], alone_logits[0], atol=1e-4, rtol=1e-4)
         tokens = {i: int(padded[i].argmax()) for i in lengths}
     for i, solo in solos.items():
-        torch.testing.assert_close(cache.keys[:, i], solo.keys[:, 0])
+        for layer, solo_layer in zip(cache.layers, solo.layers):
+            torch.testing.assert_close(layer[i], solo_layer[0])
 
 
 def test_utterances_prefilled_together_decode_as_if_alone(decoder):

@@ -10,7 +10,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMS
 
 from tts.config import DecoderConfig
 from tts.batch import DecoderBatch
-from tts.decoder import DecoderLayer, KVCache, LLM2TTSCodecAR, rotary_cos_sin
+from tts.decoder import DecoderLayer, LLM2TTSCodecAR, new_kv_cache, prefill_store, rotary_cos_sin, step_store
 from tts.weights import WeightMismatchError
 
 
@@ -48,14 +48,14 @@ def test_decoder_layer_matches_transformers_llama_layer_with_cache():
     ref_step = reference(step, position_embeddings=rotary(step, torch.tensor([[7]])),
                          past_key_values=ref_cache, use_cache=True)
 
-    cache = KVCache.empty(config, slots=2, capacity=16, device=torch.device("cpu"), dtype=torch.float32)
+    cache = new_kv_cache(config, slots=2, capacity=16, device=torch.device("cpu"), dtype=torch.float32)
     cos, sin = rotary_cos_sin(torch.arange(7), config.head_dim, config.rope_theta, torch.float32)
-    out_prompt = ours(prompt, cos, sin, cache.prefill_store([1], None))
+    out_prompt = ours(prompt, cos, sin, prefill_store(cache, [1], 7, None))
     positions = torch.tensor([0, 7])
     cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta, torch.float32)
     # slot 0 is idle (position 0), slot 1 continues at position 7; both attend within a span of 16
     out_step = ours(torch.cat([torch.randn(1, 1, 32), step]), cos[:, None, None], sin[:, None, None],
-                    cache.step_store(positions, span=16))[1:]
+                    step_store(cache, positions, span=16))[1:]
 
     torch.testing.assert_close(out_prompt, ref_prompt, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out_step, ref_step, atol=1e-5, rtol=1e-5)
@@ -106,7 +106,7 @@ def test_decoder_logits_match_transformers_reference(tts_dir):
     fed = [5, 17, 63, 0]
     expected = reference_logits(state, decoder.config, text, fed)
 
-    cache = KVCache.empty(decoder.config, slots=1, capacity=32, device=torch.device("cpu"), dtype=torch.float32)
+    cache = new_kv_cache(decoder.config, slots=1, capacity=32, device=torch.device("cpu"), dtype=torch.float32)
     position = decoder.prefill(text, cache, slot=0)
     got = []
     for token in [decoder.config.sos_id, *fed]:
@@ -179,7 +179,7 @@ def test_bfloat16_decoder_tracks_float32(tts_dir):
     logits = {}
     for dtype in (torch.float32, torch.bfloat16):
         decoder = LLM2TTSCodecAR.load(tts_dir / "decoder", dtype=dtype)
-        cache = KVCache.empty(decoder.config, slots=1, capacity=16, device=torch.device("cpu"), dtype=dtype)
+        cache = new_kv_cache(decoder.config, slots=1, capacity=16, device=torch.device("cpu"), dtype=dtype)
         position = decoder.prefill(text, cache, slot=0)
         logits[dtype] = torch.stack([decoder.step(torch.tensor([t]), torch.tensor([position + i]), cache, span=16)[0]
                                      for i, t in enumerate([decoder.config.sos_id, 4, 8])])

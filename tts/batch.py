@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tts.decoder import KVCache, LLM2TTSCodecAR
+from tts.decoder import LLM2TTSCodecAR, new_kv_cache
 from tts.shapes import batch_buckets, padded, span_buckets
 
 # (inputs [3, batch]: tokens, positions, top-k; uniforms [batch]) -> token ids [batch], on the device
@@ -77,7 +77,7 @@ class DecoderBatch:
     def __init__(self, decoder: LLM2TTSCodecAR, slots: int, capacity: int, *, cuda_graphs: bool | None = None) -> None:
         weight = decoder.embedding.weight
         self.decoder = decoder
-        self.cache = KVCache.empty(decoder.config, slots, capacity, weight.device, weight.dtype)
+        self.cache = new_kv_cache(decoder.config, slots, capacity, weight.device, weight.dtype)
         self.streams: list[Stream | None] = [None] * slots
         self.use_graphs = weight.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._batches = batch_buckets(slots)
@@ -101,8 +101,8 @@ class DecoderBatch:
         if len(utterances) > self.free_slots:
             raise RuntimeError(f"no free slot: {len(utterances)} utterances for {self.free_slots} free slots")
         for utterance in utterances:
-            if len(utterance.text_embeddings) + 2 > self.cache.capacity:
-                raise ValueError(f"{len(utterance.text_embeddings)} text rows do not fit {self.cache.capacity} cache positions")
+            if len(utterance.text_embeddings) + 2 > self.cache.max_len:
+                raise ValueError(f"{len(utterance.text_embeddings)} text rows do not fit {self.cache.max_len} cache positions")
         slots = [i for i, stream in enumerate(self.streams) if stream is None][: len(utterances)]
         lengths = self.decoder.prefill_many([u.text_embeddings for u in utterances], self.cache, slots)
         streams = []
@@ -142,7 +142,7 @@ class DecoderBatch:
         if self.use_graphs:
             ids = self._graph(batch, span)(inputs, uniforms)
         else:
-            device = self.cache.keys.device
+            device = self.cache.device
             ids = self._step_function(span)(inputs.to(device), uniforms.to(device))
         ids = ids.tolist()  # the step's one read back to the host
         return [(s, self._advance(s, ids[s.slot])) for s in streams]
@@ -152,7 +152,7 @@ class DecoderBatch:
         stream.sampled += 1
         stream.last_token = token
         eos = token == self.decoder.config.eos_id
-        if eos or stream.sampled == stream.max_tokens or stream.length == self.cache.capacity:
+        if eos or stream.sampled == stream.max_tokens or stream.length == self.cache.max_len:
             self.remove(stream)
         return None if eos else token
 
@@ -166,7 +166,7 @@ class DecoderBatch:
     def _graph(self, batch: int, span: int) -> _StepGraph:
         key = (batch, span)
         if key not in self._graphs:
-            device = self.cache.keys.device
+            device = self.cache.device
             inputs = torch.tensor([[self.decoder.config.pad_id] * batch, [0] * batch, [1] * batch], device=device)
             uniforms = torch.zeros(batch, device=device)
             with torch.no_grad():

@@ -16,29 +16,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils.rnn import pad_sequence
 
+from layers.attention import attention
+from layers.kv_cache import KVCache
+from layers.norm import RMSNorm
 from tts.config import DecoderConfig
 from tts.weights import load_strict, read_checkpoint
-
-# No cuDNN attention: it builds an execution plan for every new shape, and the attended span grows
-# by one every step (measured on an H100 inside the server: 70 to 130 ms per decoder step with it).
-# vita/sdpa.py makes the same choice for the LLM; tts/ does not import vita/.
-ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-class RMSNorm(nn.Module):
-    """Llama RMSNorm: statistics in float32, scale applied in the input dtype."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
-
 
 def rotary_cos_sin(
     positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
@@ -60,50 +44,49 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 KVStore = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
 
 
-class KVCache:
-    """Keys and values [layers, slots, heads, capacity, head_dim] of `layers` for several utterances."""
+def new_kv_cache(
+    config: DecoderConfig, slots: int, capacity: int, device: torch.device | str, dtype: torch.dtype
+) -> KVCache:
+    """A zeroed cache for `layers` (not `layers_pre_nn`): `slots` utterances, `capacity` positions each."""
+    return KVCache(
+        num_layers=config.transformer_num_blocks, kv_heads=config.transformer_attention_heads,
+        head_dim=config.head_dim, slots=slots, max_len=capacity, device=device, dtype=dtype,
+    )
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self.keys = keys
-        self.values = values
 
-    @classmethod
-    def empty(cls, config: DecoderConfig, slots: int, capacity: int, device: torch.device, dtype: torch.dtype) -> "KVCache":
-        """A zeroed cache of `slots` utterances, `capacity` positions each."""
-        shape = (config.transformer_num_blocks, slots, config.transformer_attention_heads, capacity, config.head_dim)
-        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+def _keys_and_values(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[B, H, T, D] keys and values side by side as the cache stores them: [B, T, 2 * H, D]."""
+    return torch.cat([k, v], dim=1).transpose(1, 2)
 
-    @property
-    def capacity(self) -> int:
-        return self.keys.shape[3]
 
-    def prefill_store(self, slots: list[int], mask: torch.Tensor | None) -> KVStore:
-        """Store for whole sequences [B, H, T, D] into `slots` at positions 0..T-1; each row attends to
-        the positions `mask` [B, 1, 1, T] allows (None: all)."""
-        index = torch.tensor(slots, device=self.keys.device)
+def prefill_store(cache: KVCache, slots: list[int], length: int, mask: torch.Tensor | None) -> KVStore:
+    """Store for whole sequences [B, H, length, D] into `slots` at positions 0..length-1; each row attends
+    to the positions `mask` [B, 1, 1, length] allows (None: all)."""
+    if length > cache.max_len:
+        raise ValueError(f"{length} positions do not fit a cache of {cache.max_len}")
+    slot_ids = torch.tensor(slots, device=cache.device)
+    flat_index = cache.flat_index(slot_ids, torch.arange(length, device=cache.device))
 
-        def store(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-            length = k.shape[2]
-            self.keys[layer, index, :, :length] = k
-            self.values[layer, index, :, :length] = v
-            return k, v, mask
+    def store(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        cache.write(layer, flat_index, _keys_and_values(k, v))
+        return k, v, mask
 
-        return store
+    return store
 
-    def step_store(self, positions: torch.Tensor, span: int) -> KVStore:
-        """Store for one token per slot 0..n-1 ([n, H, 1, D]) at `positions` [n]; each attends to its
-        positions 0..position within the first `span` of its slot (span > every position). The mask
-        is built on the device from `positions`: fixed (n, span) give fixed shapes and no host sync."""
-        n = positions.shape[0]
-        rows = torch.arange(n, device=positions.device)
-        mask = (torch.arange(span, device=positions.device)[None, :] <= positions[:, None]).view(n, 1, 1, span)
 
-        def store(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            self.keys[layer, rows, :, positions] = k[:, :, 0]
-            self.values[layer, rows, :, positions] = v[:, :, 0]
-            return self.keys[layer, :n, :, :span], self.values[layer, :n, :, :span], mask
+def step_store(cache: KVCache, positions: torch.Tensor, span: int) -> KVStore:
+    """Store for one token per slot 0..n-1 ([n, H, 1, D]) at `positions` [n]; each attends to its
+    positions 0..position within the first `span` of its slot (span > every position), read in place.
+    The mask is built on the device from `positions`: fixed (n, span) give fixed shapes and no host sync."""
+    n = positions.shape[0]
+    flat_index = cache.flat_index(torch.arange(n, device=positions.device), positions[:, None])
+    mask = (torch.arange(span, device=positions.device)[None, :] <= positions[:, None]).view(n, 1, 1, span)
 
-        return store
+    def store(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cache.write(layer, flat_index, _keys_and_values(k, v))
+        return (*cache.leading(layer, n, span), mask)
+
+    return store
 
 
 class SelfAttention(nn.Module):
@@ -139,8 +122,7 @@ class SelfAttention(nn.Module):
         v = heads(self.v_proj(x))
         if store is not None:
             k, v, mask = store(layer_idx, k, v)
-        with sdpa_kernel(ATTENTION_BACKENDS):
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = attention(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -238,7 +220,7 @@ class LLM2TTSCodecAR(nn.Module):
             x = layer(x, cos, sin, mask=masks[0])
         x = torch.cat([weight[self.config.bos_id].expand(len(texts), 1, -1), x], dim=1)
         cos, sin = self._rotary(torch.arange(x.shape[1], device=weight.device), x.dtype)
-        store = cache.prefill_store(slots, masks[1])
+        store = prefill_store(cache, slots, x.shape[1], masks[1])
         for layer_idx, layer in enumerate(self.layers):
             x = layer(x, cos, sin, store, layer_idx)
         return [length + 1 for length in lengths]
@@ -251,7 +233,7 @@ class LLM2TTSCodecAR(nn.Module):
         x = self.embedding(tokens).unsqueeze(1)
         cos, sin = self._rotary(positions, x.dtype)
         cos, sin = cos[:, None, None, :], sin[:, None, None, :]  # one position per row: [n, H, 1, D]
-        store = cache.step_store(positions, span)
+        store = step_store(cache, positions, span)
         for layer_idx, layer in enumerate(self.layers):
             x = layer(x, cos, sin, store, layer_idx)
         return self.out_fnn(self.norm(x))[:, 0].float()

@@ -175,8 +175,8 @@ class SpeechService:
         docstring for the callbacks). ValueError for bad arguments or text longer than `capacity - 2`
         rows. `generator` (a CPU generator) makes the token draws reproducible."""
         self.synthesizer.check_utterance(embeddings, codec_chunk_size, padding, top_k, max_tokens)
-        if len(embeddings) + 2 > self.batch.cache.capacity:
-            raise ValueError(f"{len(embeddings)} embedding rows do not fit {self.batch.cache.capacity} cache positions")
+        if len(embeddings) + 2 > self.batch.cache.max_len:
+            raise ValueError(f"{len(embeddings)} embedding rows do not fit {self.batch.cache.max_len} cache positions")
         handle = SpeechHandle(on_segment, on_done)
         ready = None
         if self._on_cuda and embeddings.is_cuda:

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from vita.model import VitaQwen2ForCausalLM
-from vita.qwen2 import KVCache
+from vita.qwen2 import new_kv_cache
 from vita.reply_text import ReplyTextStream
 from vita.sampling import SamplingBatch, SamplingParams, sample
 
@@ -31,7 +31,7 @@ def generate_ids(
     stop_ids = set(stop_ids)
     prompt_len = prompt_embeds.shape[0]
     device = prompt_embeds.device
-    cache = KVCache(llm.config, 1, prompt_len + params.max_tokens, device, prompt_embeds.dtype)
+    cache = new_kv_cache(llm.config, 1, prompt_len + params.max_tokens, device, prompt_embeds.dtype)
     slot = torch.zeros(1, dtype=torch.long, device=device)
     batch = SamplingBatch.from_params([params], device)
     inputs = prompt_embeds[None]

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from layers.attention import attention
 from vita.plain_conv import conv_without_cudnn
-from vita.sdpa import attention
 
 PIXEL_SHUFFLE_SCALE = 0.5
 """VITA keeps 1/4 of the patch tokens: 2x2 neighbours are stacked along channels."""

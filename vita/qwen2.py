@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vita.sdpa import attention
+from layers.attention import attention
+from layers.kv_cache import KVCache
+from layers.norm import RMSNorm
 
 
 @dataclass(frozen=True)
@@ -67,48 +69,14 @@ class LLMConfig:
         )
 
 
-class KVCache:
-    """Static per-layer slots ``[slots, max_len, 2 * kv_heads, head_dim]`` (key heads, then value heads), owned by the caller.
-
-    A slot holds one sequence; position ``p`` of a sequence lives at index ``p`` of its slot.
-    """
-
-    def __init__(self, config: LLMConfig, slots: int, max_len: int, device: torch.device | str, dtype: torch.dtype):
-        shape = (slots, max_len, 2 * config.num_key_value_heads, config.head_dim)
-        self.layers = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.kv_heads = config.num_key_value_heads
-        self.slots = slots
-        self.max_len = max_len
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.layers[0].dtype
-
-    def flat_index(self, slot_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Row of ``(slot_ids[b], positions[b, t])`` in a layer viewed as ``[slots * max_len, ...]``, flattened."""
-        return (slot_ids[:, None] * self.max_len + positions).reshape(-1)
-
-    def write(self, layer: int, flat_index: torch.Tensor, kv: torch.Tensor) -> None:
-        """Store keys and values ``kv [B, T, 2 * kv_heads, head_dim]`` at the rows given by ``flat_index``."""
-        store = self.layers[layer]
-        store.view(-1, *store.shape[2:]).index_copy_(0, flat_index, kv.reshape(-1, *kv.shape[2:]))
-
-    def read(self, layer: int, slot_ids: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the first ``kv_len`` positions of each slot: ``[B, kv_heads, kv_len, head_dim]``."""
-        kv = self.layers[layer][slot_ids, :kv_len].transpose(1, 2)
-        return kv[:, : self.kv_heads], kv[:, self.kv_heads :]
-
-
-class RMSNorm(nn.Module):
-    """Root-mean-square norm with a learned scale (statistics in fp32)."""
-
-    def __init__(self, size: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+def new_kv_cache(
+    config: LLMConfig, slots: int, max_len: int, device: torch.device | str, dtype: torch.dtype
+) -> KVCache:
+    """A zeroed cache of ``slots`` sequences of up to ``max_len`` positions for every layer of ``config``."""
+    return KVCache(
+        num_layers=config.num_hidden_layers, kv_heads=config.num_key_value_heads, head_dim=config.head_dim,
+        slots=slots, max_len=max_len, device=device, dtype=dtype,
+    )
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

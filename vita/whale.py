@@ -27,9 +27,9 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from layers.attention import attention
 from vita.fbank import fbank
 from vita.plain_conv import conv_without_cudnn
-from vita.sdpa import attention
 
 # Score of a masked attention entry (upstream fills float16's lowest value).
 MASKED_SCORE = float(torch.finfo(torch.float16).min)

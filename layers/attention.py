@@ -1,8 +1,9 @@
 """Scaled dot-product attention that never picks cuDNN.
 
 cuDNN attention builds an execution plan for every new input shape, which cost 63 to 118 ms per
-new prompt length on an H100 (benchmarks/README.md), while prompt, audio and reply lengths change
-with every turn. Flash, memory-efficient and math attention take any shape without that cost.
+new prompt length on an H100 (benchmarks/README.md), and 70 to 130 ms per TTS decoder step inside
+the server (the attended span grows by one every step), while prompt, audio and reply lengths
+change with every turn. Flash, memory-efficient and math attention take any shape without that cost.
 """
 
 from __future__ import annotations
