@@ -2,9 +2,10 @@
 # End to end on a GPU machine with full-size random weights: write the checkpoint, start the server
 # in its own process, run benchmarks/load.py against it, profile the server with py-spy meanwhile.
 #
-#   OUT=out CLIENTS=1,8,32,64 PROFILE_CLIENTS=32 bash benchmarks/gpu_load.sh
+#   OUT=out CLIENTS=1,8,32,64 PROFILE_CLIENTS=32 STAGGER_S=18 bash benchmarks/gpu_load.sh
 #
-# Writes $OUT/load.json + load.png, $OUT/server.log and, when py-spy is installed, the server's
+# Writes $OUT/load.json + load.png (and with STAGGER_S the same levels with client starts spread over
+# that many seconds: $OUT/load_staggered.json + .png), $OUT/server.log and, when py-spy is installed, the server's
 # profile during the PROFILE_CLIENTS level ($OUT/pyspy_all.txt: every non-idle sample,
 # $OUT/pyspy_gil.txt: the thread holding the GIL), as collapsed stacks.
 set -euo pipefail
@@ -15,6 +16,7 @@ PROFILE_CLIENTS=${PROFILE_CLIENTS:-}
 PORT=${PORT:-8765}
 WAV=${WAV:-../shared/audio/en_hello.wav}
 LOAD_ARGS=${LOAD_ARGS:-}
+STAGGER_S=${STAGGER_S:-}
 mkdir -p "$OUT"
 
 if [ ! -f "$CKPT/config.json" ]; then
@@ -44,3 +46,6 @@ if [ -n "$PROFILE_CLIENTS" ] && command -v py-spy >/dev/null; then
   wait $SPY_ALL $SPY_GIL || true
 fi
 load "$CLIENTS" "$OUT/load.json"
+if [ -n "$STAGGER_S" ]; then  # the same levels again with the clients' starts spread over STAGGER_S
+  LOAD_ARGS="$LOAD_ARGS --stagger-s $STAGGER_S" load "$CLIENTS" "$OUT/load_staggered.json"
+fi

@@ -93,11 +93,12 @@ async def run_level(url: str, clients: int, audio: np.ndarray, rate: int, args: 
     if args.speculative_ms is not None:
         update["vad"] = {"speculative_ms": args.speculative_ms}
     started = time.monotonic()
-    runs = [
-        stream_audio(url, conversation, rate, session_update=update, expected_turns=args.turns,
-                     reply_timeout_s=args.reply_timeout_s)
-        for _ in range(clients)
-    ]
+    async def client(start_s: float) -> ClientResult:
+        await asyncio.sleep(start_s)
+        return await stream_audio(url, conversation, rate, session_update=update, expected_turns=args.turns,
+                                  reply_timeout_s=args.reply_timeout_s)
+
+    runs = [client(i * args.stagger_s / clients) for i in range(clients)]
     results = await asyncio.wait_for(asyncio.gather(*runs, return_exceptions=True), args.max_duration_s)
     return summarize(clients, args.turns, results, time.monotonic() - started)
 
@@ -212,6 +213,8 @@ def main() -> None:
     parser.add_argument("--clients", default="1,4", help="comma-separated concurrency levels")
     parser.add_argument("--turns", type=int, default=3, help="utterances per client")
     parser.add_argument("--gap-s", type=float, default=6.0, help="silence between utterances")
+    parser.add_argument("--stagger-s", type=float, default=0.0,
+                        help="client i starts i/N of this later (0: all at once, every turn ends in the same burst)")
     parser.add_argument("--speculative-ms", type=int, help="the sessions' vad.speculative_ms (default: the server's)")
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="sampling temperature (random weights: sampling keeps replies varied, so they read "
@@ -254,6 +257,7 @@ def main() -> None:
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "speculative_ms": args.speculative_ms,
+        "stagger_s": args.stagger_s,
         "levels": results,
     }
     if args.json:

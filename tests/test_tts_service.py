@@ -2,12 +2,14 @@
 
 import threading
 import time
+from collections import deque
 
 import numpy as np
 import pytest
 import torch
 
-from tts.service import SpeechService, SpeechServiceClosed
+from tts.codec_windows import CodecWindow
+from tts.service import SpeechService, SpeechServiceClosed, next_vocoder_call
 from tts.synthesizer import Synthesizer
 
 WAIT_S = 20.0
@@ -222,3 +224,17 @@ def test_speak_rejects_bad_utterances_at_once(synth):
             service.speak(embeddings, **{"codec_chunk_size": 4, **options}, on_segment=recorder.on_segment,
                           on_done=recorder.on_done)
     service.close()
+
+
+def test_a_vocoder_call_takes_every_first_window_and_later_ones_in_order_up_to_its_limit():
+    def window(first: int) -> CodecWindow:
+        return CodecWindow(codes=(1, 2, 3), skip=0, frames=3, first=first)
+
+    # a and b are playing (later windows queued), c and d are new; ends are None
+    waiting = deque([("a", window(20)), ("b", window(20)), ("c", window(0)), ("a", window(40)), ("a", None),
+                     ("b", window(40)), ("d", window(0)), ("d", None)])
+    work, left = next_vocoder_call(waiting, max_later_windows=2)
+    assert [(u, w and w.first) for u, w in work] == [("a", 20), ("b", 20), ("c", 0), ("d", 0)]
+    assert [(u, w and w.first) for u, w in left] == [("a", 40), ("a", None), ("b", 40), ("d", None)]
+    work, left = next_vocoder_call(left, max_later_windows=2)
+    assert [(u, w and w.first) for u, w in work] == [("a", 40), ("a", None), ("b", 40), ("d", None)] and not left

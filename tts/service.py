@@ -32,6 +32,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -94,6 +95,33 @@ class SpeechHandle:
                 log.exception("tts_on_done_failed")
 
 
+Item = TypeVar("Item")
+
+
+def next_vocoder_call(
+    waiting: deque[tuple[Item, CodecWindow | None]], max_later_windows: int
+) -> tuple[list[tuple[Item, CodecWindow | None]], deque[tuple[Item, CodecWindow | None]]]:
+    """Split the vocoder's queue of (utterance, window or None for its end) into what the next call
+    takes and what waits, in order: every first window, and the other windows and ends in arrival
+    order up to `max_later_windows` windows. So an utterance not yet heard never waits behind a long
+    call of later windows, whose utterances are already playing with audio queued ahead. Each
+    utterance's windows still go in order: a first window has none before it, and the others are
+    taken as a prefix of the queue."""
+    work: list[tuple[Item, CodecWindow | None]] = []
+    left: deque[tuple[Item, CodecWindow | None]] = deque()
+    later = 0
+    for item in waiting:
+        window = item[1]
+        if window is not None and window.first == 0:
+            work.append(item)
+        elif not left and (window is None or later < max_later_windows):
+            later += window is not None
+            work.append(item)
+        else:
+            left.append(item)
+    return work, left
+
+
 @dataclass(eq=False)
 class _Utterance:
     text: UtteranceText | None  # dropped once prefilled
@@ -108,12 +136,15 @@ class SpeechService:
 
     def __init__(self, synthesizer: Synthesizer, *, max_streams: int = 64, capacity: int = 2048,
                  codec_batch_sizes: tuple[int, ...] | None = None,
-                 chunk_sizes: tuple[int, ...] = (FIRST_SENTENCE_CHUNK_SIZE, CHUNK_SIZE), padding: int = PADDING) -> None:
+                 chunk_sizes: tuple[int, ...] = (FIRST_SENTENCE_CHUNK_SIZE, CHUNK_SIZE), padding: int = PADDING,
+                 max_later_windows: int = 16) -> None:
         """`capacity`: decoder cache positions per utterance, text rows + 1 + codec tokens (an utterance
         that fills its slot ends there). `codec_batch_sizes` (ascending): how many windows of one length
         a codec call may decode, padded up to one of these; by default `batch_buckets(max_streams)` on
         CUDA, 1 elsewhere (on CPU batches are no faster). Only the first and middle windows of
-        `chunk_sizes` with `padding` are batched (the shapes `start` plans); last windows go alone."""
+        `chunk_sizes` with `padding` are batched (the shapes `start` plans); last windows go alone.
+        `max_later_windows`: how many windows other than first ones a vocoder call takes at most
+        (first windows, which make an utterance's first sound, are all taken at once)."""
         self.synthesizer = synthesizer
         self.batch = DecoderBatch(synthesizer.decoder, max_streams, capacity)
         device = synthesizer.decoder.embedding.weight.device
@@ -122,6 +153,7 @@ class SpeechService:
         default_batches = batch_buckets(max_streams) if self._on_cuda else (1,)
         self._codec_batches = default_batches if codec_batch_sizes is None else codec_batch_sizes
         self._chunk_sizes, self._padding = chunk_sizes, padding
+        self.max_later_windows = max_later_windows
         self._batched_lengths = window_lengths(chunk_sizes, padding)[1]
         self._codec = CodecGraphs(synthesizer.codec)  # graphs of the batched windows' shapes, captured at `start` (CUDA)
         self._wake = threading.Condition()
@@ -307,7 +339,7 @@ class SpeechService:
         activity = ActivityLog(log, "vita-vocoder")
         while self._wait(lambda: self._windows):
             with self._wake:
-                work, self._windows = list(self._windows), deque()
+                work, self._windows = next_vocoder_call(self._windows, self.max_later_windows)
             try:
                 started = time.perf_counter()
                 self._vocode(work)
