@@ -92,7 +92,8 @@ class ModelWorker:
         self.settings = settings
         self.checkpoint = checkpoint
         self.is_tiny = is_tiny
-        self.model_name = f"{checkpoint}{' (tiny random weights: replies are noise)' if is_tiny else ''}"
+        # the folder's name only: users see it, the path stays in the server log
+        self.model_name = f"{checkpoint.name}{' (tiny random weights: replies are noise)' if is_tiny else ''}"
         self.ready = False
         self.load_error: str | None = None
         self._loop = asyncio.new_event_loop()

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import functools
 import http.server
+import io
 import json
+import os
 import shutil
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -95,16 +97,20 @@ def browser(playwright: sync_api.Playwright) -> Iterator[sync_api.Browser]:
 
 class Tab:
     """A page in its own browser context, with the script errors it reported, the websocket
-    frames it sent (text as str, binary as bytes) and the reply audio it received."""
+    frames it sent (text as str, binary as bytes), the JSON events and the reply audio it
+    received."""
 
-    def __init__(self, browser: sync_api.Browser) -> None:
-        self.context = browser.new_context()
+    def __init__(self, browser: sync_api.Browser, init_script: str = "", **context_options: object) -> None:
+        self.context = browser.new_context(**context_options)
+        if init_script:
+            self.context.add_init_script(init_script)
         self.page = self.context.new_page()
         self.errors: list[str] = []
         self.sent: list[str | bytes] = []
+        self.received: list[dict] = []  # JSON events
         self.page.on("pageerror", lambda error: self.errors.append(str(error)))
         self.page.on("console", lambda message: message.type == "error" and self.errors.append(message.text))
-        self.audio_bytes: dict[int, int] = {}  # reply audio received, per response_id
+        self.audio: dict[int, bytearray] = {}  # reply audio received (PCM16 LE), per response_id
         self.page.on("websocket", self._watch)
 
     def _watch(self, websocket: sync_api.WebSocket) -> None:
@@ -114,7 +120,20 @@ class Tab:
     def _received(self, frame: str | bytes) -> None:
         if isinstance(frame, bytes):
             response_id, _, pcm = decode_audio_segment(frame)
-            self.audio_bytes[response_id] = self.audio_bytes.get(response_id, 0) + len(pcm)
+            self.audio.setdefault(response_id, bytearray()).extend(pcm)
+        else:
+            self.received.append(json.loads(frame))
+
+    def sent_events(self, event_type: str) -> list[dict]:
+        """The JSON events of ``event_type`` the page sent."""
+        events = (json.loads(frame) for frame in self.sent if isinstance(frame, str))
+        return [event for event in events if event["type"] == event_type]
+
+    def reply_text(self, response_id: int) -> str:
+        """The text the server sent for ``response_id`` (its deltas)."""
+        return "".join(
+            e["delta"] for e in self.received if e["type"] == "response.text.delta" and e["response_id"] == response_id
+        )
 
     def state(self) -> dict[str, str]:
         """The page's data-* state attributes of #app."""
@@ -124,12 +143,29 @@ class Tab:
         """Waits until the JS expression ``condition`` over ``app`` (the dataset) is true."""
         self.page.wait_for_function(f"(app => {condition})({APP})", timeout=timeout_ms)
 
+    def meter(self, name: str) -> sync_api.Locator:
+        return self.page.get_by_role("meter", name=name)
+
 
 @pytest.fixture()
 def tab(browser: sync_api.Browser) -> Iterator[Tab]:
     tab = Tab(browser)
     yield tab
     tab.context.close()
+
+
+@pytest.fixture()
+def open_tab(browser: sync_api.Browser) -> Iterator[Callable[..., Tab]]:
+    """Opens Tabs (``Tab``'s arguments after the browser); all are closed after the test."""
+    tabs: list[Tab] = []
+
+    def open_tab(init_script: str = "", **context_options: object) -> Tab:
+        tabs.append(Tab(browser, init_script, **context_options))
+        return tabs[-1]
+
+    yield open_tab
+    for tab in tabs:
+        tab.context.close()
 
 
 @pytest.fixture(scope="module")
@@ -183,10 +219,11 @@ def test_capture_worklet_makes_pcm16_chunks(tab: Tab, static_url: str) -> None:
     np.testing.assert_allclose([c["level"] for c in chunks], expected_levels, rtol=1e-9)
 
 
-RENDER_PLAYER = """async ({ segments, rate, seconds, stopAt }) => {
+RENDER_PLAYER = """async ({ segments, rate, seconds, stopAt, volume }) => {
   const { Player } = await import("./player.js");
   const context = new OfflineAudioContext(1, Math.round(rate * seconds), rate);
   const player = new Player(context, { sampleRate: rate, jitterSeconds: 0.05 });
+  player.volume = volume;
   segments.forEach((segment, i) => player.enqueue(new Int16Array(segment).buffer, i > 0));
   if (stopAt !== null) context.suspend(stopAt).then(() => { player.stop(); context.resume(); });
   const rendered = await context.startRendering();
@@ -202,16 +239,17 @@ def reply_pcm(seconds: float) -> np.ndarray:
     return (12_000 * np.sin(2 * np.pi * (200 + 300 * t) * t)).astype(np.int16)
 
 
-def test_player_plays_segments_back_to_back(tab: Tab, static_url: str) -> None:
+def test_player_plays_segments_back_to_back_at_its_volume(tab: Tab, static_url: str) -> None:
     reply = reply_pcm(0.6)
     segments = np.split(reply, [1_000, 4_321, 9_000])  # uneven sizes, as the TTS makes them
     tab.page.goto(static_url)
     result = tab.page.evaluate(
-        RENDER_PLAYER, {"segments": [s.tolist() for s in segments], "rate": RATE, "seconds": 1.0, "stopAt": None}
+        RENDER_PLAYER,
+        {"segments": [s.tolist() for s in segments], "rate": RATE, "seconds": 1.0, "stopAt": None, "volume": 0.5},
     )
     played = np.array(result["samples"])
     expected = np.zeros_like(played)
-    expected[JITTER : JITTER + len(reply)] = reply / 32768
+    expected[JITTER : JITTER + len(reply)] = reply / 32768 * 0.5
     np.testing.assert_allclose(played, expected, atol=1e-7)  # no gap, no overlap, nothing lost
     assert result["heard"] == pytest.approx(0.6, abs=1e-6)
     assert not result["busy"]
@@ -223,7 +261,10 @@ def test_player_stop_silences_at_once(tab: Tab, static_url: str) -> None:
     tab.page.goto(static_url)
     result = tab.page.evaluate(
         RENDER_PLAYER,
-        {"segments": [s.tolist() for s in np.array_split(reply, 4)], "rate": RATE, "seconds": 1.0, "stopAt": 0.4},
+        {
+            "segments": [s.tolist() for s in np.array_split(reply, 4)],
+            "rate": RATE, "seconds": 1.0, "stopAt": 0.4, "volume": 1.0,
+        },
     )
     played = np.array(result["samples"])
     np.testing.assert_allclose(played[JITTER:stop_sample], reply[: stop_sample - JITTER] / 32768, atol=1e-7)
@@ -235,29 +276,177 @@ def test_player_stop_silences_at_once(tab: Tab, static_url: str) -> None:
 # ---------------------------------------------------------------- the page against the real server
 
 
-def test_spoken_turn_is_answered_with_audio(tab: Tab, server_url: str, tmp_path: Path) -> None:
-    tab.page.goto(server_url)
+# Init scripts: they run in the page before its own scripts.
+RECORDER = """
+window.__seen = { states: [], connection: [], emptyReplies: 0 };
+document.addEventListener("DOMContentLoaded", () => {
+  const seen = window.__seen, app = document.getElementById("app");
+  const note = (list, value) => list[list.length - 1] !== value && list.push(value);
+  new MutationObserver(() => note(seen.states, app.dataset.state)).observe(app, { attributeFilter: ["data-state"] });
+  const connection = document.getElementById("connection-text");
+  new MutationObserver(() => note(seen.connection, connection.textContent))
+    .observe(connection, { childList: true, characterData: true, subtree: true });
+  new MutationObserver((changes) => {
+    for (const change of changes) for (const item of change.addedNodes) {
+      if (item.classList?.contains("assistant") && item.textContent === "") seen.emptyReplies += 1;
+    }
+  }).observe(document.getElementById("transcript"), { childList: true });
+});
+"""
+# The network holds back the first reply's second audio segment (and all after it) for 1.5 s:
+# a gap the page must ride out.
+HOLD_SECOND_SEGMENT = """
+(() => {
+  const RealWebSocket = window.WebSocket;
+  let held = false;
+  window.WebSocket = class extends RealWebSocket {
+    set onmessage(handler) {
+      let queue = null;
+      super.onmessage = (event) => {
+        if (!held && event.data instanceof ArrayBuffer && new DataView(event.data).getUint32(4, true) === 1) {
+          held = true;
+          queue = [];
+          setTimeout(() => { queue.forEach(handler); queue = null; }, 1500);
+        }
+        if (queue) queue.push(event); else handler(event);
+      };
+    }
+  };
+})();
+"""
+# WCAG contrast of every visible piece of text (pseudo-element text included) against the
+# backgrounds under it, composited from the computed styles of its ancestors.
+CONTRAST_FAILURES = """() => {
+  const rgba = (css) => { const [r, g, b, a = 1] = css.match(/[\\d.]+/g).map(Number); return [r, g, b, a]; };
+  const over = ([r, g, b, a], [R, G, B]) => [r * a + R * (1 - a), g * a + G * (1 - a), b * a + B * (1 - a)];
+  const luminance = (rgb) => {
+    const [r, g, b] = rgb.map((v) => { v /= 255; return v <= 0.04045 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; });
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+  };
+  const background = (element) => {
+    const chain = [];
+    for (let e = element; e; e = e.parentElement) chain.unshift(getComputedStyle(e).backgroundColor);
+    return chain.reduce((under, css) => over(rgba(css), under), [255, 255, 255]);
+  };
+  const failures = [];
+  const check = (element, style, what) => {
+    const back = background(element);
+    const [l1, l2] = [luminance(over(rgba(style.color), back)), luminance(back)].sort((a, b) => b - a);
+    const ratio = (l1 + 0.05) / (l2 + 0.05);
+    if (ratio < 4.5) failures.push(`${what}: ${ratio.toFixed(2)} (${style.color} on rgb(${back.map(Math.round)}))`);
+  };
+  for (const element of document.body.querySelectorAll("*")) {
+    if (!element.checkVisibility({ visibilityProperty: true }) || element.closest("video")) continue;
+    const text = [...element.childNodes].some((n) => n.nodeType === Node.TEXT_NODE && n.data.trim());
+    const name = `${element.tagName.toLowerCase()}#${element.id}.${element.className} "${element.textContent.trim().slice(0, 30)}"`;
+    if (text || element.matches("input:not([type=range]):not([type=checkbox]), select, textarea")) {
+      check(element, getComputedStyle(element), name);
+    }
+    for (const pseudo of ["::before", "::after"]) {
+      const style = getComputedStyle(element, pseudo);
+      if (style.content.startsWith('"') && style.content.length > 2) check(element, style, `${name}${pseudo}`);
+    }
+  }
+  return failures;
+}"""
+
+
+def assert_contrast(page: sync_api.Page) -> None:
+    """All visible text reads at 4.5:1 or more, in the light and in the dark theme."""
+    for scheme in ("light", "dark"):
+        page.emulate_media(color_scheme=scheme)
+        assert page.evaluate(CONTRAST_FAILURES) == [], scheme
+    page.emulate_media(color_scheme="light")
+
+
+def screenshot(page: sync_api.Page, name: str, tmp_path: Path) -> None:
+    """A screenshot of the page; into $VITA_WEB_SCREENSHOTS when set (the README's pictures)."""
+    folder = Path(os.environ.get("VITA_WEB_SCREENSHOTS", tmp_path))
+    folder.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=folder / f"{name}.png")
+
+
+def in_viewport(page: sync_api.Page, selector: str) -> bool:
+    return page.eval_on_selector(
+        selector, "e => { const r = e.getBoundingClientRect(); return r.top >= 0 && r.bottom <= innerHeight; }"
+    )
+
+
+def download(page: sync_api.Page, selector: str) -> bytes:
+    with page.expect_download() as info:
+        page.click(selector)
+    return Path(info.value.path()).read_bytes()
+
+
+def test_spoken_turn_is_answered_with_audio(open_tab: Callable[..., Tab], server_url: str, tmp_path: Path) -> None:
+    """The main flow on a desktop screen, and what the page shows of it: a reply whose audio
+    runs dry in the middle, the event log, the downloads, the settings the server echoed,
+    roles for assistive technology, contrast in both themes, reduced motion."""
+    tab = open_tab(RECORDER + HOLD_SECOND_SEGMENT, viewport={"width": 1366, "height": 768}, accept_downloads=True)
+    page = tab.page
+    page.goto(server_url)
     assert tab.state()["state"] == "idle"
-    tab.page.click("#start")
+    page.click("#start")
     tab.wait_for("app.connection === 'connected' && app.state === 'listening'")
-    tab.page.wait_for_function("parseFloat(document.getElementById('mic-level').style.width) > 30")  # meter moves
+    page.wait_for_function("document.getElementById('mic-meter').getAttribute('aria-valuenow') > 30")  # meter moves
+    assert not page.is_visible("#headphones-hint")  # Chromium's fake mic is echo-cancelled
+    note = page.locator("#transcript li.note").first.inner_text()
+    assert "vita_tiny_ckpt" in note and "/" not in note  # the model's name, not its path
 
     tab.wait_for("app.state === 'speaking'", REPLY_TIMEOUT_MS)
-    tab.wait_for("Number(app.audioPlayed) >= 0.5", REPLY_TIMEOUT_MS)
-    tab.page.screenshot(path=tmp_path / "chat.png", full_page=True)
+    page.emulate_media(reduced_motion="reduce")
+    assert page.eval_on_selector("#state-orb", "orb => getComputedStyle(orb).animationName") == "none"
+    page.emulate_media(reduced_motion="no-preference")
+    assert page.eval_on_selector("#state-orb", "orb => getComputedStyle(orb).animationName") == "pulse"
+    page.wait_for_function(
+        "document.getElementById('voice-meter').getAttribute('aria-valuenow') > 30"
+    )  # the assistant's voice
+    tab.wait_for("app.state === 'listening' && Number(app.audioPlayed) > 0", REPLY_TIMEOUT_MS)  # heard to the end
 
     state = tab.state()
     assert state["connection"] == "connected"
     assert state["error"] == ""
     assert 0 < float(state["latencyMs"]) < REPLY_TIMEOUT_MS
-    assert tab.page.locator("#transcript li.user").first.inner_text().startswith("You spoke for")
-    assert tab.page.locator("#transcript li.assistant").count() == 1
+    # The held segment made one gap; the state stayed "speaking" through it, no empty bubble showed.
+    seen = page.evaluate("window.__seen")
+    assert seen["states"][seen["states"].index("speaking"):] == ["speaking", "listening"]
+    assert seen["emptyReplies"] == 0
+    assert state["underruns"] == "1" and page.inner_text("#audio-played").endswith("(1 gap)")
+
+    text = tab.reply_text(1)
+    assert text
+    assert page.get_by_role("log", name="Conversation").locator("li.assistant").inner_text().startswith(text)
+    assert page.locator("#transcript li.user").first.inner_text().startswith("You spoke for")
+    assert page.get_by_role("status").filter(has_text="Listening").count() == 1
+    assert page.get_by_role("button", name="Camera").get_attribute("aria-pressed") == "false"
+
+    # The event log has the server's timings of the reply.
+    done = next(e for e in tab.received if e["type"] == "response.done")
+    page.click("#log-panel summary")
+    log = page.inner_text("#event-log")
+    assert f"→ first audio {round(done['timings']['end_of_speech_to_first_audio_ms'])} ms" in log
+    assert "reply #1 first audio heard" in log
+
+    # Downloads: the conversation's text, and the reply audio exactly as received.
+    assert text in download(page, "#download-text").decode()
+    audio, rate = sf.read(io.BytesIO(download(page, "#download-audio")), dtype="int16")
+    assert rate == OUTPUT_SAMPLE_RATE
+    np.testing.assert_array_equal(audio, np.frombuffer(bytes(tab.audio[1]), "<i2"))
+
+    # The settings panel shows what the session runs with (the URL's options, echoed by the server).
+    page.click("#settings-panel summary")
+    assert page.input_value("[name=temperature]") == "0"
+    assert page.input_value("[name=max_new_tokens]") == "64"
+    assert page.is_checked("[name=speak]")
+
+    assert_contrast(page)
+    screenshot(page, "desktop", tmp_path)
     assert tab.errors == []
 
     # The audio went out as PCM16 20 ms chunks at the rate the page announced, which is the
     # browser's own AudioContext rate; the URL's options went into session.start.
     session_start = json.loads(tab.sent[0])
-    browser_rate = tab.page.evaluate("new AudioContext().sampleRate")
+    browser_rate = page.evaluate("new AudioContext().sampleRate")
     assert (session_start["type"], session_start["sample_rate"], session_start["channels"]) == (
         "session.start", browser_rate, 1
     )
@@ -266,16 +455,30 @@ def test_spoken_turn_is_answered_with_audio(tab: Tab, server_url: str, tmp_path:
     assert chunk_sizes == {2 * round(browser_rate * 0.02)}
 
 
-def test_camera_frames_go_with_the_turn(tab: Tab, server_url: str, tmp_path: Path) -> None:
-    tab.page.goto(server_url)
-    tab.page.click("#start")
-    tab.page.click("#camera")  # frames go out at ~2 fps while the clip is heard
-    user_turn = tab.page.locator("#transcript li.user", has_text="camera frame")
+def test_phone_keeps_the_controls_in_view_with_the_camera_on(
+    open_tab: Callable[..., Tab], server_url: str, tmp_path: Path
+) -> None:
+    tab = open_tab(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    page = tab.page
+    page.goto(server_url)
+    page.click("#start")
+    camera = page.get_by_role("button", name="Camera")
+    camera.click()  # frames go out at ~2 fps while the clip is heard
+    page.wait_for_function("document.getElementById('camera').getAttribute('aria-pressed') === 'true'")
+    user_turn = page.locator("#transcript li.user", has_text="camera frame")
     user_turn.wait_for(timeout=REPLY_TIMEOUT_MS)
     frames = int(user_turn.inner_text().split("·")[1].split()[0])
     assert 1 <= frames <= 4  # the server attaches the frames of the last second, at most 4
-    assert tab.page.eval_on_selector("#camera-preview", "video => video.videoWidth > 0 && !video.paused")
-    tab.page.screenshot(path=tmp_path / "camera.png", full_page=True)
+    assert page.eval_on_selector("#camera-preview", "video => video.videoWidth > 0 && !video.paused")
+
+    page.locator("#transcript li.assistant .meta", has_text="server").wait_for(timeout=REPLY_TIMEOUT_MS)  # done
+    assert page.evaluate("document.documentElement.scrollHeight > innerHeight + 100")  # the page scrolls
+    # The transcript followed the reply, and the state and the Stop button are still on screen.
+    screenshot(page, "phone", tmp_path)
+    assert page.eval_on_selector("#transcript li.assistant", "e => e.getBoundingClientRect().bottom <= innerHeight")
+    assert in_viewport(page, "#start") and in_viewport(page, "#state-text")
+    assert page.inner_text("#start") == "Stop"
+    screenshot(page, "phone", tmp_path)
     assert tab.errors == []
 
 
@@ -314,6 +517,17 @@ def test_talking_over_the_reply_stops_it_at_once(
         assert float(tab.state()["audioPlayed"]) == heard  # silent at once, not at the end of a segment
         assert first_reply.evaluate("reply => reply.classList.contains('interrupted')")
         assert heard < reply_seconds(tab, response_id=1) - 0.3
+
+        # The transcript keeps what was heard: the reply's start, as long as its speaking rate
+        # (text length over audio length) makes the time heard, to the end of a word.
+        full_text = tab.reply_text(1)
+        shown = first_reply.evaluate("reply => reply.firstChild.data").removesuffix("…")
+        assert full_text.startswith(shown) and len(shown) < len(full_text)
+        if any(e["type"] == "response.done" and e["response_id"] == 1 for e in tab.received):
+            expected = len(full_text) * heard / reply_seconds(tab, response_id=1)
+            longest_word = max(len(word) for word in full_text.split())
+            assert expected - 2 <= len(shown) <= expected + longest_word + 1
+        assert_contrast(tab.page)  # the interrupted mark too
         tab.page.locator("#transcript li.assistant").nth(1).wait_for(timeout=REPLY_TIMEOUT_MS)  # 2nd turn
         assert tab.errors == []
     finally:
@@ -322,7 +536,15 @@ def test_talking_over_the_reply_stops_it_at_once(
 
 def reply_seconds(tab: Tab, response_id: int) -> float:
     """Seconds of reply audio the server sent for ``response_id`` (from the frames received)."""
-    return tab.audio_bytes.get(response_id, 0) / 2 / OUTPUT_SAMPLE_RATE
+    return len(tab.audio.get(response_id, b"")) / 2 / OUTPUT_SAMPLE_RATE
+
+
+MAX_MIC_METER = """() => new Promise((resolve) => {
+  const meter = document.getElementById("mic-meter");
+  let max = 0;
+  const timer = setInterval(() => (max = Math.max(max, Number(meter.getAttribute("aria-valuenow")))), 20);
+  setTimeout(() => { clearInterval(timer); resolve(max); }, 1500);
+})"""
 
 
 def test_second_user_is_told_the_server_is_full_and_gets_in_later(browser: sync_api.Browser, server_url: str) -> None:
@@ -336,6 +558,7 @@ def test_second_user_is_told_the_server_is_full_and_gets_in_later(browser: sync_
         second.wait_for("app.error === 'server_full'")
         assert second.state()["connection"] == "reconnecting"
         assert "full" in second.page.inner_text("#error")
+        assert second.page.evaluate(MAX_MIC_METER) == 0  # the clip plays, but nobody hears it
 
         first.context.close()  # a seat frees up
         second.page.click("#reconnect")
@@ -347,8 +570,9 @@ def test_second_user_is_told_the_server_is_full_and_gets_in_later(browser: sync_
 
 
 def test_lost_server_is_reported_and_retried(
-    tab: Tab, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+    open_tab: Callable[..., Tab], tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
+    tab = open_tab(RECORDER)
     settings = ServerSettings(max_sessions=1, cache_dir=tmp_path_factory.mktemp("cache"))
     with BackgroundServer(settings, tiny_checkpoint) as server:
         tab.page.goto(server.http_url)
@@ -360,6 +584,134 @@ def test_lost_server_is_reported_and_retried(
     assert tab.page.inner_text("#state-text") == "Waiting for the server…"
     tab.wait_for("app.error === 'unreachable'")  # the retry found nobody
     assert "Cannot reach the server" in tab.page.inner_text("#error")
+    assert_contrast(tab.page)  # the error message too
+    # The wait before the next try (2 s) counts down.
+    tab.page.wait_for_function(
+        "(texts => texts.indexOf('Reconnecting in 1 s', texts.lastIndexOf('Reconnecting in 2 s')) > 0)"
+        "(window.__seen.connection)",
+        timeout=5_000,
+    )
+
+
+# getUserMedia answers only when the test says so, as when the permission prompt is open.
+SLOW_PERMISSION = """
+window.__media = { streams: [], answer: null, holdMic: true };
+const realGetUserMedia = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+navigator.mediaDevices.getUserMedia = async (constraints) => {
+  if (constraints.audio && __media.holdMic) await new Promise((resolve) => (__media.answer = resolve));
+  const stream = await realGetUserMedia(constraints);
+  __media.streams.push(stream);
+  return stream;
+};
+"""
+# The microphone reports no echo cancellation (as some browsers and devices do).
+NO_ECHO_CANCELLATION = """
+const realGetSettings = MediaStreamTrack.prototype.getSettings;
+MediaStreamTrack.prototype.getSettings = function () {
+  return { ...realGetSettings.call(this), echoCancellation: false };
+};
+"""
+
+
+def test_stop_while_asked_for_the_microphone_leaves_nothing_running(
+    open_tab: Callable[..., Tab], static_url: str
+) -> None:
+    tab = open_tab(SLOW_PERMISSION + NO_ECHO_CANCELLATION)
+    page = tab.page
+    page.goto(static_url)
+    page.click("#start")
+    page.wait_for_function("window.__media.answer !== null")  # the prompt is open
+    page.click("#start")  # Stop
+    page.evaluate("window.__media.answer()")  # the user allows, too late
+    page.wait_for_function("window.__media.streams.length === 1")
+    page.wait_for_timeout(300)
+    assert page.evaluate("window.__media.streams[0].getTracks().every(track => track.readyState === 'ended')")
+    assert tab.state()["error"] == "" and not page.is_visible("#error")
+    assert (tab.state()["state"], tab.state()["connection"], page.inner_text("#start")) == ("idle", "offline", "Start")
+    assert tab.sent == [] and tab.errors == []
+
+    # Started again and allowed at once: a microphone without echo cancellation gets the hint.
+    page.evaluate("window.__media.holdMic = false")
+    page.click("#start")
+    page.wait_for_selector("#headphones-hint", state="visible")
+    assert "headphones" in page.inner_text("#headphones-hint")
+    assert_contrast(page)
+    page.click("#start")  # Stop
+    assert not page.is_visible("#headphones-hint")
+    assert page.evaluate("window.__media.streams.every(s => s.getTracks().every(t => t.readyState === 'ended'))")
+
+
+# Records what the page asks of the media APIs: the constraints of each getUserMedia call and
+# the speaker of each setSinkId call.
+MEDIA_CALLS = """
+window.__calls = { getUserMedia: [], setSinkId: [] };
+const realGetUserMedia = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+navigator.mediaDevices.getUserMedia = (constraints) => {
+  __calls.getUserMedia.push(constraints);
+  return realGetUserMedia(constraints);
+};
+const realSetSinkId = AudioContext.prototype.setSinkId;
+AudioContext.prototype.setSinkId = function (id) {
+  __calls.setSinkId.push(id);
+  return realSetSinkId.call(this, id);
+};
+"""
+
+
+def test_settings_devices_and_mute_are_applied_and_remembered(
+    open_tab: Callable[..., Tab], server_url: str
+) -> None:
+    tab = open_tab(MEDIA_CALLS)
+    page = tab.page
+    page.goto(server_url.split("?")[0])  # no session options in the URL
+    mute = page.get_by_role("button", name="Mute")
+    mute.click()  # before Start: the clip is never heard
+    assert mute.get_attribute("aria-pressed") == "true"
+    page.click("#start")
+    tab.wait_for("app.connection === 'connected'")
+    assert page.inner_text("#state-text").startswith("Muted")
+    page.click("#settings-panel summary")
+
+    page.fill("[name=temperature]", "0.5")
+    page.fill("[name=max_new_tokens]", "32")
+    page.select_option("[name=aggressiveness]", "3")
+    page.uncheck("[name=speak]")
+    page.fill("[name=system_prompt]", "Answer in one sentence.")
+    page.locator("[name=system_prompt]").blur()
+    page.locator("#transcript li.note", has_text="instructions changed").wait_for()
+    updates = tab.sent_events("session.update")
+    assert [u for u in updates if u.get("generation", {}).get("temperature") == 0.5]
+    assert {"type": "session.update", "vad": {"aggressiveness": 3}} in updates
+    assert {"type": "session.update", "generation": {"speak": False}} in updates
+    assert {"type": "session.update", "system_prompt": "Answer in one sentence."} in updates
+
+    page.select_option("#audioinput", label="Fake Audio Input 2")
+    page.select_option("#audiooutput", label="Fake Audio Output 1")
+    microphone = page.eval_on_selector("#audioinput", "select => select.value")
+    speaker = page.eval_on_selector("#audiooutput", "select => select.value")
+    page.wait_for_function(f"window.__calls.setSinkId.includes('{speaker}')")
+    page.wait_for_function("window.__calls.getUserMedia.length === 2")
+    assert page.evaluate("window.__calls.getUserMedia[1].audio.deviceId") == {"ideal": microphone}
+    assert page.get_by_role("meter", name="Your microphone level").get_attribute("aria-valuenow") == "0"
+    audio = b"".join(frame for frame in tab.sent if isinstance(frame, bytes))
+    assert audio and not any(audio)  # muted: silence went out
+    assert not [e for e in tab.received if e["type"] == "vad.speech_started"]
+
+    # A new visit starts with all of it.
+    page.click("#start")  # Stop
+    tab.sent.clear()
+    page.reload()
+    page.click("#start")
+    tab.wait_for("app.connection === 'connected'")
+    session_start = json.loads(tab.sent[0])
+    assert session_start["system_prompt"] == "Answer in one sentence."
+    assert session_start["generation"] == {"temperature": 0.5, "max_new_tokens": 32, "speak": False}
+    assert session_start["vad"] == {"aggressiveness": 3}
+    assert page.evaluate("window.__calls.getUserMedia[0].audio.deviceId") == {"ideal": microphone}
+    page.wait_for_function(f"window.__calls.setSinkId.includes('{speaker}')")
+    page.wait_for_function(f"document.getElementById('audioinput').value === '{microphone}'")
+    assert page.input_value("[name=temperature]") == "0.5" and not page.is_checked("[name=speak]")
+    assert tab.errors == []
 
 
 @pytest.fixture(scope="module")

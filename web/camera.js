@@ -15,23 +15,36 @@ export class Camera {
     this.canvas = document.createElement("canvas");
     this.stream = null;
     this.timer = null;
+    this.opening = null; // the getUserMedia call under way
   }
 
   get running() {
     return this.stream !== null;
   }
 
-  /** Opens the camera and starts snapshots; throws the getUserMedia error on failure. */
-  async start() {
-    this.stream = await navigator.mediaDevices.getUserMedia({
-      video: { width: { ideal: 640 }, height: { ideal: 480 }, frameRate: { ideal: 15 } },
-    });
-    this.preview.srcObject = this.stream;
+  /**
+   * Opens the camera (`deviceId` "" = the default one) and starts snapshots; throws the
+   * getUserMedia error on failure. Returns false when stop() came first.
+   */
+  async start(deviceId = "") {
+    const video = { width: { ideal: 640 }, height: { ideal: 480 }, frameRate: { ideal: 15 } };
+    if (deviceId) video.deviceId = { ideal: deviceId };
+    const opening = (this.opening = navigator.mediaDevices.getUserMedia({ video }));
+    const stream = await opening;
+    if (this.opening !== opening) {
+      stream.getTracks().forEach((track) => track.stop());
+      return false;
+    }
+    this.opening = null;
+    this.stream = stream;
+    this.preview.srcObject = stream;
     await this.preview.play();
     this.timer = setInterval(() => this.snapshot(), this.intervalMs);
+    return true;
   }
 
   stop() {
+    this.opening = null;
     clearInterval(this.timer);
     this.stream?.getTracks().forEach((track) => track.stop());
     this.preview.srcObject = null;

@@ -27,7 +27,7 @@ async function blobToBase64(blob) {
 export class Connection {
   /**
    * @param {string} url websocket URL
-   * @param {object} sessionStart the `session.start` event sent on every (re)connect
+   * @param {() => object} sessionStart makes the `session.start` event sent on every (re)connect
    * @param {object} handlers
    *   onStatus(status, detail): status is "connecting" | "connected" | "reconnecting" | "offline";
    *     detail is {reason, seconds?, message?} (reason: "unreachable" | "lost" | "closed" or the
@@ -58,7 +58,7 @@ export class Connection {
     socket.binaryType = "arraybuffer";
     socket.onopen = () => {
       this.wasOpen = true;
-      socket.send(JSON.stringify(this.sessionStart));
+      socket.send(JSON.stringify(this.sessionStart()));
     };
     socket.onmessage = ({ data }) => this.receive(data);
     socket.onclose = () => this.closed(socket);

@@ -35,6 +35,21 @@ function explainMediaError(error) {
   }
 }
 
+/** getUserMedia constraints: voice processing on, the chosen device if any. */
+function micConstraints(deviceId) {
+  const audio = { echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1 };
+  if (deviceId) audio.deviceId = { ideal: deviceId };
+  return { audio };
+}
+
+async function openStream(deviceId) {
+  try {
+    return await navigator.mediaDevices.getUserMedia(micConstraints(deviceId));
+  } catch (error) {
+    throw explainMediaError(error);
+  }
+}
+
 export class Microphone {
   /**
    * @param {AudioContext} audioContext shared context; chunks come at its sample rate
@@ -46,10 +61,15 @@ export class Microphone {
     this.stream = null;
     this.source = null;
     this.node = null;
+    this.muted = false;
+    this.stopped = false;
   }
 
-  /** Asks for the mic and starts delivering chunks. Throws MicrophoneError. */
-  async start() {
+  /**
+   * Asks for the mic and starts delivering chunks. Throws MicrophoneError. Returns false when
+   * stop() came first (e.g. while the permission prompt was open): nothing is left running.
+   */
+  async start(deviceId = "") {
     if (!window.isSecureContext || !navigator.mediaDevices?.getUserMedia) {
       throw new MicrophoneError(
         "insecure",
@@ -57,28 +77,63 @@ export class Microphone {
           "Open this page over https.",
       );
     }
-    try {
-      this.stream = await navigator.mediaDevices.getUserMedia({
-        audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1 },
-      });
-    } catch (error) {
-      throw explainMediaError(error);
+    const stream = await openStream(deviceId);
+    if (this.stopped) {
+      stopTracks(stream);
+      return false;
     }
+    this.stream = stream;
     await this.audioContext.audioWorklet.addModule(WORKLET_URL);
-    this.source = this.audioContext.createMediaStreamSource(this.stream);
+    if (this.stopped) return false; // stop() has stopped the stream
     this.node = new AudioWorkletNode(this.audioContext, "pcm-capture", {
       numberOfInputs: 1,
       numberOfOutputs: 0,
       processorOptions: { chunkMs: 20 },
     });
     this.node.port.onmessage = ({ data }) => this.onChunk(data.pcm, data.level);
-    this.source.connect(this.node);
+    this.connect(stream);
+    return true;
+  }
+
+  /** Captures from another microphone from now on (the chunks go on without a break). */
+  async switchTo(deviceId) {
+    const stream = await openStream(deviceId);
+    if (this.stopped) {
+      stopTracks(stream);
+      return;
+    }
+    this.source.disconnect();
+    stopTracks(this.stream);
+    this.stream = stream;
+    this.connect(stream);
+  }
+
+  /** Muted: the track delivers silence (chunks keep coming, so the server's turn ends normally). */
+  setMuted(muted) {
+    this.muted = muted;
+    this.stream?.getAudioTracks().forEach((track) => (track.enabled = !muted));
+  }
+
+  /** False when the browser does no echo cancellation: the speaker's sound reaches the mic. */
+  get cancelsEcho() {
+    return this.stream?.getAudioTracks()[0]?.getSettings().echoCancellation === true;
   }
 
   stop() {
+    this.stopped = true;
     this.source?.disconnect();
     this.node?.port.close();
-    this.stream?.getTracks().forEach((track) => track.stop());
+    stopTracks(this.stream);
     this.stream = this.source = this.node = null;
   }
+
+  connect(stream) {
+    this.setMuted(this.muted);
+    this.source = this.audioContext.createMediaStreamSource(stream);
+    this.source.connect(this.node);
+  }
+}
+
+function stopTracks(stream) {
+  stream?.getTracks().forEach((track) => track.stop());
 }

@@ -3,7 +3,8 @@
 // scheduled right after the previous one. When the queue has run dry, the next segment
 // starts `jitterSeconds` in the future so that following segments can arrive in time.
 // Running dry in the middle of a reply (an underrun: a gap was heard) makes that
-// jitter buffer longer, up to `maxJitterSeconds`.
+// jitter buffer longer, up to `maxJitterSeconds`. A gain node sets the volume; an analyser
+// after it gives the level of what is heard.
 
 export class Player {
   /**
@@ -18,6 +19,10 @@ export class Player {
     this.underruns = 0;
     this.output = audioContext.createGain();
     this.output.connect(audioContext.destination);
+    this.analyser = audioContext.createAnalyser();
+    this.analyser.fftSize = 1024;
+    this.output.connect(this.analyser);
+    this.analysed = new Float32Array(this.analyser.fftSize);
     this.scheduled = new Set(); // {source, startAt, duration}
     this.nextStartAt = 0;
     this.playedSeconds = 0; // audio heard from segments that have finished
@@ -58,6 +63,20 @@ export class Player {
     this.scheduled.add(entry);
     this.nextStartAt = startAt + buffer.duration;
     return startAt;
+  }
+
+  /** Playback volume, 0..1. */
+  set volume(volume) {
+    this.output.gain.value = volume;
+  }
+
+  /** RMS level (0..1) of the last ~20 ms played, after the volume. */
+  get level() {
+    if (!this.busy) return 0;
+    this.analyser.getFloatTimeDomainData(this.analysed);
+    let sumSquares = 0;
+    for (const sample of this.analysed) sumSquares += sample * sample;
+    return Math.sqrt(sumSquares / this.analysed.length);
   }
 
   /** Silences everything at once (interruption); queued segments are dropped. */

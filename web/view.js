@@ -1,28 +1,41 @@
-// Everything the page shows. The state also goes into data-* attributes of #app
-// (data-connection, data-state, data-audio-played, data-underruns, data-latency-ms, data-error) so that
-// it can be observed from outside, e.g. by tests.
+// The dock at the top of the page: connection, state, meters, controls, errors and hints. The
+// state also goes into data-* attributes of #app (data-connection, data-state,
+// data-audio-played, data-underruns, data-latency-ms, data-error) so that it can be observed
+// from outside, e.g. by tests.
 
 const STATE_TEXT = {
   idle: "Press Start and talk",
   waiting: "Waiting for the server…",
   listening: "Listening…",
   hearing: "Hearing you…",
+  muted: "Muted: press Mute again to talk",
   thinking: "Thinking…",
   speaking: "Speaking…",
 };
 
 const $ = (id) => document.getElementById(id);
 
+/** "1 gap", "2 gaps". */
+function count(n, noun) {
+  return `${n} ${noun}${n === 1 ? "" : "s"}`;
+}
+
+/** RMS level 0..1 → 0..100 on a -60..0 dBFS scale. */
+function levelPercent(level) {
+  const decibels = 20 * Math.log10(Math.max(level, 1e-6));
+  return Math.round(Math.min(1, Math.max(0, (decibels + 60) / 60)) * 100);
+}
+
 export class View {
   constructor() {
     this.app = $("app");
-    this.transcript = $("transcript");
     this.startButton = $("start");
+    this.muteButton = $("mute");
     this.cameraButton = $("camera");
     this.reconnectButton = $("reconnect");
     this.newConversationButton = $("new-conversation");
-    this.pendingUserTurn = null;
-    this.lastUserTurn = null;
+    this.micMeter = $("mic-meter");
+    this.voiceMeter = $("voice-meter");
   }
 
   /** @param {string} status offline | connecting | connected | reconnecting */
@@ -35,37 +48,51 @@ export class View {
 
   /**
    * @param {string} state idle | listening | thinking | speaking
-   * @param {string} wording a key of STATE_TEXT that says it in more detail (waiting, hearing)
+   * @param {string} wording a key of STATE_TEXT that says it in more detail (waiting, hearing, muted)
    */
   setState(state, wording = state) {
     this.app.dataset.state = state;
-    $("state-text").textContent = STATE_TEXT[wording];
+    const text = STATE_TEXT[wording];
+    if ($("state-text").textContent !== text) $("state-text").textContent = text; // announced once
   }
 
   setRunning(running) {
     this.startButton.textContent = running ? "Stop" : "Start";
     this.startButton.classList.toggle("primary", !running);
     this.cameraButton.disabled = !running;
-    if (!running) this.setCamera(false);
+    if (!running) {
+      this.setCamera(false);
+      this.setLevels(0, 0);
+      this.showHeadphonesHint(false);
+    }
   }
 
   setCamera(on) {
-    this.cameraButton.textContent = on ? "Camera off" : "Camera on";
+    this.cameraButton.setAttribute("aria-pressed", String(on));
     $("camera-box").hidden = !on;
   }
 
-  /** Mic level as RMS 0..1, shown on a -60..0 dBFS scale. */
-  setLevel(level) {
-    const decibels = 20 * Math.log10(Math.max(level, 1e-6));
-    const fraction = Math.min(1, Math.max(0, (decibels + 60) / 60));
-    $("mic-level").style.width = `${(fraction * 100).toFixed(1)}%`;
+  setMuted(muted) {
+    this.muteButton.setAttribute("aria-pressed", String(muted));
+  }
+
+  /** Levels as RMS 0..1: the user's (as the server gets it) and the assistant's voice. */
+  setLevels(mic, voice) {
+    setMeter(this.micMeter, levelPercent(mic));
+    setMeter(this.voiceMeter, levelPercent(voice));
   }
 
   /** Seconds of reply audio heard and gaps heard (underruns) of a Player. */
   setPlayback({ heardSeconds, underruns }) {
     this.app.dataset.audioPlayed = heardSeconds.toFixed(3);
     this.app.dataset.underruns = underruns;
-    $("audio-played").textContent = `${heardSeconds.toFixed(1)} s` + (underruns ? ` (${underruns} gaps)` : "");
+    $("audio-played").textContent = `${heardSeconds.toFixed(1)} s` + (underruns ? ` (${count(underruns, "gap")})` : "");
+  }
+
+  /** Browser-measured latency of the last reply (end of speech → first audio heard). */
+  setLatency(milliseconds) {
+    this.app.dataset.latencyMs = milliseconds.toFixed(0);
+    $("latency").textContent = `${milliseconds.toFixed(0)} ms`;
   }
 
   /** Shows a message a person can act on; `code` names the cause in data-error. */
@@ -80,75 +107,13 @@ export class View {
     $("error").hidden = true;
   }
 
-  /** Adds a line without a speaker (reconnects, the model in use). */
-  addNote(text) {
-    this.append("note", text);
-  }
-
-  userStartedSpeaking() {
-    this.pendingUserTurn ??= this.append("user", "You are speaking…");
-  }
-
-  userStoppedSpeaking(durationMs) {
-    this.userStartedSpeaking();
-    this.pendingUserTurn.textContent = `You spoke for ${(durationMs / 1000).toFixed(1)} s`;
-    this.lastUserTurn = this.pendingUserTurn;
-    this.pendingUserTurn = null;
-  }
-
-  /** The server attached camera frames to the last turn. */
-  userTurnHadFrames(count) {
-    if (!this.lastUserTurn || count === 0) return;
-    this.lastUserTurn.textContent += ` · ${count} camera frame${count > 1 ? "s" : ""}`;
-  }
-
-  userSpeechDiscarded() {
-    this.pendingUserTurn?.remove();
-    this.pendingUserTurn = null;
-  }
-
-  /** Adds an empty reply bubble and returns it. */
-  addReply() {
-    const item = this.append("assistant", "");
-    item.append(document.createTextNode(""), meta(""));
-    return item;
-  }
-
-  appendReplyText(reply, delta) {
-    reply.firstChild.appendData(delta);
-    this.transcript.lastElementChild?.scrollIntoView({ block: "nearest" });
-  }
-
-  /** Latency is measured in the browser (end of speech → first audio heard). */
-  setReplyLatency(reply, milliseconds) {
-    this.app.dataset.latencyMs = milliseconds.toFixed(0);
-    $("latency").textContent = `${milliseconds.toFixed(0)} ms`;
-    reply.lastChild.textContent = `first audio ${milliseconds.toFixed(0)} ms after you stopped`;
-  }
-
-  finishReply(reply, { state, timings }) {
-    if (state === "not_addressed") reply.firstChild.data ||= "(not addressed to the assistant: no reply)";
-    const server = timings.end_of_speech_to_first_audio_ms;
-    if (server != null) reply.lastChild.textContent += ` · server ${server.toFixed(0)} ms`;
-  }
-
-  markInterrupted(reply) {
-    reply.classList.add("interrupted");
-  }
-
-  append(kind, text) {
-    const item = document.createElement("li");
-    item.className = kind;
-    item.textContent = text;
-    this.transcript.append(item);
-    item.scrollIntoView({ block: "nearest" });
-    return item;
+  showHeadphonesHint(show) {
+    $("headphones-hint").hidden = !show;
   }
 }
 
-function meta(text) {
-  const span = document.createElement("span");
-  span.className = "meta";
-  span.textContent = text;
-  return span;
+function setMeter(meter, percent) {
+  if (meter.getAttribute("aria-valuenow") === String(percent)) return;
+  meter.setAttribute("aria-valuenow", percent);
+  meter.firstElementChild.style.width = `${percent}%`;
 }
