@@ -15,6 +15,7 @@ import functools
 import http.server
 import io
 import json
+import math
 import os
 import shutil
 import socket
@@ -424,7 +425,8 @@ def test_spoken_turn_is_answered_with_audio(open_tab: Callable[..., Tab], server
     done = next(e for e in tab.received if e["type"] == "response.done")
     page.click("#log-panel summary")
     log = page.inner_text("#event-log")
-    assert f"→ first audio {round(done['timings']['end_of_speech_to_first_audio_ms'])} ms" in log
+    first_audio_ms = math.floor(done["timings"]["end_of_speech_to_first_audio_ms"] + 0.5)  # JS Math.round
+    assert f"→ first audio {first_audio_ms} ms" in log
     assert "reply #1 first audio heard" in log
 
     # Downloads: the conversation's text, and the reply audio exactly as received.
