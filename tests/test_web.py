@@ -716,6 +716,47 @@ def test_settings_devices_and_mute_are_applied_and_remembered(
     assert tab.errors == []
 
 
+def test_push_to_talk_and_typed_turns(open_tab: Callable[..., Tab], server_url: str) -> None:
+    tab = open_tab()
+    page = tab.page
+    page.goto(server_url)
+    page.click("#settings-panel summary")
+    page.select_option("[name=turn_detection]", "manual")  # remembered: goes into session.start
+    page.click("#start")
+    tab.wait_for("app.connection === 'connected'")
+    assert json.loads(tab.sent[0])["turn_detection"] == "manual"
+    talk = page.get_by_role("button", name="Hold to talk")
+    page.wait_for_timeout(300)  # the clip plays: nothing goes out while the button is up
+    assert not [frame for frame in tab.sent if isinstance(frame, bytes)]
+
+    talk.hover()
+    page.mouse.down()  # during the clip
+    page.wait_for_timeout(1_500)
+    page.mouse.up()
+    page.locator("#transcript li.assistant").first.wait_for(timeout=REPLY_TIMEOUT_MS)
+    events = [frame if isinstance(frame, bytes) else json.loads(frame)["type"] for frame in tab.sent[1:]]
+    clear, commit = events.index("input_audio.clear"), events.index("input_audio.commit")
+    assert clear < commit and all(isinstance(e, bytes) for e in events[clear + 1 : commit])
+    assert 1.0 <= 0.02 * (commit - clear - 1) <= 2.0  # ~1.5 s of 20 ms chunks, only while held
+    assert page.locator("#transcript li.user").first.inner_text().startswith("You spoke for 1.")
+
+    page.fill("#text-input", "What do you see?")
+    page.press("#text-input", "Enter")
+    assert tab.sent_events("input_text") == [{"type": "input_text", "text": "What do you see?"}]
+    assert page.locator("#transcript li.user.typed").inner_text() == "What do you see?"
+    page.locator("#transcript li.assistant").nth(1).wait_for(timeout=REPLY_TIMEOUT_MS)
+
+    # The space bar talks too; a press too short for a turn is refused and leaves no turn behind.
+    tab.wait_for("app.state === 'listening'", REPLY_TIMEOUT_MS)
+    page.locator("body").click(position={"x": 5, "y": 5})  # focus out of the text box
+    page.keyboard.down("Space")
+    page.keyboard.up("Space")
+    tab.wait_for("app.error === 'no_audio' && app.state === 'listening'")
+    assert page.locator("#transcript li.user").count() == 2
+    assert tab.sent_events("input_audio.commit") == [{"type": "input_audio.commit"}] * 2
+    assert tab.errors == []
+
+
 @pytest.fixture(scope="module")
 def https_url(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The real app served over TLS (self-signed certificate), as ``vita-server --ssl-certfile``."""

@@ -63,6 +63,8 @@ class Chat {
     this.connection = null;
     this.micLevel = 0; // level of the last chunk the server got
     this.speak = true; // the session speaks its replies (generation.speak)
+    this.manualTurns = false; // push to talk (turn_detection "manual"): audio goes out only while talking
+    this.talkingSince = null; // performance.now() when the talk button went down
     this.systemPrompt = null;
     this.retry = null; // {reason, message, at, timer} while waiting to reconnect
     this.camera = new Camera(document.getElementById("camera-preview"), (jpeg) =>
@@ -139,6 +141,8 @@ class Chat {
     this.audioContext?.close();
     this.connection = this.microphone = this.audioContext = null;
     this.micLevel = 0;
+    this.manualTurns = false; // until the next session says
+    this.view.setManualTurns(false);
     this.view.setRunning(false);
     this.refreshState();
   }
@@ -209,8 +213,52 @@ class Chat {
     this.refreshState();
   }
 
+  /** Push to talk pressed: a reply still playing stops, audio from now on is the turn. */
+  startTalking() {
+    if (!this.manualTurns || this.talkingSince !== null || !this.connection?.ready) return;
+    this.stopReplyForNewTurn();
+    this.send({ type: "input_audio.clear" });
+    this.talkingSince = performance.now();
+    this.transcript.userStartedSpeaking();
+    this.view.setManualTurns(true, true);
+    this.refreshState();
+  }
+
+  /** Push to talk released: the audio sent since the press is the turn. */
+  stopTalking() {
+    if (this.talkingSince === null) return;
+    const durationMs = performance.now() - this.talkingSince;
+    this.talkingSince = null;
+    this.view.setManualTurns(this.manualTurns, false);
+    if (this.send({ type: "input_audio.commit" })) {
+      this.turnPending = true;
+      this.endOfSpeechAt = performance.now();
+      this.transcript.userStoppedSpeaking(durationMs);
+    } else {
+      this.transcript.userSpeechDiscarded();
+    }
+    this.refreshState();
+  }
+
+  /** A typed turn; false when no session is ready to take it. */
+  sendText(text) {
+    if (!this.connection?.ready) return false;
+    this.stopReplyForNewTurn();
+    this.send({ type: "input_text", text });
+    this.transcript.userTyped(text);
+    this.turnPending = true;
+    this.endOfSpeechAt = performance.now();
+    this.refreshState();
+    return true;
+  }
+
+  /** A new turn interrupts the reply (the server does too): silent here at once. */
+  stopReplyForNewTurn() {
+    if (this.player.busy || (this.response && !this.response.done)) this.interrupt();
+  }
+
   onMicChunk(pcm, level) {
-    if (!this.connection?.ready) {
+    if (!this.connection?.ready || (this.manualTurns && this.talkingSince === null)) {
       this.micLevel = 0; // nobody hears it: the meter must not say otherwise
       return;
     }
@@ -227,6 +275,8 @@ class Chat {
 
   onStatus(status, { reason, seconds, message }) {
     this.stopRetryCountdown();
+    this.view.setCanType(status === "connected");
+    if (status !== "connected") this.stopTalking();
     this.log.add(`connection ${status}${reason ? ` (${reason})` : ""}`);
     if (status === "connected") {
       this.view.clearError();
@@ -330,6 +380,10 @@ class Chat {
         break;
       case "error":
         if (event.code === "internal_error" && this.response) this.response.done = true; // the reply failed
+        if (event.code === "no_audio" && this.turnPending) {
+          this.turnPending = false;
+          this.transcript.userTurnRefused();
+        }
         if (!event.fatal && event.code !== "no_response") this.view.showError(event.code, `Server: ${event.message}`);
         break;
     }
@@ -341,6 +395,9 @@ class Chat {
     this.settings.show(event);
     this.speak = event.generation.speak;
     this.systemPrompt = event.system_prompt;
+    this.manualTurns = event.turn_detection === "manual";
+    if (!this.manualTurns) this.stopTalking();
+    this.view.setManualTurns(this.manualTurns, this.talkingSince !== null);
   }
 
   onAudio(responseId, segment, pcm) {
@@ -393,6 +450,7 @@ class Chat {
     // a reply that has been heard is "speaking" until its end, through gaps in its audio too
     else if (this.player.busy || (response && !response.done && response.heardFirstAudio)) this.view.setState("speaking");
     else if (this.turnPending || (response && !response.done)) this.view.setState("thinking");
+    else if (this.manualTurns) this.view.setState("listening", this.talkingSince !== null ? "talking" : "push");
     else this.view.setState("listening", this.muted ? "muted" : this.hearing ? "hearing" : "listening");
   }
 }
@@ -404,6 +462,28 @@ view.muteButton.addEventListener("click", () => chat.toggleMute());
 view.cameraButton.addEventListener("click", () => chat.toggleCamera());
 view.reconnectButton.addEventListener("click", () => chat.connection?.reconnectNow());
 view.newConversationButton.addEventListener("click", () => chat.newConversation());
+view.talkButton.addEventListener("pointerdown", () => chat.startTalking());
+for (const type of ["pointerup", "pointerleave", "pointercancel"]) {
+  view.talkButton.addEventListener(type, () => chat.stopTalking());
+}
+const typing = (event) => event.target.closest("input, textarea, select, [contenteditable]");
+addEventListener("keydown", (event) => {
+  if (event.code !== "Space" || !chat.manualTurns || typing(event)) return;
+  event.preventDefault(); // no scrolling, no button click
+  if (!event.repeat) chat.startTalking();
+});
+addEventListener("keyup", (event) => {
+  if (event.code === "Space" && chat.talkingSince !== null) {
+    event.preventDefault();
+    chat.stopTalking();
+  }
+});
+const textTurn = document.getElementById("text-turn");
+textTurn.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const input = textTurn.elements["text-input"];
+  if (input.value.trim() && chat.sendText(input.value.trim())) input.value = "";
+});
 const volume = document.getElementById("volume");
 volume.value = chat.volume;
 volume.addEventListener("input", () => chat.setVolume(Number(volume.value)));

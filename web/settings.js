@@ -7,6 +7,7 @@ const STORAGE_KEY = "vita.settings";
 /** form field name → [group of the session event (null: top level), type of value] */
 const FIELDS = {
   system_prompt: [null, "text"],
+  turn_detection: [null, "text"],
   temperature: ["generation", "number"],
   max_new_tokens: ["generation", "number"],
   aggressiveness: ["vad", "number"],

@@ -67,6 +67,17 @@ export class Transcript {
     this.lastUserTurn.textContent += ` · ${count} camera frame${count > 1 ? "s" : ""}`;
   }
 
+  /** A typed turn. */
+  userTyped(text) {
+    this.lastUserTurn = this.append("user typed", text);
+  }
+
+  /** The server refused the last turn (a push-to-talk press too short to be a turn). */
+  userTurnRefused() {
+    this.lastUserTurn?.remove();
+    this.lastUserTurn = null;
+  }
+
   userSpeechDiscarded() {
     this.pendingUserTurn?.remove();
     this.pendingUserTurn = null;

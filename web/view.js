@@ -9,6 +9,8 @@ const STATE_TEXT = {
   listening: "Listening…",
   hearing: "Hearing you…",
   muted: "Muted: press Mute again to talk",
+  push: "Hold the talk button or the space bar to talk",
+  talking: "Talk now; let go when done",
   thinking: "Thinking…",
   speaking: "Speaking…",
 };
@@ -31,6 +33,7 @@ export class View {
     this.app = $("app");
     this.startButton = $("start");
     this.muteButton = $("mute");
+    this.talkButton = $("talk");
     this.cameraButton = $("camera");
     this.reconnectButton = $("reconnect");
     this.newConversationButton = $("new-conversation");
@@ -70,6 +73,17 @@ export class View {
   setCamera(on) {
     this.cameraButton.setAttribute("aria-pressed", String(on));
     $("camera-box").hidden = !on;
+  }
+
+  /** Push to talk: the talk button and its state. */
+  setManualTurns(manual, talking = false) {
+    this.talkButton.hidden = !manual;
+    this.talkButton.classList.toggle("talking", talking);
+  }
+
+  /** The typed-turn box works while a session is ready. */
+  setCanType(canType) {
+    for (const element of $("text-turn").elements) element.disabled = !canType;
   }
 
   setMuted(muted) {
