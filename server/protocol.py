@@ -435,8 +435,8 @@ def decode_base64(value: Any, max_bytes: int) -> bytes:
         raise ValueError(f"not valid base64: {exc}") from None
 
 
-def parse_client_event(text: str) -> ClientEvent:
-    """Parse one JSON text frame into a client event or raise ``ProtocolError``."""
+def parse_json_object(text: str) -> dict[str, Any]:
+    """One JSON text frame as an object, or ``ProtocolError`` (too large, not JSON, not an object)."""
     if len(text) > MAX_TEXT_FRAME_BYTES:
         raise ProtocolError(ErrorCode.FRAME_TOO_LARGE, f"text frame over {MAX_TEXT_FRAME_BYTES} bytes")
     try:
@@ -445,6 +445,12 @@ def parse_client_event(text: str) -> ClientEvent:
         raise ProtocolError(ErrorCode.INVALID_JSON, f"not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ProtocolError(ErrorCode.INVALID_JSON, "a JSON object with a 'type' field is expected")
+    return data
+
+
+def parse_client_event(text: str) -> ClientEvent:
+    """Parse one JSON text frame into a client event or raise ``ProtocolError``."""
+    data = parse_json_object(text)
     event_type = data.get("type")
     if event_type not in CLIENT_EVENT_TYPES:
         known = ", ".join(sorted(CLIENT_EVENT_TYPES))

@@ -22,8 +22,8 @@ from server.protocol import (
     MAX_AUDIO_FRAME_BYTES,
     MAX_IMAGE_BYTES,
     MAX_INPUT_TEXT_CHARS,
+    MAX_NEW_TOKENS,
     MAX_SYSTEM_PROMPT_CHARS,
-    MAX_TEXT_FRAME_BYTES,
     OUTPUT_SAMPLE_RATE,
     ErrorCode,
     ErrorEvent,
@@ -42,9 +42,9 @@ from server.protocol import (
     SpeechStarted,
     SpeechStopped,
     VadSettings,
-    MAX_NEW_TOKENS,
     base64_bytes,
     decode_base64,
+    parse_json_object,
 )
 
 INPUT_SAMPLE_RATE = 24_000  # audio/pcm: 24 kHz mono PCM16 LE, as the API defines it
@@ -206,14 +206,10 @@ class RealtimeProtocolError(ProtocolError):
 
 def parse_realtime_event(text: str) -> RealtimeClientEvent:
     """One JSON text message into a client event, or ``RealtimeProtocolError``."""
-    if len(text) > MAX_TEXT_FRAME_BYTES:
-        raise RealtimeProtocolError(ErrorCode.FRAME_TOO_LARGE, f"message over {MAX_TEXT_FRAME_BYTES} bytes")
     try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise RealtimeProtocolError(ErrorCode.INVALID_JSON, f"not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise RealtimeProtocolError(ErrorCode.INVALID_JSON, "a JSON object with a 'type' field is expected")
+        data = parse_json_object(text)
+    except ProtocolError as exc:
+        raise RealtimeProtocolError(exc.code, exc.message) from None
     event_type = data.get("type")
     event_id = data.get("event_id") if isinstance(data.get("event_id"), str) else None
     if event_type in UNSUPPORTED_EVENT_TYPES:

@@ -5,8 +5,8 @@
 covers slots 0..n-1 (rows are slots, so attention reads the cache in place; free slots among them
 decode a pad token at position 0, which their next prefill overwrites) and attends over a span of
 positions; both are padded to buckets (`tts/shapes.py`). The decoder forward and the top-k draw run
-on the device from four input rows (tokens, positions, top-k, uniform numbers drawn from each
-stream's CPU generator), with one device-to-host read of the tokens per step. On CUDA each
+on the device from four input rows (tokens, positions, top-k, uniform numbers: one batched
+draw from torch's CPU generator, or a stream's own CPU generator where it has one), with one device-to-host read of the tokens per step. On CUDA each
 (batch, span) shape is a CUDA graph, captured by `capture_graphs` at start-up (or on first use);
 elsewhere the same function runs eagerly. One thread drives a batch.
 """
@@ -134,11 +134,12 @@ class DecoderBatch:
         batch = padded(streams[-1].slot + 1, self._batches)
         span = padded(max(s.length for s in streams) + 1, self._spans)
         inputs = [[self.decoder.config.pad_id] * batch, [0] * batch, [1] * batch]  # idle rows: pad, position 0, top-1
-        uniforms = [0.0] * batch
+        uniforms = torch.rand(batch)  # one draw per row; a stream with a generator of its own draws from it instead
         for s in streams:
             inputs[0][s.slot], inputs[1][s.slot], inputs[2][s.slot] = s.last_token, s.length, s.top_k
-            uniforms[s.slot] = torch.rand((), generator=s.generator).item()
-        inputs, uniforms = torch.tensor(inputs), torch.tensor(uniforms)
+            if s.generator is not None:
+                uniforms[s.slot] = torch.rand((), generator=s.generator)
+        inputs = torch.tensor(inputs)
         if self.use_graphs:
             ids = self._graph(batch, span)(inputs, uniforms)
         else:
