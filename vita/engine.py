@@ -23,11 +23,14 @@ engine between steps.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator, Iterable
 
 import torch
 from torch import nn
 
+from tts.activity_log import ActivityLog
 from vita.model_runner import Launch, ModelRunner
 from vita.qwen2 import Qwen2Model
 from vita.sampling import SamplingParams
@@ -67,6 +70,7 @@ class Engine:
         self._in_flight: Launch | None = None
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._activity = ActivityLog(logging.getLogger("vita.engine"), "engine")  # on the loop running it
 
     @property
     def device(self) -> torch.device:
@@ -187,12 +191,14 @@ class Engine:
         """Prefill what the scheduler picks, launch the next decode step, then hand out the tokens
         of the previous launch (read while the GPU already runs the next step)."""
         starting = self._prefill()
+        started = time.perf_counter()
         previous, self._in_flight = self._in_flight, None
         plan = self.scheduler.plan_decode(previous.rows if previous is not None else None)
         if plan is not None:
             self._in_flight = self.runner.launch(plan, previous)
         if previous is not None:
             self.scheduler.deliver_launch(previous.rows, self.runner.collect(previous))
+            self._activity.add("decode", time.perf_counter() - started, len(previous.rows))
         self.scheduler.start_decoding(starting)
 
     def _prefill(self) -> list[Session]:
@@ -200,6 +206,7 @@ class Engine:
         (first token delivered)."""
         completed = []
         forwards = 0
+        started = time.perf_counter()
         while rows := self.scheduler.prefill_rows(forwards):
             hidden = self.runner.prefill(rows)
             forwards += 1
@@ -208,4 +215,6 @@ class Engine:
                 for (_, _, session), token in zip(finishing, self.runner.sample_last(hidden, finishing)):
                     self.scheduler.deliver(session, token)
                     completed.append(session)
+        if forwards:
+            self._activity.add("prefill", time.perf_counter() - started, forwards)
         return completed
