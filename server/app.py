@@ -74,6 +74,9 @@ def create_app(settings: ServerSettings, worker: ModelWorker) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
+        if worker.ready and seats.full:  # a load balancer sends new users elsewhere; open sessions go on
+            body = {"status": "full", "sessions": seats.taken, "max_sessions": seats.limit}
+            return JSONResponse(body, status_code=503)
         if worker.ready:
             return JSONResponse({"status": "ready", "model": worker.model_name})
         body = {"status": "failed" if worker.load_error else "loading", "error": worker.load_error}

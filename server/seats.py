@@ -13,9 +13,18 @@ class Seats:
         self.metrics = metrics
         self._taken: set[str] = set()
 
+    @property
+    def taken(self) -> int:
+        return len(self._taken)
+
+    @property
+    def full(self) -> bool:
+        """Every seat is taken: the next ``session.start`` would be refused."""
+        return len(self._taken) >= self.limit
+
     def take(self, session_id: str) -> bool:
         """Take a seat for the session; False (counted as rejected) when all are taken."""
-        if len(self._taken) >= self.limit:
+        if self.full:
             self.metrics.sessions_rejected.inc()
             return False
         self._taken.add(session_id)

@@ -90,6 +90,20 @@ async def test_extra_sessions_get_server_full_and_a_clean_close(small_server: Ba
     await second.close()
 
 
+async def test_readyz_answers_503_while_every_seat_is_taken(small_server: BackgroundServer) -> None:
+    first = await start_session(small_server.ws_url)
+    assert small_server.get_json("/readyz")[0] == 200
+    second = await start_session(small_server.ws_url)  # max_sessions is 2
+    assert small_server.get_json("/readyz") == (503, {"status": "full", "sessions": 2, "max_sessions": 2})
+    await second.close()
+    for _ in range(50):  # the seat is freed once the server has seen the close
+        if small_server.get_json("/readyz")[0] == 200:
+            break
+        await asyncio.sleep(0.1)
+    assert small_server.get_json("/readyz")[0] == 200
+    await first.close()
+
+
 async def test_unstarted_sockets_take_no_seat_and_are_closed_after_the_handshake_timeout(
     small_server: BackgroundServer,
 ) -> None:
