@@ -6,9 +6,12 @@ client sees it (from when its last voiced audio was sent: VAD hangover and netwo
 and as the server reports it (from its end-of-turn decision), the server's TTS real-time
 factor, the replies cut (interrupted, audio dropped, unfinished) and, through NVML, how busy
 the GPU was and its peak memory during each level. Runs against ``--url`` (a server in another
-process) or starts an embedded server (``--checkpoint``, default the tiny random one) on loopback.
+process), against ``--replicas N`` CPU replicas (vita-server processes) it starts behind HAProxy
+with docker/haproxy.cfg, or starts an embedded server (``--checkpoint``, default the tiny random
+one) on loopback.
 
     python -m benchmarks.load --clients 1,4,8 --json out/load.json   # also writes out/load.png
+    python -m benchmarks.load --replicas 2 --pin-cores --clients 4,8,16 --json out/load_2_replicas.json
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import platform
 import time
 import urllib.request
+import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,7 @@ import torch
 from benchmarks.gpu_monitor import GpuMonitor
 from server.background import BackgroundServer
 from server.client import ClientResult, stream_audio
+from server.local_cluster import LocalCluster
 from server.settings import ServerSettings
 from server.worker import resolve_checkpoint
 
@@ -206,7 +211,9 @@ def server_model(ws_url: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="ws://host:port/ws of a running server (default: start one here)")
-    parser.add_argument("--checkpoint", type=Path, help="checkpoint of the embedded server (default: tiny)")
+    parser.add_argument("--replicas", type=int, help="start this many CPU replicas behind HAProxy and run through it")
+    parser.add_argument("--pin-cores", action="store_true", help="with --replicas: replica i runs on CPU core i alone")
+    parser.add_argument("--checkpoint", type=Path, help="checkpoint of the embedded server or replicas (default: tiny)")
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache"), help="tiny checkpoint cache")
     parser.add_argument("--device", default="cpu", help="device of the embedded server")
     parser.add_argument("--gpu-index", type=int, default=0, help="NVML index of the GPU to sample")
@@ -230,26 +237,36 @@ def main() -> None:
         parser.error(f"at most {MAX_CLIENTS} clients and {MAX_DURATION_S:g} s per level")
     audio, rate = sf.read(args.wav, dtype="int16")
 
-    embedded = None
+    embedded = cluster = None
     if args.url is None:
         settings = ServerSettings(checkpoint=args.checkpoint, cache_dir=args.cache_dir, device=args.device,
                                   max_sessions=max(levels))
         checkpoint, is_tiny = resolve_checkpoint(settings)
-        embedded = BackgroundServer(settings, checkpoint, is_tiny)
+        if args.replicas:
+            logs = Path(tempfile.mkdtemp(prefix="vita-lb-"))
+            print(f"replica and haproxy logs in {logs}")
+            cluster = LocalCluster(checkpoint, [max(levels)] * args.replicas, logs, pin_cores=args.pin_cores)
+        else:
+            embedded = BackgroundServer(settings, checkpoint, is_tiny)
     results, gpu_name = [], None
-    with embedded or nullcontext():
-        url = args.url or embedded.ws_url
-        model = server_model(url) if embedded is None else embedded.worker.model_name
+    with embedded or cluster or nullcontext():
+        url = args.url or (cluster.balancer.ws_url if cluster else embedded.ws_url)
+        model = embedded.worker.model_name if embedded else server_model(
+            f"ws://{cluster.replicas[0].address}/ws" if cluster else url)
         for clients in levels:
+            load_before = os.getloadavg()[0]
             with GpuMonitor(args.gpu_index) as gpu:
                 level = asyncio.run(run_level(url, clients, audio, rate, args))
-            results.append(level | gpu.summary())
+            # the machine's 1-minute load average before and after: other work on a shared machine shows here
+            results.append(level | gpu.summary() | {"load_average_1m": [load_before, os.getloadavg()[0]]})
             gpu_name = gpu.name
     print(table(results))
     print(stage_table(results))
     report = {
         "machine": machine(gpu_name),
-        "server": args.url or f"embedded, device {args.device}",
+        "server": args.url or (f"HAProxy (docker/haproxy.cfg) in front of {args.replicas} CPU replicas, each in its "
+                               f"own process{', replica i on core i alone' if args.pin_cores else ''}"
+                               if cluster else f"embedded, device {args.device}"),
         "model": model,
         "wav": str(args.wav),
         "turns_per_client": args.turns,

@@ -40,12 +40,14 @@ def get_json(url: str, timeout_s: float = 2.0) -> tuple[int, dict]:
 
 class Replica:
     """``vita-server`` in its own process on a fixed loopback port; it can be killed, stopped and
-    started again on the same port (``flags`` go to vita-server as given)."""
+    started again on the same port (``flags`` go to vita-server as given; ``cores``: the CPU cores
+    it may run on, all when None)."""
 
-    def __init__(self, flags: list[str], log_path: Path) -> None:
+    def __init__(self, flags: list[str], log_path: Path, cores: set[int] | None = None) -> None:
         self.port = free_port()
         self.flags = flags
         self.log_path = log_path
+        self.cores = cores
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -60,7 +62,12 @@ class Replica:
         """Start the process (returns at once; ``wait_ready`` waits for the model)."""
         command = [sys.executable, "-m", "server.cli", "--host", "127.0.0.1", "--port", str(self.port), *self.flags]
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                            preexec_fn=None if self.cores is None else self._pin)
+
+    def _pin(self) -> None:
+        """In the child before exec: every thread the server starts inherits these cores."""
+        os.sched_setaffinity(0, self.cores)
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         """Until /readyz answers 200; a process that exits first fails with its log's end."""
@@ -172,13 +179,14 @@ class Balancer:
 
 class LocalCluster:
     """``with LocalCluster(checkpoint, [4, 8], work_dir) as cluster:`` one CPU replica per entry
-    (that many seats each) on ``checkpoint``, all ready, with the balancer in front."""
+    (that many seats each) on ``checkpoint``, all ready, with the balancer in front; with
+    ``pin_cores`` replica i runs on CPU core i alone (a device of its own, as a GPU per replica)."""
 
     def __init__(self, checkpoint: Path, max_sessions: list[int], work_dir: Path,
-                 flags: list[str] | None = None, tls_pem: Path | None = None) -> None:
+                 flags: list[str] | None = None, tls_pem: Path | None = None, pin_cores: bool = False) -> None:
         self.replicas = [
             Replica(["--checkpoint", str(checkpoint), "--device", "cpu", "--max-sessions", str(seats), *(flags or [])],
-                    work_dir / f"replica-{i}.log")
+                    work_dir / f"replica-{i}.log", cores={i} if pin_cores else None)
             for i, seats in enumerate(max_sessions)
         ]
         self.balancer = Balancer([r.address for r in self.replicas], work_dir / "haproxy.log", tls_pem)
