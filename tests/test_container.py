@@ -87,6 +87,7 @@ def test_compose_runs_one_replica_per_gpu_behind_the_balancer() -> None:
 
 @pytest.mark.skipif(shutil.which("haproxy") is None,
                     reason="haproxy is not installed (Debian: apt-get install haproxy; .ci/run installs it)")
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
 def test_haproxy_accepts_its_config_with_the_compose_environment(tmp_path: Path) -> None:
     environment = yaml.safe_load(COMPOSE.read_text())["services"]["balancer"]["environment"]
     pem = tmp_path / "site.pem"
