@@ -106,6 +106,16 @@ async def test_users_spread_about_half_and_half(cluster: LocalCluster) -> None:
     await close_all(sessions)
 
 
+async def test_the_realtime_endpoint_is_balanced_too(cluster: LocalCluster) -> None:
+    url = f"ws://127.0.0.1:{cluster.balancer.port}/v1/realtime"
+    connections = [await websockets.connect(url) for _ in range(2)]
+    events = [json.loads(await asyncio.wait_for(ws.recv(), 10)) for ws in connections]
+    assert [event["type"] for event in events] == ["session.created"] * 2  # its session starts at once
+    assert sorted(ws.response.headers["X-Vita-Replica"] for ws in connections) == ["vita-0", "vita-1"]
+    assert [replica.sessions() for replica in cluster.replicas] == [1, 1]
+    await asyncio.gather(*(ws.close() for ws in connections))
+
+
 async def test_a_full_replica_gets_no_new_users_until_a_seat_frees(cluster: LocalCluster) -> None:
     full, other = cluster.replicas
     url = cluster.balancer.ws_url
