@@ -72,6 +72,7 @@ def test_compose_runs_one_replica_per_gpu_behind_the_balancer() -> None:
         assert len(devices) == 1 and devices[0]["driver"] == "nvidia" and len(devices[0]["device_ids"]) == 1
         gpus.append(devices[0]["device_ids"][0])
         assert replica["environment"]["VITA_DEVICE"] == "cuda"
+        assert replica["environment"]["FORWARDED_ALLOW_IPS"] == "*"  # client addresses from the balancer
         assert any(v.endswith(":/checkpoint:ro") and "VITA_CHECKPOINT_DIR" in v for v in replica["volumes"])
         assert "/healthz" in " ".join(replica["healthcheck"]["test"])  # liveness; /readyz is the balancer's
         assert replica["restart"] == "unless-stopped" and "ports" not in replica  # reached through the balancer only
