@@ -28,6 +28,7 @@ from server.realtime_protocol import RealtimeEncoding
 from server.seats import Seats
 from server.session import Session
 from server.settings import ServerSettings
+from server.watchdog import WorkerWatchdog
 from server.worker import ModelWorker
 
 log = logging.getLogger("vita.app")
@@ -57,20 +58,35 @@ def create_app(settings: ServerSettings, worker: ModelWorker) -> FastAPI:
     metrics = ServerMetrics()
     seats = Seats(settings.max_sessions, metrics)
     gate = Gatekeeper(settings, metrics)
+    live: dict[Session, asyncio.Task[None]] = {}  # each open session and its reader task
+
+    def end_sessions(reason: str) -> None:
+        """The worker failed: every session gets a fatal error and its connection closes."""
+        for session, reader in list(live.items()):
+            session.fail(ErrorCode.WORKER_FAILED,
+                         f"the model worker failed ({reason}) and is restarting; reconnect in a few seconds")
+            reader.cancel()
+
+    worker_watchdog = WorkerWatchdog(worker, metrics, end_sessions, hang_timeout_s=settings.worker_hang_timeout_s,
+                                     restart_timeout_s=settings.worker_restart_timeout_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         worker.start()
+        watching = asyncio.create_task(worker_watchdog.run())
         try:
             yield
         finally:
+            watching.cancel()
             worker.stop()
 
     app = FastAPI(title="vita-realtime", lifespan=lifespan)
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    async def healthz() -> JSONResponse:
+        if worker_watchdog.failed:  # the worker could not be restarted: only a new process can serve again
+            return JSONResponse({"status": "failed", "error": worker_watchdog.failed}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
@@ -79,7 +95,9 @@ def create_app(settings: ServerSettings, worker: ModelWorker) -> FastAPI:
             return JSONResponse(body, status_code=503)
         if worker.ready:
             return JSONResponse({"status": "ready", "model": worker.model_name})
-        body = {"status": "failed" if worker.load_error else "loading", "error": worker.load_error}
+        failed = worker.load_error or worker_watchdog.failed
+        status = "failed" if failed else "restarting" if worker_watchdog.restarting else "loading"
+        body = {"status": status, "error": failed or worker_watchdog.restarting}
         return JSONResponse(body, status_code=503)
 
     @app.get("/metrics")
@@ -104,12 +122,14 @@ def create_app(settings: ServerSettings, worker: ModelWorker) -> FastAPI:
             session = Session(worker, outgoing, metrics, seats)
             writer = asyncio.create_task(write_loop(websocket, outgoing, session))
             reader = asyncio.create_task(read_loop(websocket, session, await open_messages(session)))
+            live[session] = reader
             watchdog = asyncio.create_task(
                 watch_deadlines(session, settings.handshake_timeout_s, settings.idle_timeout_s)
             )
             try:
                 await asyncio.wait((reader, watchdog), return_when=asyncio.FIRST_COMPLETED)
             finally:
+                live.pop(session, None)
                 reader.cancel()
                 watchdog.cancel()
                 await asyncio.gather(reader, watchdog, return_exceptions=True)

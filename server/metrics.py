@@ -35,6 +35,13 @@ class ServerMetrics:
             registry=self.registry,
         )
         self.errors = Counter("vita_errors_total", "Error events sent, by code", ["code"], registry=self.registry)
+        self.worker_failures = Counter(
+            "vita_worker_failures_total", "Model worker found dead or hung by the watchdog", registry=self.registry
+        )
+        self.worker_restarts = Counter(
+            "vita_worker_restarts_total", "In-process restarts of the model worker, by outcome (ok, failed)",
+            ["outcome"], registry=self.registry,
+        )
         self.audio_dropped_segments = Counter(
             "vita_audio_dropped_segments_total", "Reply audio segments dropped for slow readers", registry=self.registry
         )

@@ -75,8 +75,10 @@ Server -> client
                                ``session.start``), ``handshake_timeout`` (no ``session.start``
                                within the server's handshake timeout, 1008),
                                ``too_many_errors`` (errors kept coming faster than they are
-                               reported, 1008) and ``idle_timeout`` (no speech, turn or event
-                               other than audio and video for the server's idle timeout, 1000).
+                               reported, 1008), ``idle_timeout`` (no speech, turn or event
+                               other than audio and video for the server's idle timeout, 1000)
+                               and ``worker_failed`` (the model worker died or hung and is being
+                               restarted; the conversation is lost: reconnect shortly, 1013).
                                A connection refused before its session gets one fatal error
                                and close 1008 (``unauthorized``: a missing or wrong API key;
                                ``origin_not_allowed``) or 1013 (``too_many_connections`` from
@@ -139,6 +141,7 @@ class ErrorCode(str, Enum):
     UNAUTHORIZED = "unauthorized"
     ORIGIN_NOT_ALLOWED = "origin_not_allowed"
     TOO_MANY_CONNECTIONS = "too_many_connections"
+    WORKER_FAILED = "worker_failed"
     INTERNAL_ERROR = "internal_error"
 
 
@@ -150,6 +153,7 @@ CLOSE_CODES = {  # websocket close code after each fatal error; 1000 for others
     ErrorCode.UNAUTHORIZED: 1008,
     ErrorCode.ORIGIN_NOT_ALLOWED: 1008,
     ErrorCode.TOO_MANY_CONNECTIONS: 1013,
+    ErrorCode.WORKER_FAILED: 1013,
 }
 
 

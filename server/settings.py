@@ -47,6 +47,12 @@ class ServerSettings(BaseSettings):
         default_factory=list, description="comma-separated browser origins allowed besides the page's own; * = any"
     )
     max_connections_per_ip: int = Field(0, ge=0, description="open websockets per client address; 0 = no limit")
+    worker_hang_timeout_s: float = Field(
+        10.0, gt=0, description="a model worker loop that does not answer a heartbeat this long is restarted"
+    )
+    worker_restart_timeout_s: float = Field(
+        60.0, gt=0, description="a restarted worker not ready by then makes /healthz fail (restart the process)"
+    )
     web_dir: Path = REPO_ROOT / "web"
     log_format: Literal["json", "kv"] = "kv"
     log_level: str = "INFO"

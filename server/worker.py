@@ -7,18 +7,26 @@ session is a ``vita.chat.Chat``; each turn a ``vita.voice_turn.VoiceTurn`` run a
 worker loop, so the engine batches the decode steps of all sessions; media encoding
 (``MediaEncoder``) and speech synthesis (``SpeechService``) run in threads of their own, batched
 across sessions, each on its own CUDA stream.
+
+A dead or hung worker loop (``failure``, polled by ``server.watchdog.WorkerWatchdog``) is replaced
+by ``restart``: a fresh loop and thread, engine, media encoder and speech service over the weights
+already loaded. Calls still queued on the abandoned loop do nothing if it ever runs them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from contextlib import aclosing
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 from server.audio_input import MODEL_SAMPLE_RATE
 from server.images import decode_image
@@ -42,6 +50,7 @@ from vita.voice_turn import TurnInput, VoiceTurn
 log = logging.getLogger("vita.worker")
 
 STOP_TIMEOUT_S = 10.0
+CLEANUP_TIMEOUT_S = 5.0  # what a restart waits for the abandoned media encoder and speech service to stop
 WARM_UP_SESSION = "warm-up"
 WARM_UP_CODES = 60  # 1.5 s of audio: one full codec chunk with its padding
 
@@ -63,7 +72,10 @@ class TurnTask:
         self.turn: VoiceTurn | None = None  # once the session's previous turn has unwound
 
     def cancel(self, discard: bool = False) -> None:
-        self._loop.call_soon_threadsafe(self._cancel_in_loop, discard)
+        try:
+            self._loop.call_soon_threadsafe(self._cancel_in_loop, discard)
+        except RuntimeError:  # the loop is closed: the worker it ran on was restarted, the turn is gone
+            pass
 
     def _cancel_in_loop(self, discard: bool) -> None:
         self.cancelled = True
@@ -96,11 +108,18 @@ class ModelWorker:
         self.model_name = f"{checkpoint.name}{' (tiny random weights: replies are noise)' if is_tiny else ''}"
         self.ready = False
         self.load_error: str | None = None
+        self._synthesizer: Synthesizer | None = None  # with ``assistant``: the weights, loaded once
+        self._fresh_loop()
+
+    def _fresh_loop(self) -> None:
+        """A new worker loop and thread (not started) with no sessions."""
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run_loop, name="vita-worker", daemon=True)
+        self._thread = threading.Thread(target=self._run_loop, args=(self._loop,), name="vita-worker", daemon=True)
         self._chats: dict[str, Chat] = {}
         self._turns: dict[str, asyncio.Task[None]] = {}
         self._bridge: LoopBridge | None = None  # outputs to the gateway loop
+        self._last_beat = time.monotonic()  # when the loop last answered ``heartbeat``
+        self._device_error: str | None = None  # the last heartbeat's device check failed with this
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -121,17 +140,35 @@ class ModelWorker:
         self._thread.join(STOP_TIMEOUT_S)
         log.info("worker_stopped")
 
-    def _run_loop(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.create_task(self._start_up())
-        self._loop.run_forever()
-        self._loop.close()
+    def _run_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        asyncio.set_event_loop(loop)
+        loop.create_task(self._start_up())
+        try:
+            loop.run_forever()
+        except BaseException:  # the thread ends here; the watchdog sees it and restarts the worker
+            log.exception("worker_loop_died")
+        finally:
+            self._cancel_tasks(loop)
+            loop.close()
+
+    @staticmethod
+    def _cancel_tasks(loop: asyncio.AbstractEventLoop) -> None:
+        """Cancel the tasks left on a stopped loop and let them unwind, as ``asyncio.run`` does."""
+        tasks = asyncio.all_tasks(loop)
+        for task in tasks:
+            task.cancel()
+        try:
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        except BaseException:
+            log.exception("worker_loop_cleanup_failed")
 
     async def _start_up(self) -> None:
         try:
             started = time.perf_counter()
             device = self.settings.resolved_device()
-            self.assistant = VitaAssistant.load(self.checkpoint, device=device, dtype=self.settings.torch_dtype())
+            if self._synthesizer is None:  # the first start; a restart reuses the weights
+                self.assistant = VitaAssistant.load(self.checkpoint, device=device, dtype=self.settings.torch_dtype())
+                self._synthesizer = Synthesizer.load(self.checkpoint / TTS_DIR, device=device)
             self.engine = self.assistant.make_engine(
                 max_sessions=self.settings.max_sessions, max_len=self.settings.max_context_tokens
             )
@@ -139,10 +176,10 @@ class ModelWorker:
                 self.engine.capture_graphs()
             self.media_encoder = MediaEncoder(self.assistant.model)
             # graphs and codec plans now, while no other thread launches CUDA work
-            self.speech = SpeechService(Synthesizer.load(self.checkpoint / TTS_DIR, device=device),
-                                        max_streams=self.settings.max_sessions)
+            self.speech = SpeechService(self._synthesizer, max_streams=self.settings.max_sessions)
             self.speech.start()
             await self._warm_up()
+            self._last_beat = time.monotonic()
             self.ready = True
             log.info("model_loaded checkpoint=%s tiny=%s seconds=%.1f", self.checkpoint, self.is_tiny,
                      time.perf_counter() - started)
@@ -176,16 +213,85 @@ class ModelWorker:
             self.media_encoder.close()
             self.speech.close()
 
+    # ------------------------------------------------------------------ health and restart
+
+    def heartbeat(self) -> None:
+        """Ask the worker loop to answer (any thread); ``failure`` judges how long ago it last did."""
+        self._call(self._beat)
+
+    def _beat(self) -> None:
+        self._last_beat = time.monotonic()
+        if self.engine.on_cuda:  # a launch on a device that hit a CUDA error raises that error again
+            try:
+                torch.empty(1, device=self.engine.device).fill_(0)
+            except RuntimeError as exc:
+                self._device_error = str(exc).splitlines()[0]
+
+    def failure(self, hang_timeout_s: float) -> str | None:
+        """Why the worker cannot serve (its loop died or has not answered a heartbeat for
+        ``hang_timeout_s``, a model thread died, the device failed), or None."""
+        if not self._thread.is_alive():
+            return "the worker thread died"
+        if not self.ready:
+            return None  # starting: the loop is busy loading for a while
+        silent_s = time.monotonic() - self._last_beat
+        if silent_s > hang_timeout_s:
+            return f"the worker loop did not answer for {silent_s:.0f} s"
+        if not self.media_encoder.alive():
+            return "the media encoder thread died"
+        if not self.speech.alive():
+            return "a speech synthesis thread died"
+        if self._device_error is not None:
+            return f"the device failed: {self._device_error}"
+        return None
+
+    def restart(self) -> None:
+        """Abandon the worker loop (dead or hung: its sessions are gone) and start a fresh one with a
+        new engine, media encoder and speech service over the loaded weights; ``ready`` turns True
+        once it has warmed up, or ``load_error`` says why it could not. Blocks for up to
+        ``CLEANUP_TIMEOUT_S`` while the old media encoder and speech service stop."""
+        self.ready = False
+        old_loop = self._loop
+        with contextlib.suppress(RuntimeError):  # closed already if its thread died
+            old_loop.call_soon_threadsafe(old_loop.stop)  # should a hung loop ever come back
+        models = [vars(self).get(name) for name in ("media_encoder", "speech")]  # absent if it never started
+        cleanup = threading.Thread(target=self._close_models, args=models, name="vita-worker-cleanup", daemon=True)
+        cleanup.start()
+        cleanup.join(CLEANUP_TIMEOUT_S)  # a thread that stays hung is left behind
+        self._fresh_loop()
+        self._thread.start()
+
+    @staticmethod
+    def _close_models(*models: MediaEncoder | SpeechService | None) -> None:
+        for model in models:
+            try:
+                if model is not None:
+                    model.close()
+            except Exception:  # callbacks into the closed loop of a dead worker
+                log.exception("worker_cleanup_failed")
+
+    def _call(self, function: Callable[..., Any], *args: Any) -> None:
+        """Run ``function(*args)`` on the worker loop (any thread); nothing happens if the worker is
+        restarted before the loop gets to it."""
+        loop = self._loop
+
+        def if_current() -> None:
+            if self._loop is loop:
+                function(*args)
+
+        with contextlib.suppress(RuntimeError):  # a closed loop: that worker is gone
+            loop.call_soon_threadsafe(if_current)
+
     # ------------------------------------------------------------------ sessions (any thread)
 
     def open_session(self, session_id: str, system_prompt: str | None) -> None:
-        self._loop.call_soon_threadsafe(self._open, session_id, system_prompt)
+        self._call(self._open, session_id, system_prompt)
 
     def reset_session(self, session_id: str, system_prompt: str | None) -> None:
-        self._loop.call_soon_threadsafe(self._reset, session_id, system_prompt)
+        self._call(self._reset, session_id, system_prompt)
 
     def close_session(self, session_id: str) -> None:
-        self._loop.call_soon_threadsafe(self._close, session_id)
+        self._call(self._close, session_id)
 
     def start_turn(self, request: TurnRequest, on_output: OutputCallback) -> TurnTask:
         gateway_loop = asyncio.get_running_loop()
@@ -197,7 +303,7 @@ class ModelWorker:
             bridge.call(on_output, output)
 
         handle = TurnTask(self._loop)
-        self._loop.call_soon_threadsafe(self._begin_turn, request, emit, handle)
+        self._call(self._begin_turn, request, emit, handle)
         return handle
 
     # ------------------------------------------------------------------ worker loop side

@@ -121,6 +121,24 @@ async def test_cancel_mid_reply_leaves_others_intact_and_frees_the_slot(model):
     await engine.close()
 
 
+async def test_a_failing_model_call_fails_every_open_turn_instead_of_hanging_it(model):
+    def device_lost(*_: object) -> None:
+        raise RuntimeError("device lost")
+
+    engine = make_engine(model)
+    failing = model[1].register_forward_pre_hook(device_lost)
+    try:  # the first token's lm_head call fails after the turns' prefill is complete
+        results = await asyncio.wait_for(asyncio.gather(
+            collect(engine, "a", prompt(model, 5, seed=1)), collect(engine, "b", prompt(model, 9, seed=2)),
+            return_exceptions=True), 10)
+    finally:
+        failing.remove()
+    assert [str(r) for r in results] == ["device lost", "device lost"]
+    fresh = prompt(model, 6, seed=3)  # the engine serves again once the model does
+    assert await collect(engine, "c", fresh) == reference_greedy(model, fresh, 12)
+    await engine.close()
+
+
 async def test_breaking_out_of_the_stream_cancels_the_turn(model):
     engine = make_engine(model)
     embeds, follow_up = prompt(model, 6, seed=40), prompt(model, 3, seed=41)

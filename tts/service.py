@@ -180,6 +180,10 @@ class SpeechService:
             thread.start()
         planned.wait()
 
+    def alive(self) -> bool:
+        """Whether both threads run (False before `start`, once closed, or if one died)."""
+        return bool(self._threads) and all(thread.is_alive() for thread in self._threads)
+
     def close(self, timeout: float = 10.0) -> None:
         """Stop the threads after their current step; utterances not yet ended get
         on_done(SpeechServiceClosed). Later `speak` calls raise RuntimeError."""

@@ -112,6 +112,10 @@ class MediaEncoder:
         self._requests.put((request, future, consumer))
         return future
 
+    def alive(self) -> bool:
+        """Whether the encoder thread runs (False once closed, or if it died)."""
+        return self._thread.is_alive()
+
     def close(self) -> None:
         """Finish the batch in progress and stop the thread (waiting requests are cancelled)."""
         self._closed = True

@@ -187,10 +187,12 @@ class Scheduler:
             self.free_slots.append(session.slot)
 
     def fail_all(self, error: BaseException) -> None:
-        """End every turn the engine is working on with ``error`` (a step failed)."""
-        for session in self.prefill_queue + self.decoding:
-            self._finish(session)
-            session.request.queue.put_nowait(error)
+        """End every turn the engine is working on with ``error`` (a step failed), those the failed
+        step had already taken off the work lists too (prefilled, or delivered a first token)."""
+        for session in self.sessions.values():
+            if session.request is not None and not session.request.done:
+                self._finish(session)
+                session.request.queue.put_nowait(error)
 
     # ----------------------------------------------------------------- prefixes
 

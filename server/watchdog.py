@@ -1,0 +1,76 @@
+"""Worker watchdog: a dead or hung model worker is found by heartbeat and restarted in-process.
+
+Runs on the gateway loop. Every ``interval_s`` it asks the worker loop to answer a heartbeat and
+checks ``ModelWorker.failure`` (thread dead, loop silent past the hang timeout, a model thread dead,
+a device error). On a failure the sessions are told and closed first (``on_failure``: their
+conversations lived in the worker), then the worker is restarted; while it restarts it is not
+ready (/readyz 503, new connections get ``not_ready``). A restart that fails or is not ready within
+``restart_timeout_s`` sets ``failed``: /healthz turns 503 so that the supervisor restarts the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from server.metrics import ServerMetrics
+from server.worker import ModelWorker
+
+log = logging.getLogger("vita.watchdog")
+
+MAX_INTERVAL_S = 1.0
+
+
+class WorkerWatchdog:
+    """``run`` as a task for the app's lifetime; ``failed`` says why the worker cannot be restarted."""
+
+    def __init__(
+        self,
+        worker: ModelWorker,
+        metrics: ServerMetrics,
+        on_failure: Callable[[str], None],
+        *,
+        hang_timeout_s: float,
+        restart_timeout_s: float,
+    ) -> None:
+        self.worker = worker
+        self.metrics = metrics
+        self.on_failure = on_failure
+        self.hang_timeout_s = hang_timeout_s
+        self.restart_timeout_s = restart_timeout_s
+        self.interval_s = min(MAX_INTERVAL_S, hang_timeout_s / 4)
+        self.failed: str | None = None
+        self.restarting: str | None = None  # why the worker is being restarted, while it is
+
+    async def run(self) -> None:
+        """Watch until a restart fails (the process must then be restarted)."""
+        while self.failed is None:
+            await asyncio.sleep(self.interval_s)
+            if self.worker.ready:
+                self.worker.heartbeat()
+            reason = self.worker.failure(self.hang_timeout_s)
+            if reason is not None:
+                await self._recover(reason)
+
+    async def _recover(self, reason: str) -> None:
+        log.error("worker_failed reason=%r", reason)
+        self.metrics.worker_failures.inc()
+        self.on_failure(reason)
+        self.restarting = reason
+        started = time.monotonic()
+        await asyncio.to_thread(self.worker.restart)
+        while not self.worker.ready and self.worker.load_error is None:
+            if time.monotonic() - started > self.restart_timeout_s:
+                break
+            await asyncio.sleep(0.05)
+        self.restarting = None
+        seconds = time.monotonic() - started
+        if self.worker.ready:
+            self.metrics.worker_restarts.labels("ok").inc()
+            log.warning("worker_restarted seconds=%.1f", seconds)
+            return
+        self.metrics.worker_restarts.labels("failed").inc()
+        self.failed = self.worker.load_error or f"not ready {self.restart_timeout_s:g} s after the restart"
+        log.error("worker_restart_failed seconds=%.1f error=%r", seconds, self.failed)
