@@ -75,9 +75,11 @@ def read_wav(path: Path) -> tuple[np.ndarray, int]:
     """Any WAV (PCM 8/16/24/32-bit or float) -> int16 samples [N] or [N, C] and its rate.
 
     Read as float (PCM is scaled to [-1, 1]; float files are taken as they are), then clipped
-    and scaled to int16: libsndfile's own int16 reading would truncate float samples to 0.
+    and scaled to int16: libsndfile's own int16 reading would truncate float samples to 0. NaN
+    samples of a float file become silence, infinities full scale.
     """
     audio, sample_rate = sf.read(path, dtype="float32")
+    audio = np.nan_to_num(audio, nan=0.0, posinf=1.0, neginf=-1.0)
     return np.round(np.clip(audio, -1.0, 1.0) * 32767).astype(np.int16), sample_rate
 
 

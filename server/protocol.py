@@ -456,9 +456,9 @@ def parse_client_event(text: str) -> ClientEvent:
     """Parse one JSON text frame into a client event or raise ``ProtocolError``."""
     data = parse_json_object(text)
     event_type = data.get("type")
-    if event_type not in CLIENT_EVENT_TYPES:
+    if not isinstance(event_type, str) or event_type not in CLIENT_EVENT_TYPES:
         known = ", ".join(sorted(CLIENT_EVENT_TYPES))
-        raise ProtocolError(ErrorCode.UNKNOWN_EVENT, f"unknown event type {event_type!r}; known: {known}")
+        raise ProtocolError(ErrorCode.UNKNOWN_EVENT, f"unknown event type {event_type!r:.80}; known: {known}")
     try:
         return _client_event_adapter.validate_python(data)
     except ValidationError as exc:
