@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+LOOP_LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0)
 
 
@@ -41,6 +42,10 @@ class ServerMetrics:
         self.worker_restarts = Counter(
             "vita_worker_restarts_total", "In-process restarts of the model worker, by outcome (ok, failed)",
             ["outcome"], registry=self.registry,
+        )
+        self.loop_lag_seconds = Histogram(
+            "vita_event_loop_lag_seconds", "How late the gateway's event loop woke the watchdog (once a second)",
+            buckets=LOOP_LAG_BUCKETS, registry=self.registry,
         )
         self.audio_dropped_segments = Counter(
             "vita_audio_dropped_segments_total", "Reply audio segments dropped for slow readers", registry=self.registry

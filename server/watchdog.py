@@ -1,6 +1,6 @@
 """Worker watchdog: a dead or hung model worker is found by heartbeat and restarted in-process.
 
-Runs on the gateway loop. Every ``interval_s`` it asks the worker loop to answer a heartbeat and
+Runs on the gateway loop (and measures that loop's lag as it goes). Every ``interval_s`` it asks the worker loop to answer a heartbeat and
 checks ``ModelWorker.failure`` (thread dead, loop silent past the hang timeout, a model thread dead,
 a device error). On a failure the sessions are told and closed first (``on_failure``: their
 conversations lived in the worker), then the worker is restarted; while it restarts it is not
@@ -46,8 +46,11 @@ class WorkerWatchdog:
 
     async def run(self) -> None:
         """Watch until a restart fails (the process must then be restarted)."""
+        loop = asyncio.get_running_loop()
         while self.failed is None:
+            asleep = loop.time()
             await asyncio.sleep(self.interval_s)
+            self.metrics.loop_lag_seconds.observe(max(0.0, loop.time() - asleep - self.interval_s))
             if self.worker.ready:
                 self.worker.heartbeat()
             reason = self.worker.failure(self.hang_timeout_s)
