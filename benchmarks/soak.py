@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--duration-s", type=float, default=600.0)
     parser.add_argument("--sample-s", type=float, default=10.0, help="one row of measurements per this")
-    parser.add_argument("--warm-up-s", type=float, default=60.0, help="growth is measured from here on")
+    parser.add_argument("--warm-up-s", type=float, help="growth is measured from here on (default: half the run)")
     parser.add_argument("--settle-s", type=float, default=3.0, help="wait after the clients left, then sample")
     parser.add_argument("--gap-s", type=float, default=6.0, help="silence after each utterance")
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -303,6 +303,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.wav:
         parser.error(f"no recordings found in {AUDIO_DIR}: pass --wav")
+    if args.warm_up_s is None:
+        args.warm_up_s = args.duration_s / 2
     args.json.parent.mkdir(parents=True, exist_ok=True)
     port = free_port()
     server = start_server(args, port, args.json.with_suffix(".server.log"))
