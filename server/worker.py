@@ -221,7 +221,7 @@ class ModelWorker:
 
     def _beat(self) -> None:
         self._last_beat = time.monotonic()
-        if self.engine.on_cuda:  # a launch on a device that hit a CUDA error raises that error again
+        if self.engine.device.type == "cuda":  # a launch on a device that hit a CUDA error raises it again
             try:
                 torch.empty(1, device=self.engine.device).fill_(0)
             except RuntimeError as exc:

@@ -24,6 +24,7 @@ import uuid
 import zlib
 from collections import Counter
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pytest
@@ -39,9 +40,11 @@ from server.client import read_wav, stream_audio
 from server.images import decode_image
 from server.protocol import (
     CLIENT_EVENT_TYPES,
+    MAX_INPUT_TEXT_CHARS,
     MAX_SYSTEM_PROMPT_CHARS,
     ErrorCode,
     ProtocolError,
+    ServerEvent,
     VadSettings,
     parse_client_event,
 )
@@ -51,11 +54,7 @@ from shared_data import AUDIO
 
 FUZZ_INPUTS = 3_000  # the CI run; VITA_FUZZ_INPUTS scales it
 SCALE = int(os.environ.get("VITA_FUZZ_INPUTS", FUZZ_INPUTS)) / FUZZ_INPUTS
-SERVER_EVENT_TYPES = {
-    "session.ready", "session.updated", "session.cleared", "vad.speech_started", "vad.speech_stopped",
-    "vad.speech_discarded", "response.started", "response.text.delta", "response.audio.dropped", "response.done",
-    "response.interrupted", "error",
-}
+SERVER_EVENT_TYPES = {event.model_fields["type"].default for event in get_args(ServerEvent)}
 ERROR_CODES = {code.value for code in ErrorCode} - {ErrorCode.INTERNAL_ERROR.value}
 inputs: Counter[str] = Counter()  # inputs run per test
 
@@ -151,12 +150,15 @@ def event_fields(kind: str) -> st.SearchStrategy[dict]:
     """The fields an event of ``kind`` may carry, with valid and invalid values."""
     rates = st.sampled_from([8000, 11025, 16000, 22050, 44100, 48000]) | st.integers(-1, 10**6) | json_values
     common = {"junk": json_values}
+    turn_detection = st.sampled_from(["vad", "manual"]) | json_values
     fields = {
         "session.start": {"sample_rate": rates, "channels": st.integers(-1, 4) | json_values,
                           "format": st.sampled_from(["pcm16", "f32"]) | json_values, "system_prompt": prompts,
-                          "vad": vad_dicts | json_values, "generation": generation_dicts | json_values},
-        "session.update": {"system_prompt": prompts, "vad": vad_dicts | json_values,
+                          "turn_detection": turn_detection, "vad": vad_dicts | json_values,
+                          "generation": generation_dicts | json_values},
+        "session.update": {"system_prompt": prompts, "turn_detection": turn_detection, "vad": vad_dicts | json_values,
                            "generation": generation_dicts | json_values},
+        "input_text": {"text": st.text(max_size=50) | st.just("y" * (MAX_INPUT_TEXT_CHARS + 1)) | json_values},
         "input_audio": {"audio": st.binary(max_size=2048).map(b64) | st.text(max_size=20) | json_values},
         "video.frame": {"image": image_bytes().map(b64) | st.text(max_size=20) | json_values},
     }.get(kind, {})
@@ -212,7 +214,7 @@ vad_settings = st.builds(
 
 valid_starts = st.fixed_dictionaries({
     "type": st.just("session.start"), "sample_rate": st.integers(8000, 48000), "channels": st.integers(1, 2),
-    "vad": vad_settings.map(lambda vad: vad.model_dump()),
+    "turn_detection": st.sampled_from(["vad", "manual"]), "vad": vad_settings.map(lambda vad: vad.model_dump()),
     "generation": st.fixed_dictionaries({"max_new_tokens": st.integers(1, 24), "temperature": st.floats(0, 2),
                                          "speak": st.booleans(), "respect_not_addressed": st.booleans()}),
 }).map(json.dumps)
