@@ -125,7 +125,7 @@ def next_vocoder_call(
 @dataclass(eq=False)
 class _Utterance:
     text: UtteranceText | None  # dropped once prefilled
-    embeddings_ready: torch.cuda.Event | None  # recorded on the caller's stream at `speak` (CUDA)
+    embeddings_ready: torch.cuda.Event | None  # recorded at `speak` on the stream the embeddings were made on (CUDA)
     chunker: Chunker
     handle: SpeechHandle
     stream: Stream | None = None  # once admitted
@@ -150,6 +150,9 @@ class SpeechService:
         device = synthesizer.decoder.embedding.weight.device
         self._on_cuda = device.type == "cuda"
         self._streams = [torch.cuda.Stream(device) for _ in range(2)] if self._on_cuda else [None, None]
+        self.input_stream = torch.cuda.Stream(device) if self._on_cuda else None
+        """(CUDA) A stream for callers to make utterance embeddings on: an utterance made on the
+        caller's usual stream waits for everything queued there before (the LLM's launched steps)."""
         default_batches = batch_buckets(max_streams) if self._on_cuda else (1,)
         self._codec_batches = default_batches if codec_batch_sizes is None else codec_batch_sizes
         self._chunk_sizes, self._padding = chunk_sizes, padding
@@ -206,10 +209,14 @@ class SpeechService:
         top_k: int = TOP_K,
         max_tokens: int = 1000,
         generator: torch.Generator | None = None,
+        embeddings_stream: torch.cuda.Stream | None = None,
     ) -> SpeechHandle:
         """Queue the utterance of `embeddings` [N, embedding_dim] and return at once (see the module
         docstring for the callbacks). ValueError for bad arguments or text longer than `capacity - 2`
-        rows. `generator` (a CPU generator) makes the token draws reproducible."""
+        rows. `generator` (a CPU generator) makes the token draws reproducible. `embeddings_stream`:
+        the CUDA stream the embeddings were made on (default: the caller's current stream); the
+        decoder waits for that stream's work up to now, on the device (`input_stream` waits for
+        nothing else)."""
         self.synthesizer.check_utterance(embeddings, codec_chunk_size, padding, top_k, max_tokens)
         if len(embeddings) + 2 > self.batch.cache.max_len:
             raise ValueError(f"{len(embeddings)} embedding rows do not fit {self.batch.cache.max_len} cache positions")
@@ -217,7 +224,7 @@ class SpeechService:
         ready = None
         if self._on_cuda and embeddings.is_cuda:
             ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(embeddings.device))
+            ready.record(embeddings_stream or torch.cuda.current_stream(embeddings.device))
         utterance = _Utterance(UtteranceText(embeddings, top_k, max_tokens, generator), ready,
                                Chunker(codec_chunk_size, padding), handle)
         with self._wake:

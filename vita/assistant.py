@@ -15,6 +15,7 @@ session, so the first turn only brings the tokens after it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -149,10 +150,12 @@ class VitaAssistant:
             conv.discard_turn()
 
     @torch.inference_mode()
-    def speech_embeddings(self, text: str) -> torch.Tensor:
-        """LLM `embed_tokens` of `text`, reshaped `(-1, tts_dim)` for the TTS decoder."""
-        ids = torch.tensor(self.tokenizer.encode(text), dtype=torch.long, device=self.device)
-        return self.model.model.embed_tokens(ids).reshape(-1, self.tts_dim)
+    def speech_embeddings(self, text: str, stream: torch.cuda.Stream | None = None) -> torch.Tensor:
+        """LLM `embed_tokens` of `text`, reshaped `(-1, tts_dim)` for the TTS decoder; on `stream` if
+        given (CUDA: the copy of the ids then waits for that stream only, not for the LLM's steps)."""
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            ids = torch.tensor(self.tokenizer.encode(text), dtype=torch.long, device=self.device)
+            return self.model.model.embed_tokens(ids).reshape(-1, self.tts_dim)
 
     def make_engine(self, max_sessions: int, max_len: int, **options) -> Engine:
         """A multi-session engine over this model, stopping at `<|im_end|>` / `<|endoftext|>`."""

@@ -186,8 +186,10 @@ class VoiceTurn:
 
         while (sentence := await sentences.get()) is not None:
             started = time.perf_counter()
-            embeddings = self.chat.assistant.speech_embeddings(sentence)
-            await speak(self.speech, embeddings, lambda segment: play(trimmer.push(segment)), codec_chunk_size=chunk_size)
+            stream = self.speech.input_stream  # CUDA: the TTS waits for this lookup only, not the LLM's queued steps
+            embeddings = self.chat.assistant.speech_embeddings(sentence, stream)
+            await speak(self.speech, embeddings, lambda segment: play(trimmer.push(segment)),
+                        codec_chunk_size=chunk_size, embeddings_stream=stream)
             busy_s += time.perf_counter() - started
             chunk_size = CHUNK_SIZE
         play(trimmer.flush())
