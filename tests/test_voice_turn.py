@@ -16,6 +16,7 @@ import soundfile as sf
 
 from shared_data import AUDIO
 from test_not_addressed import REPLY_WORDS, not_addressed_checkpoint  # noqa: F401 (a fixture)
+from tts.sentences import SentenceChunker
 from tts.service import SpeechHandle, SpeechService
 from tts.synthesizer import Synthesizer
 from vita.assistant import VitaAssistant
@@ -284,3 +285,22 @@ async def test_an_undone_turn_leaves_no_trace(assistant: VitaAssistant, speech: 
     third = reply_text((await answer(chat, speech, weather, speak=False))[0])
     assert third == reply_text((await answer(reference, speech, weather, speak=False))[0])
     await engine.close()
+
+
+async def test_a_unit_longer_than_an_utterance_is_spoken_in_pieces(tiny_checkpoint: Path, assistant: VitaAssistant) -> None:
+    rows_per_token = assistant.speech_rows_per_token
+    hello = clip("en_hello")
+    units = SentenceChunker().push(reference_text(assistant, hello)) + SentenceChunker().flush()
+    longest = max(len(assistant.speech_embeddings(unit)) for unit in units) if units else 0
+    capacity = 3 * rows_per_token + 2  # three tokens of text per utterance (and few codes)
+    assert longest > capacity - 2, "the reply needs a unit of more than three tokens"
+    small = SpeechService(Synthesizer.load(tiny_checkpoint / "vita_tts_ckpt"), max_streams=2, capacity=capacity)
+    small.start()
+    engine = assistant.make_engine(max_sessions=2, max_len=1024)
+    try:
+        outputs, _ = await answer(Chat(assistant, engine, "pieces"), small, hello)
+        assert reply_text(outputs) == reference_text(assistant, hello)
+        assert outputs[-1].audio_samples > 0
+    finally:
+        small.close()
+        await engine.close()

@@ -814,3 +814,36 @@ def test_denied_microphone_is_explained(playwright: sync_api.Playwright, static_
         assert "denied" in tab.page.inner_text("#error")
     finally:
         browser.close()
+
+
+def test_a_server_with_keys_asks_the_page_for_one_which_it_then_remembers(
+    open_tab: Callable[..., Tab], tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    settings = ServerSettings(max_sessions=2, api_keys=["page-key"], cache_dir=tmp_path_factory.mktemp("cache"))
+    with BackgroundServer(settings, tiny_checkpoint) as server:
+        url = f"{server.http_url}/"
+        tab = open_tab()
+        tab.page.goto(url)
+        tab.page.click("#start")
+        tab.wait_for("app.error === 'unauthorized'", timeout_ms=30_000)
+        assert "API key" in tab.page.inner_text("#error")
+        time.sleep(1.5)  # no retry: a refusal for a missing key is final
+        assert tab.state()["connection"] == "offline" and len(tab.sent_events("session.start")) == 1
+
+        tab.page.click("#settings-panel summary")
+        tab.page.fill("#api-key", "page-key")
+        tab.page.dispatch_event("#api-key", "change")
+        tab.page.click("#start")
+        tab.wait_for("app.connection === 'connected'", timeout_ms=30_000)
+        tab.page.click("#start")  # Stop: the seat is free for the next tab
+
+        tab.page.reload()  # remembered in this browser
+        assert tab.page.input_value("#api-key") == "page-key"
+
+        linked = open_tab()  # a link that carries the key
+        with linked.page.expect_websocket() as websocket:
+            linked.page.goto(f"{url}?api_key=page-key")
+            linked.page.click("#start")
+        assert "api_key" not in websocket.value.url  # the key goes as a subprotocol, not in the URL
+        linked.wait_for("app.connection === 'connected'", timeout_ms=30_000)
+        assert tab.errors == [] and linked.errors == []

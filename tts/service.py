@@ -168,6 +168,11 @@ class SpeechService:
 
     # ------------------------------------------------------------------ any thread
 
+    @property
+    def max_text_rows(self) -> int:
+        """The most embedding rows an utterance may have (its text, bos and sos fill cache positions)."""
+        return self.batch.cache.max_len - 2
+
     def start(self) -> None:
         """Capture the decoder step graphs (CUDA), start the decoder and vocoder threads and return once
         the vocoder has had cuDNN plan the codec shapes of last windows and captured the codec graphs of
@@ -218,7 +223,7 @@ class SpeechService:
         decoder waits for that stream's work up to now, on the device (`input_stream` waits for
         nothing else)."""
         self.synthesizer.check_utterance(embeddings, codec_chunk_size, padding, top_k, max_tokens)
-        if len(embeddings) + 2 > self.batch.cache.max_len:
+        if len(embeddings) > self.max_text_rows:
             raise ValueError(f"{len(embeddings)} embedding rows do not fit {self.batch.cache.max_len} cache positions")
         handle = SpeechHandle(on_segment, on_done)
         ready = None

@@ -157,6 +157,11 @@ class VitaAssistant:
             ids = torch.tensor(self.tokenizer.encode(text), dtype=torch.long, device=self.device)
             return self.model.model.embed_tokens(ids).reshape(-1, self.tts_dim)
 
+    @property
+    def speech_rows_per_token(self) -> int:
+        """Rows of `speech_embeddings` per token of its text."""
+        return self.model.config.llm.hidden_size // self.tts_dim
+
     def make_engine(self, max_sessions: int, max_len: int, **options) -> Engine:
         """A multi-session engine over this model, stopping at `<|im_end|>` / `<|endoftext|>`."""
         return Engine(

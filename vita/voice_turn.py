@@ -174,6 +174,8 @@ class VoiceTurn:
         free synthesis slot included) and the number of samples made.
         """
         busy_s, samples, chunk_size = 0.0, 0, FIRST_SENTENCE_CHUNK_SIZE
+        rows_per_token = self.chat.assistant.speech_rows_per_token
+        max_rows = self.speech.max_text_rows // rows_per_token * rows_per_token
         trimmer = LeadingSilenceTrimmer()
 
         def play(pieces: list[np.ndarray]) -> None:
@@ -188,9 +190,10 @@ class VoiceTurn:
             started = time.perf_counter()
             stream = self.speech.input_stream  # CUDA: the TTS waits for this lookup only, not the LLM's queued steps
             embeddings = self.chat.assistant.speech_embeddings(sentence, stream)
-            await speak(self.speech, embeddings, lambda segment: play(trimmer.push(segment)),
-                        codec_chunk_size=chunk_size, embeddings_stream=stream)
+            for start in range(0, len(embeddings), max_rows):  # a unit too long for one utterance: cut between tokens
+                await speak(self.speech, embeddings[start : start + max_rows], lambda segment: play(trimmer.push(segment)),
+                            codec_chunk_size=chunk_size, embeddings_stream=stream)
+                chunk_size = CHUNK_SIZE
             busy_s += time.perf_counter() - started
-            chunk_size = CHUNK_SIZE
         play(trimmer.flush())
         return busy_s, samples

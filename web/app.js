@@ -2,6 +2,7 @@
 // the settings and the event log.
 
 import { BargeInDetector } from "./barge-in.js";
+import { ApiKey } from "./api-key.js";
 import { Camera } from "./camera.js";
 import { Connection, websocketUrl } from "./connection.js";
 import { Devices } from "./devices.js";
@@ -17,6 +18,11 @@ import { View } from "./view.js";
 const MAX_INPUT_SAMPLE_RATE = 48000; // the server accepts 8..48 kHz
 const VOLUME_KEY = "vita.volume";
 
+const OFFLINE_TEXT = {
+  idle_timeout: "Disconnected because nothing was said for a while. Press Start to talk again.",
+  unauthorized: "This server asks for an API key: enter it in Settings (Access), then press Start.",
+  origin_not_allowed: "This server does not take connections from pages at this address.",
+};
 const RECONNECT_TEXT = {
   unreachable: "Cannot reach the server.",
   lost: "Lost the connection to the server.",
@@ -51,6 +57,7 @@ class Chat {
     this.transcript = new Transcript(document.getElementById("transcript"));
     this.log = new EventLog(document.getElementById("event-log"));
     this.settings = new Settings(document.getElementById("settings"), (fields) => this.applySettings(fields));
+    this.apiKey = new ApiKey(document.getElementById("api-key"));
     this.devices = new Devices((kind, deviceId) => this.useDevice(kind, deviceId));
     this.replyAudio = new ReplyAudio();
     this.running = false;
@@ -121,7 +128,7 @@ class Chat {
       format: "pcm16",
       ...mergeSessionFields(this.settings.sessionFields, sessionOptionsFromUrl()),
     });
-    this.connection = new Connection(websocketUrl(), sessionStart, {
+    this.connection = new Connection(websocketUrl(), sessionStart, () => this.apiKey.subprotocols, {
       onStatus: (status, detail) => this.onStatus(status, detail),
       onEvent: (event) => this.onEvent(event),
       onAudio: (id, segment, pcm) => this.onAudio(id, segment, pcm),
@@ -288,9 +295,9 @@ class Chat {
       this.retry = { reason, message, at: performance.now() + seconds * 1000 };
       this.retry.timer = setInterval(() => this.showRetryCountdown(), 250);
       this.showRetryCountdown();
-    } else if (status === "offline" && reason === "idle_timeout") {
+    } else if (status === "offline" && reason in OFFLINE_TEXT) {
       this.stop();
-      this.view.showError(reason, "Disconnected because nothing was said for a while. Press Start to talk again.");
+      this.view.showError(reason, OFFLINE_TEXT[reason]);
     } else {
       this.view.setConnection("offline", "Not connected");
     }

@@ -5,6 +5,7 @@ const AUDIO_HEADER_BYTES = 8; // uint32 LE response_id + uint32 LE segment index
 const RETRY_SECONDS = [1, 2, 4, 8, 15];
 const SERVER_FULL_RETRY_SECONDS = 10;
 const MAX_VIDEO_BACKLOG_BYTES = 256 * 1024; // skip camera frames while the socket is congested
+const FINAL = new Set(["idle_timeout", "unauthorized", "origin_not_allowed"]); // retrying would not help
 
 /** `ws(s)://` URL of the endpoint next to the page (works under a reverse-proxy prefix too). */
 export function websocketUrl(pageUrl = location.href) {
@@ -28,17 +29,20 @@ export class Connection {
   /**
    * @param {string} url websocket URL
    * @param {() => object} sessionStart makes the `session.start` event sent on every (re)connect
+   * @param {() => string[]} subprotocols the subprotocols to offer on every (re)connect (the API key)
    * @param {object} handlers
    *   onStatus(status, detail): status is "connecting" | "connected" | "reconnecting" | "offline";
    *     detail is {reason, seconds?, message?} (reason: "unreachable" | "lost" | "closed" or the
    *     code of the fatal error that came before the close: "server_full" | "not_ready" |
-   *     "idle_timeout"; a server shutting down closes without one, so it reads "lost")
+   *     "idle_timeout" | "unauthorized" | "origin_not_allowed" | …; a server shutting down closes
+   *     without one, so it reads "lost"; after the FINAL ones the status is "offline", no retry)
    *   onEvent(event): every JSON event from the server (session.ready included)
    *   onAudio(responseId, segment, pcmBytes): every reply audio segment
    */
-  constructor(url, sessionStart, { onStatus, onEvent, onAudio }) {
+  constructor(url, sessionStart, subprotocols, { onStatus, onEvent, onAudio }) {
     this.url = url;
     this.sessionStart = sessionStart;
+    this.subprotocols = subprotocols;
     this.onStatus = onStatus;
     this.onEvent = onEvent;
     this.onAudio = onAudio;
@@ -54,7 +58,7 @@ export class Connection {
     clearTimeout(this.retryTimer);
     this.fatalError = null;
     this.onStatus("connecting", {});
-    const socket = new WebSocket(this.url);
+    const socket = new WebSocket(this.url, this.subprotocols());
     socket.binaryType = "arraybuffer";
     socket.onopen = () => {
       this.wasOpen = true;
@@ -119,7 +123,7 @@ export class Connection {
     this.ready = false;
     const reason = this.fatalError?.code ?? (this.wasOpen ? "lost" : "unreachable");
     const message = this.fatalError?.message;
-    if (reason === "idle_timeout") {
+    if (FINAL.has(reason)) {
       this.onStatus("offline", { reason, message });
       return;
     }
