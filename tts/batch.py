@@ -4,7 +4,7 @@
 `step` runs one decoder step for every open stream and returns each one's token. The step always
 covers slots 0..n-1 (rows are slots, so attention reads the cache in place; free slots among them
 decode a pad token at position 0, which their next prefill overwrites) and attends over a span of
-positions; both are padded to buckets (`tts/shapes.py`). The decoder forward and the top-k draw run
+positions; both are padded to buckets (`layers/shapes.py`). The decoder forward and the top-k draw run
 on the device from four input rows (tokens, positions, top-k, uniform numbers: one batched
 draw from torch's CPU generator, or a stream's own CPU generator where it has one), with one device-to-host read of the tokens per step. On CUDA each
 (batch, span) shape is a CUDA graph, captured by `capture_graphs` at start-up (or on first use);
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from layers.shapes import batch_buckets, padded, span_buckets
 from tts.decoder import LLM2TTSCodecAR, new_kv_cache
-from tts.shapes import batch_buckets, padded, span_buckets
 
 # (inputs [3, batch]: tokens, positions, top-k; uniforms [batch]) -> token ids [batch], on the device
 StepFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

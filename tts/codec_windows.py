@@ -24,8 +24,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from layers.shapes import padded
 from tts.config import CODEC_FRAME_SAMPLES
-from tts.shapes import padded
 
 
 class CodecDecoder(Protocol):

@@ -37,11 +37,11 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from layers.shapes import batch_buckets
 from tts.activity_log import ActivityLog
 from tts.batch import DecoderBatch, Stream, UtteranceText
 from tts.codec_graphs import CodecGraphs
 from tts.codec_windows import Chunker, CodecWindow, decode_windows, window_lengths
-from tts.shapes import batch_buckets
 from tts.synthesizer import CHUNK_SIZE, FIRST_SENTENCE_CHUNK_SIZE, PADDING, TOP_K, Synthesizer
 
 log = logging.getLogger("vita.tts")

@@ -17,9 +17,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from layers.shapes import batch_buckets, padded, span_buckets
 from vita.qwen2 import Qwen2Model, new_kv_cache
 from vita.sampling import sample_requests
 from vita.scheduler import DecodePlan, LaunchRows, Session
+
+SMALLEST_KV_BUCKET = 256  # attended lengths a forward is padded to: powers of two from here, then max_len
 
 
 @dataclass
@@ -88,7 +91,7 @@ class ModelRunner:
         self.padding_slot = max_sessions
         self.prefix_slot = max_sessions + 1  # where prefixes are computed before being copied out
         self.cache = new_kv_cache(model_core.config, max_sessions + 2, max_len, self.device, dtype)
-        self._kv_buckets = kv_buckets(max_len)
+        self._kv_buckets = span_buckets(max_len, smallest=SMALLEST_KV_BUCKET)
         self._batch_buckets = batch_buckets(max_sessions)
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.use_graphs = self.on_cuda if cuda_graphs is None else cuda_graphs
@@ -140,7 +143,7 @@ class ModelRunner:
         starts = torch.tensor([session.length for session, _ in rows], device=self.device)
         positions = starts[:, None] + torch.arange(width, device=self.device)
         slots = torch.tensor([session.slot for session, _ in rows], device=self.device)
-        kv_len = self._kv_bucket(max(session.length for session, _ in rows) + width)
+        kv_len = padded(max(session.length for session, _ in rows) + width, self._kv_buckets)
         self.prefilled_tokens += sum(size for _, size in rows)
         return self.model(embeds, positions, self.cache, slots, kv_len)
 
@@ -160,9 +163,9 @@ class ModelRunner:
                 inputs[0, : len(rows)] = previous.ids[: len(rows)]
             else:
                 inputs[0, torch.tensor(rows, device=self.device)] = previous.ids[torch.tensor(sources, device=self.device)]
-        kv_len = self._kv_bucket(max(plan.positions) + 1)
+        kv_len = padded(max(plan.positions) + 1, self._kv_buckets)
         if self.use_graphs:
-            logits = self._graph(self._batch_bucket(len(plan.rows)), kv_len)(inputs)
+            logits = self._graph(padded(len(plan.rows), self._batch_buckets), kv_len)(inputs)
         else:
             logits = self._decode_logits(inputs[0], inputs[1, :, None], inputs[2], kv_len)
         sampled = sample_requests(logits, [request.params for _, request in plan.rows], self.generator)
@@ -190,7 +193,7 @@ class ModelRunner:
     def _forward_chunk(self, slot: int, start: int, embeds: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(start, start + embeds.shape[0], device=self.device)[None]
         slots = torch.tensor([slot], device=self.device)
-        kv_len = self._kv_bucket(start + embeds.shape[0])
+        kv_len = padded(start + embeds.shape[0], self._kv_buckets)
         self.prefilled_tokens += embeds.shape[0]
         return self.model(embeds[None], positions, self.cache, slots, kv_len)
 
@@ -206,26 +209,3 @@ class ModelRunner:
                     self._decode_logits, batch, kv_len, self.padding_slot, self.device, self._graph_pool
                 )
         return self._graphs[key]
-
-    # ----------------------------------------------------------------- shape buckets
-
-    def _kv_bucket(self, length: int) -> int:
-        return next(b for b in self._kv_buckets if b >= length)
-
-    def _batch_bucket(self, size: int) -> int:
-        return next(b for b in self._batch_buckets if b >= size)
-
-
-def kv_buckets(max_len: int) -> tuple[int, ...]:
-    """Attended lengths a forward is padded to: powers of two from 256, then ``max_len``."""
-    buckets, size = [], 256
-    while size < max_len:
-        buckets.append(size)
-        size *= 2
-    return (*buckets, max_len)
-
-
-def batch_buckets(max_sessions: int) -> tuple[int, ...]:
-    """Decode batch sizes a CUDA graph is captured for: 1, 2, 4, multiples of 8, then ``max_sessions``."""
-    small = [b for b in (1, 2, 4) if b < max_sessions]
-    return (*small, *range(8, max_sessions, 8), max_sessions)
