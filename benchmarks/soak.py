@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ import websockets
 
 from benchmarks.load import machine
 from server.client import FRAME_MS, ReplyCollector, pcm_frames, read_wav
+from server.local_cluster import free_port
 
 AUDIO_DIR = Path(os.environ.get("VITA_SHARED_DIR") or Path(__file__).resolve().parents[2] / "shared") / "audio"
 RATE = 16_000
@@ -61,12 +61,6 @@ def load_clips(paths: list[Path]) -> list[np.ndarray]:
         mono = audio if audio.ndim == 1 else audio.mean(axis=1).astype(np.int16)
         clips.append(mono if rate == RATE else soxr.resample(mono, rate, RATE).astype(np.int16))
     return clips
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start_server(args: argparse.Namespace, port: int, log_path: Path) -> subprocess.Popen:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
 import time
@@ -14,6 +13,7 @@ from types import TracebackType
 import uvicorn
 
 from server.app import WEBSOCKET_OPTIONS, create_app
+from server.local_cluster import get_json
 from server.settings import ServerSettings
 from server.worker import ModelWorker
 
@@ -45,11 +45,7 @@ class BackgroundServer:
 
     def get_json(self, path: str) -> tuple[int, dict]:
         """Status and JSON body of a GET."""
-        try:
-            with urllib.request.urlopen(self.http_url + path, timeout=5) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())
+        return get_json(self.http_url + path, timeout_s=5)
 
     def get_text(self, path: str) -> str:
         """Body of a GET as text."""

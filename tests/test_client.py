@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import shutil
 import ssl
 import subprocess
@@ -21,17 +20,12 @@ import soundfile as sf
 import websockets
 
 from server.client import read_wav
+from server.local_cluster import free_port
 from vita.tiny_checkpoint import TINY_CHECKPOINT_VERSION
 from shared_data import AUDIO
 
 REPO = Path(__file__).resolve().parent.parent
 HELLO = AUDIO / "en_hello.wav"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(url: str, process: subprocess.Popen, context: ssl.SSLContext | None = None) -> None:
