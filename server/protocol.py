@@ -96,7 +96,7 @@ import binascii
 import json
 import struct
 from enum import Enum
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -265,10 +265,15 @@ ClientEvent = Annotated[
     ],
     Field(discriminator="type"),
 ]
-CLIENT_EVENT_TYPES = frozenset(
-    ["session.start", "input_audio", "video.frame", "session.update", "input_audio.commit", "input_audio.clear",
-     "input_text", "response.cancel", "session.reset"]
-)
+
+
+def event_types(events: Any) -> frozenset[str]:
+    """The ``type`` values of a union of event models (``Annotated`` with its discriminator or not)."""
+    union = get_args(events)[0] if get_origin(events) is Annotated else events
+    return frozenset(get_args(model.model_fields["type"].annotation)[0] for model in get_args(union))
+
+
+CLIENT_EVENT_TYPES = event_types(ClientEvent)
 _client_event_adapter: TypeAdapter[ClientEvent] = TypeAdapter(ClientEvent)
 
 

@@ -44,6 +44,7 @@ from server.protocol import (
     VadSettings,
     base64_bytes,
     decode_base64,
+    event_types,
     parse_json_object,
 )
 
@@ -184,10 +185,7 @@ RealtimeClientEvent = Annotated[
     ],
     Field(discriminator="type"),
 ]
-CLIENT_EVENT_TYPES = frozenset(
-    ["session.update", "input_audio_buffer.append", "input_audio_buffer.commit", "input_audio_buffer.clear",
-     "conversation.item.create", "conversation.item.truncate", "response.create", "response.cancel"]
-)
+CLIENT_EVENT_TYPES = event_types(RealtimeClientEvent)
 UNSUPPORTED_EVENT_TYPES = frozenset(
     ["conversation.item.delete", "conversation.item.retrieve", "output_audio_buffer.clear",
      "transcription_session.update"]

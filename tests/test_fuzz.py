@@ -24,7 +24,6 @@ import uuid
 import zlib
 from collections import Counter
 from pathlib import Path
-from typing import get_args
 
 import numpy as np
 import pytest
@@ -46,6 +45,7 @@ from server.protocol import (
     ProtocolError,
     ServerEvent,
     VadSettings,
+    event_types,
     parse_client_event,
 )
 from server.settings import ServerSettings
@@ -54,7 +54,7 @@ from shared_data import AUDIO
 
 FUZZ_INPUTS = 3_000  # the CI run; VITA_FUZZ_INPUTS scales it
 SCALE = int(os.environ.get("VITA_FUZZ_INPUTS", FUZZ_INPUTS)) / FUZZ_INPUTS
-SERVER_EVENT_TYPES = {event.model_fields["type"].default for event in get_args(ServerEvent)}
+SERVER_EVENT_TYPES = event_types(ServerEvent)
 ERROR_CODES = {code.value for code in ErrorCode} - {ErrorCode.INTERNAL_ERROR.value}
 inputs: Counter[str] = Counter()  # inputs run per test
 
