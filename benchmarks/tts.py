@@ -1,7 +1,7 @@
 """TTS speed through `tts.service.SpeechService`: time to first segment (TTFS) and real-time factor (RTF).
 
-N utterances are spoken at once into one service (one thread: shared decoder steps, CUDA graphs on
-CUDA, codec windows of all streams decoded together). Weights are random (tiny checkpoint, or the
+N utterances are spoken at once into one service (its two threads: shared decoder steps, CUDA graphs
+on CUDA; codec windows of all streams decoded together). Weights are random (tiny checkpoint, or the
 plausible full-size shapes below) with eos disabled, so every utterance is exactly --tokens codec
 codes (40 codes = 1 s). On CUDA the script first checks that the service (graphs, batched codec)
 gives the segments of `Synthesizer.synthesize` (eager, one utterance) on a float32 tiny model.

@@ -8,7 +8,7 @@ import torch
 class KVCache:
     """Static per-layer slots ``[slots, max_len, 2 * kv_heads, head_dim]`` (key heads, then value heads).
 
-    The caller owns it (the LLM engine, the TTS decoder batch) and says which slots and positions a
+    The caller owns it (the LLM's model runner, the TTS decoder batch) and says which slots and positions a
     forward writes and attends to; keys and values of a position go in with one write.
     """
 

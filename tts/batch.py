@@ -5,10 +5,11 @@
 covers slots 0..n-1 (rows are slots, so attention reads the cache in place; free slots among them
 decode a pad token at position 0, which their next prefill overwrites) and attends over a span of
 positions; both are padded to buckets (`layers/shapes.py`). The decoder forward and the top-k draw run
-on the device from four input rows (tokens, positions, top-k, uniform numbers: one batched
-draw from torch's CPU generator, or a stream's own CPU generator where it has one), with one device-to-host read of the tokens per step. On CUDA each
-(batch, span) shape is a CUDA graph, captured by `capture_graphs` at start-up (or on first use);
-elsewhere the same function runs eagerly. One thread drives a batch.
+on the device from three input rows (tokens, positions, top-k) and a uniform number per row (one
+batched draw from torch's CPU generator, or a stream's own CPU generator where it has one), with one
+device-to-host read of the tokens per step. On CUDA each (batch, span) shape is a CUDA graph,
+captured by `capture_graphs` at start-up (or on first use); elsewhere the same function runs
+eagerly. One thread drives a batch.
 """
 
 from __future__ import annotations

@@ -242,8 +242,8 @@ class LLM2TTSCodecAR(nn.Module):
         """Top-k sampling per row (upstream: softmax, keep the k best, renormalise, draw): token ids [n].
 
         Row i keeps its top_k[i] best logits and inverts their CDF at uniforms[i], a number the caller
-        draws from that row's own CPU generator, so a stream's tokens do not depend on which other
-        streams share its batch. bos, sos and pad are excluded first: they are no codec codes and the
+        draws on the CPU (from the stream's own generator where it has one, so that its tokens do not
+        depend on which other streams share its batch). bos, sos and pad are excluded first: they are no codec codes and the
         codec cannot decode them. All on the device with fixed shapes (graph-safe).
         """
         config = self.config

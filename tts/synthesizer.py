@@ -1,7 +1,7 @@
 """Speech synthesis: LLM embeddings -> codec tokens -> 24 kHz int16 segments.
 
-`Synthesizer` holds the decoder and the codec. `tts/service.py` runs many utterances at once in one
-thread; `synthesize` runs one in the calling thread, with the same token draws and windows
+`Synthesizer` holds the decoder and the codec. `tts/service.py` runs many utterances at once in two
+threads (decoder steps, codec windows); `synthesize` runs one in the calling thread, with the same token draws and windows
 (`tts/codec_windows.py`), so for the same generator both give the same segments.
 """
 
