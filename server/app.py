@@ -123,16 +123,16 @@ def create_app(settings: ServerSettings, worker: ModelWorker) -> FastAPI:
             writer = asyncio.create_task(write_loop(websocket, outgoing, session))
             reader = asyncio.create_task(read_loop(websocket, session, await open_messages(session)))
             live[session] = reader
-            watchdog = asyncio.create_task(
+            deadlines = asyncio.create_task(
                 watch_deadlines(session, settings.handshake_timeout_s, settings.idle_timeout_s)
             )
             try:
-                await asyncio.wait((reader, watchdog), return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait((reader, deadlines), return_when=asyncio.FIRST_COMPLETED)
             finally:
                 live.pop(session, None)
                 reader.cancel()
-                watchdog.cancel()
-                await asyncio.gather(reader, watchdog, return_exceptions=True)
+                deadlines.cancel()
+                await asyncio.gather(reader, deadlines, return_exceptions=True)
                 session.close()
                 await flush_and_close(websocket, outgoing, writer, session.closing)
                 log.info("session_end session=%s reason=%s", session.session_id,
