@@ -421,15 +421,12 @@ ServerEvent = Union[
 
 
 class ProtocolError(Exception):
-    """A client message that cannot be accepted; carries the ``error`` event to send."""
+    """A client message that cannot be accepted: the ``error`` event's code and message."""
 
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
-
-    def to_event(self) -> ErrorEvent:
-        return ErrorEvent(code=self.code, message=self.message)
 
 
 def decode_base64(value: Any, max_bytes: int) -> bytes:

@@ -72,8 +72,6 @@ def test_bad_messages_raise_protocol_errors(text: str, code: ErrorCode) -> None:
     with pytest.raises(ProtocolError) as info:
         parse_client_event(text)
     assert info.value.code == code
-    error = info.value.to_event()
-    assert json.loads(error.model_dump_json())["code"] == code.value
 
 
 def test_oversized_base64_audio_is_refused_before_decoding() -> None:
