@@ -47,6 +47,11 @@ class ServerMetrics:
             "vita_event_loop_lag_seconds", "How late the gateway's event loop woke the watchdog (once a second)",
             buckets=LOOP_LAG_BUCKETS, registry=self.registry,
         )
+        self.worker_loop_lag_seconds = Histogram(
+            "vita_worker_loop_lag_seconds",
+            "How long the model worker's event loop took to answer the watchdog's heartbeat (once a second)",
+            buckets=LOOP_LAG_BUCKETS, registry=self.registry,
+        )
         self.audio_dropped_segments = Counter(
             "vita_audio_dropped_segments_total", "Reply audio segments dropped for slow readers", registry=self.registry
         )

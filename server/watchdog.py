@@ -52,6 +52,9 @@ class WorkerWatchdog:
             await asyncio.sleep(self.interval_s)
             self.metrics.loop_lag_seconds.observe(max(0.0, loop.time() - asleep - self.interval_s))
             if self.worker.ready:
+                lag, self.worker.beat_lag_s = self.worker.beat_lag_s, None  # the previous heartbeat's answer
+                if lag is not None:
+                    self.metrics.worker_loop_lag_seconds.observe(lag)
                 self.worker.heartbeat()
             reason = self.worker.failure(self.hang_timeout_s)
             if reason is not None:

@@ -119,6 +119,7 @@ class ModelWorker:
         self._turns: dict[str, asyncio.Task[None]] = {}
         self._bridge: LoopBridge | None = None  # outputs to the gateway loop
         self._last_beat = time.monotonic()  # when the loop last answered ``heartbeat``
+        self.beat_lag_s: float | None = None  # the longest answer since the watchdog last took it: the loop's lag
         self._device_error: str | None = None  # the last heartbeat's device check failed with this
 
     # ------------------------------------------------------------------ lifecycle
@@ -216,11 +217,13 @@ class ModelWorker:
     # ------------------------------------------------------------------ health and restart
 
     def heartbeat(self) -> None:
-        """Ask the worker loop to answer (any thread); ``failure`` judges how long ago it last did."""
-        self._call(self._beat)
+        """Ask the worker loop to answer (any thread); ``failure`` judges how long ago it last did,
+        ``beat_lag_s`` holds the longest time an answer took since it was last taken."""
+        self._call(self._beat, time.monotonic())
 
-    def _beat(self) -> None:
+    def _beat(self, asked: float) -> None:
         self._last_beat = time.monotonic()
+        self.beat_lag_s = max(self.beat_lag_s or 0.0, self._last_beat - asked)
         if self.engine.device.type == "cuda":  # a launch on a device that hit a CUDA error raises it again
             try:
                 torch.empty(1, device=self.engine.device).fill_(0)

@@ -124,6 +124,28 @@ async def fatal_error(ws: websockets.ClientConnection) -> dict:
     return error
 
 
+def lag_histogram(metrics: str) -> dict[str, float]:
+    """``vita_worker_loop_lag_seconds`` buckets (le -> count) and ``count``, from /metrics text."""
+    values = {}
+    for line in metrics.splitlines():
+        if line.startswith("vita_worker_loop_lag_seconds_bucket{"):
+            values[line.split('le="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("vita_worker_loop_lag_seconds_count "):
+            values["count"] = float(line.rsplit(" ", 1)[1])
+    return values
+
+
+async def test_the_worker_loop_lag_is_measured(server: BackgroundServer) -> None:
+    await asyncio.sleep(1.0)
+    before = lag_histogram(server.get_text("/metrics"))
+    server.worker._loop.call_soon_threadsafe(time.sleep, 0.7)  # busy for 0.7 s: below the 1 s hang timeout
+    await asyncio.sleep(1.5)
+    after = lag_histogram(server.get_text("/metrics"))
+    assert before["count"] > 0 and after["count"] > before["count"]
+    assert (after["count"] - after["0.5"]) - (before["count"] - before["0.5"]) >= 1  # that wait was seen
+    assert "vita_worker_failures_total 0.0" in server.get_text("/metrics")
+
+
 async def test_a_hung_worker_is_restarted_and_new_sessions_are_served(server: BackgroundServer) -> None:
     ws = await mid_reply_session(server)
     readiness = ReadinessLog(server)
