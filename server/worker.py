@@ -346,8 +346,10 @@ class ModelWorker:
             previous.cancel()
             await asyncio.gather(previous, return_exceptions=True)
         try:
+            # camera frames are decoded in a pool thread (PIL lets go of the GIL), not on this loop
+            inputs = await asyncio.to_thread(turn_input, request) if request.frames else turn_input(request)
             handle.turn = VoiceTurn(
-                self._chats[request.session_id], turn_input(request), emit=emit, speech=self.speech,
+                self._chats[request.session_id], inputs, emit=emit, speech=self.speech,
                 encode_media=lambda media: asyncio.wrap_future(self.media_encoder.submit(media)),
             )
         except Exception as exc:
