@@ -150,9 +150,9 @@ class SpeechService:
         device = synthesizer.decoder.embedding.weight.device
         self._on_cuda = device.type == "cuda"
         self._streams = [torch.cuda.Stream(device) for _ in range(2)] if self._on_cuda else [None, None]
+        # (CUDA) a stream for callers to make utterance embeddings on: an utterance made on the caller's
+        # usual stream waits for everything queued there before it (the LLM's launched steps)
         self.input_stream = torch.cuda.Stream(device) if self._on_cuda else None
-        """(CUDA) A stream for callers to make utterance embeddings on: an utterance made on the
-        caller's usual stream waits for everything queued there before (the LLM's launched steps)."""
         default_batches = batch_buckets(max_streams) if self._on_cuda else (1,)
         self._codec_batches = default_batches if codec_batch_sizes is None else codec_batch_sizes
         self._chunk_sizes, self._padding = chunk_sizes, padding
