@@ -2,12 +2,15 @@
 # End to end on a GPU machine with full-size random weights: write the checkpoint, start the server
 # in its own process, run benchmarks/load.py against it, profile the server with py-spy meanwhile.
 #
-#   OUT=out CLIENTS=1,8,32,64 PROFILE_CLIENTS=32 STAGGER_S=18 bash benchmarks/gpu_load.sh
+#   OUT=out CLIENTS=1,8,32,64 PROFILE_CLIENTS=32 STAGGER_S=18 TRACE_CLIENTS=64 bash benchmarks/gpu_load.sh
 #
 # Writes $OUT/load.json + load.png (and with STAGGER_S the same levels with client starts spread over
 # that many seconds: $OUT/load_staggered.json + .png), $OUT/server.log and, when py-spy is installed, the server's
 # profile during the PROFILE_CLIENTS level ($OUT/pyspy_all.txt: every non-idle sample,
-# $OUT/pyspy_gil.txt: the thread holding the GIL), as collapsed stacks.
+# $OUT/pyspy_gil.txt: the thread holding the GIL), as collapsed stacks. With TRACE_CLIENTS, a level of
+# that many clients runs first with a kernel trace of the server (benchmarks/kernel_trace/) from
+# TRACE_DELAY_S after its start for TRACE_S seconds: $OUT/load_traced.json and the trace's summary,
+# $OUT/trace_summary.txt + .json (benchmarks/trace_summary.py).
 set -euo pipefail
 OUT=${OUT:-out}
 CKPT=${CKPT:-/tmp/vita_full_ckpt}
@@ -17,6 +20,10 @@ PORT=${PORT:-8765}
 WAV=${WAV:-../shared/audio/en_hello.wav}
 LOAD_ARGS=${LOAD_ARGS:-}
 STAGGER_S=${STAGGER_S:-}
+TRACE_CLIENTS=${TRACE_CLIENTS:-}
+TRACE_DELAY_S=${TRACE_DELAY_S:-4}
+TRACE_S=${TRACE_S:-4}
+TRACE=/tmp/kernel_trace.json
 mkdir -p "$OUT"
 
 if [ ! -f "$CKPT/config.json" ]; then
@@ -24,7 +31,13 @@ if [ ! -f "$CKPT/config.json" ]; then
   python -m vita.tiny_checkpoint --size full --device cuda "$CKPT"
   echo "checkpoint written in $((SECONDS - start)) s"
 fi
-python -m server.cli --checkpoint "$CKPT" --device cuda --max-sessions 64 --port "$PORT" >"$OUT/server.log" 2>&1 &
+rm -f "$TRACE" /tmp/kernel_trace_go
+TRACE_ENV=()
+if [ -n "$TRACE_CLIENTS" ]; then
+  TRACE_ENV=(PYTHONPATH="$PWD/benchmarks/kernel_trace${PYTHONPATH:+:$PYTHONPATH}" KERNEL_TRACE_TRIGGER=/tmp/kernel_trace_go
+             KERNEL_TRACE_SECONDS="$TRACE_S" KERNEL_TRACE_OUT="$TRACE")
+fi
+env "${TRACE_ENV[@]}" python -m server.cli --checkpoint "$CKPT" --device cuda --max-sessions 64 --port "$PORT" >"$OUT/server.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 start=$SECONDS
@@ -44,6 +57,12 @@ if [ -n "$PROFILE_CLIENTS" ] && command -v py-spy >/dev/null; then
   SPY_GIL=$!
   load "$PROFILE_CLIENTS" "$OUT/load_profiled.json"
   wait $SPY_ALL $SPY_GIL || true
+fi
+if [ -n "$TRACE_CLIENTS" ]; then
+  (sleep "$TRACE_DELAY_S"; touch /tmp/kernel_trace_go) &
+  load "$TRACE_CLIENTS" "$OUT/load_traced.json"
+  for _ in $(seq 120); do [ -f "$TRACE" ] && break; sleep 1; done
+  python benchmarks/trace_summary.py "$TRACE" --json "$OUT/trace_summary.json" >"$OUT/trace_summary.txt" || true
 fi
 load "$CLIENTS" "$OUT/load.json"
 if [ -n "$STAGGER_S" ]; then  # the same levels again with the clients' starts spread over STAGGER_S

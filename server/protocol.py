@@ -175,7 +175,9 @@ class VadSettings(_Event):
     aggressiveness: int = Field(2, ge=0, le=3, description="webrtcvad mode, 3 = most aggressive")
     frame_ms: Literal[10, 20, 30] = 30
     start_ms: int = Field(150, ge=10, le=2_000, description="voiced audio needed to start")
-    hangover_ms: int = Field(500, ge=50, le=5_000, description="silence that ends an utterance")
+    hangover_ms: int = Field(
+        400, ge=50, le=5_000, description="silence that ends an utterance (longer than most pauses within one)"
+    )
     speculative_ms: int = Field(
         200, ge=0, le=5_000, description="silence after which the reply is prepared unseen; 0 or >= hangover_ms: off"
     )

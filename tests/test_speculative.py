@@ -27,7 +27,8 @@ from shared_data import AUDIO
 RATE = 16_000
 GENERATION = {"respect_not_addressed": False, "temperature": 0.0, "max_new_tokens": 24}
 WORK_TIME_S = 1.0  # the client waits this long at a pause: the speculative turn runs meanwhile
-PAUSE_S = 0.4  # webrtcvad hears 300-400 ms of it: more than speculative_ms (200), less than the hangover (500)
+HANGOVER_MS = 500
+PAUSE_S = 0.4  # webrtcvad hears 300-400 ms of it: more than speculative_ms (200), less than HANGOVER_MS
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ async def receive_until_done(ws: websockets.ClientConnection) -> tuple[list[dict
 async def converse(server: BackgroundServer, turns: list[list[np.ndarray]], speculative_ms: int) -> list[list[dict]]:
     """One session; each turn is sent as its pieces with a wait of ``WORK_TIME_S`` after each but
     the last, then its reply is received and played out. Returns each turn's events."""
-    vad = VadSettings(speculative_ms=speculative_ms).model_dump()
+    vad = VadSettings(speculative_ms=speculative_ms, hangover_ms=HANGOVER_MS).model_dump()
     async with websockets.connect(server.ws_url, max_size=None) as ws:
         await ws.send(json.dumps({"type": "session.start", "sample_rate": RATE, "vad": vad, "generation": GENERATION}))
         assert json.loads(await ws.recv())["type"] == "session.ready"

@@ -1,0 +1,29 @@
+"""Kernel trace of a running server, for `benchmarks/gpu_load.sh` (TRACE_CLIENTS): Python imports
+this at start-up when the folder is on PYTHONPATH. Once the file $KERNEL_TRACE_TRIGGER appears, it
+records every CUDA kernel and copy of the process (all threads, CUDA graph replays included) for
+$KERNEL_TRACE_SECONDS and writes a Chrome trace to $KERNEL_TRACE_OUT; `benchmarks/trace_summary.py`
+reads it. Nothing happens without KERNEL_TRACE_TRIGGER."""
+
+import os
+import threading
+import time
+
+
+def _record(trigger: str, seconds: float, out: str) -> None:
+    while not os.path.exists(trigger):
+        time.sleep(0.02)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as trace:
+        time.sleep(seconds)
+    trace.export_chrome_trace(out + ".part")
+    os.replace(out + ".part", out)  # whole once it appears
+
+
+if os.environ.get("KERNEL_TRACE_TRIGGER"):
+    threading.Thread(
+        target=_record,
+        args=(os.environ["KERNEL_TRACE_TRIGGER"], float(os.environ.get("KERNEL_TRACE_SECONDS", "3")),
+              os.environ.get("KERNEL_TRACE_OUT", "kernel_trace.json")),
+        name="kernel-trace", daemon=True,
+    ).start()
