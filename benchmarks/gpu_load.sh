@@ -5,12 +5,14 @@
 #   OUT=out CLIENTS=1,8,32,64 PROFILE_CLIENTS=32 STAGGER_S=18 TRACE_CLIENTS=64 bash benchmarks/gpu_load.sh
 #
 # Writes $OUT/load.json + load.png (and with STAGGER_S the same levels with client starts spread over
-# that many seconds: $OUT/load_staggered.json + .png), $OUT/server.log and, when py-spy is installed, the server's
-# profile during the PROFILE_CLIENTS level ($OUT/pyspy_all.txt: every non-idle sample,
-# $OUT/pyspy_gil.txt: the thread holding the GIL), as collapsed stacks. With TRACE_CLIENTS, a level of
-# that many clients runs first with a kernel trace of the server (benchmarks/kernel_trace/) from
-# TRACE_DELAY_S after its start for TRACE_S seconds: $OUT/load_traced.json and the trace's summary,
-# $OUT/trace_summary.txt + .json (benchmarks/trace_summary.py).
+# that many seconds: $OUT/load_staggered.json + .png), $OUT/server.log, the server's /metrics at the
+# end ($OUT/metrics.txt) and, when py-spy is installed, the server's profile during a level of
+# PROFILE_CLIENTS clients from PROFILE_DELAY_S after its start for PROFILE_S seconds (the first turns'
+# ends: $OUT/pyspy_all.txt: every non-idle sample, $OUT/pyspy_gil.txt: the thread holding the GIL),
+# as collapsed stacks. With TRACE_CLIENTS, a level of that many clients runs with a kernel trace of the
+# server (benchmarks/kernel_trace/) from TRACE_DELAY_S after its start for TRACE_S seconds:
+# $OUT/load_traced.json and the trace's summary, $OUT/trace_summary.txt + .json
+# (benchmarks/trace_summary.py).
 set -euo pipefail
 OUT=${OUT:-out}
 CKPT=${CKPT:-/tmp/vita_full_ckpt}
@@ -20,6 +22,8 @@ PORT=${PORT:-8765}
 WAV=${WAV:-../shared/audio/en_hello.wav}
 LOAD_ARGS=${LOAD_ARGS:-}
 STAGGER_S=${STAGGER_S:-}
+PROFILE_DELAY_S=${PROFILE_DELAY_S:-4}
+PROFILE_S=${PROFILE_S:-3}
 TRACE_CLIENTS=${TRACE_CLIENTS:-}
 TRACE_DELAY_S=${TRACE_DELAY_S:-4}
 TRACE_S=${TRACE_S:-4}
@@ -50,11 +54,17 @@ echo "server ready after $((SECONDS - start)) s"
 load() {  # load LEVELS JSON
   python -m benchmarks.load --url "ws://127.0.0.1:$PORT/ws" --wav "$WAV" --clients "$1" --json "$2" $LOAD_ARGS
 }
+load "$CLIENTS" "$OUT/load.json"
+if [ -n "$STAGGER_S" ]; then  # the same levels again with the clients' starts spread over STAGGER_S
+  LOAD_ARGS="$LOAD_ARGS --stagger-s $STAGGER_S" load "$CLIENTS" "$OUT/load_staggered.json"
+fi
 if [ -n "$PROFILE_CLIENTS" ] && command -v py-spy >/dev/null; then
-  py-spy record --pid $SERVER --nonblocking --rate 50 --format raw --threads --duration 45 -o "$OUT/pyspy_all.txt" &
-  SPY_ALL=$!
-  py-spy record --pid $SERVER --nonblocking --rate 50 --format raw --threads --gil --duration 45 -o "$OUT/pyspy_gil.txt" &
-  SPY_GIL=$!
+  spy() {  # spy OUTFILE [--gil]: the server's stacks at 250 Hz from PROFILE_DELAY_S for PROFILE_S seconds
+    sleep "$PROFILE_DELAY_S"
+    py-spy record --pid $SERVER --nonblocking --rate 250 --format raw --threads --duration "$PROFILE_S" -o "$@"
+  }
+  spy "$OUT/pyspy_all.txt" & SPY_ALL=$!
+  spy "$OUT/pyspy_gil.txt" --gil & SPY_GIL=$!
   load "$PROFILE_CLIENTS" "$OUT/load_profiled.json"
   wait $SPY_ALL $SPY_GIL || true
 fi
@@ -64,7 +74,4 @@ if [ -n "$TRACE_CLIENTS" ]; then
   for _ in $(seq 120); do [ -f "$TRACE" ] && break; sleep 1; done
   python benchmarks/trace_summary.py "$TRACE" --json "$OUT/trace_summary.json" >"$OUT/trace_summary.txt" || true
 fi
-load "$CLIENTS" "$OUT/load.json"
-if [ -n "$STAGGER_S" ]; then  # the same levels again with the clients' starts spread over STAGGER_S
-  LOAD_ARGS="$LOAD_ARGS --stagger-s $STAGGER_S" load "$CLIENTS" "$OUT/load_staggered.json"
-fi
+python -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:$PORT/metrics').read().decode())" >"$OUT/metrics.txt"

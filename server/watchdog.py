@@ -2,7 +2,8 @@
 
 Runs on the gateway loop (and measures that loop's lag as it goes). Every ``interval_s`` it asks the worker loop to answer a heartbeat and
 checks ``ModelWorker.failure`` (thread dead, loop silent past the hang timeout, a model thread dead,
-a device error). On a failure the sessions are told and closed first (``on_failure``: their
+a device error). On a failure every thread's stack goes to the log (what the worker waited on),
+the sessions are told and closed first (``on_failure``: their
 conversations lived in the worker), then the worker is restarted; while it restarts it is not
 ready (/readyz 503, new connections get ``not_ready``). A restart that fails or is not ready within
 ``restart_timeout_s`` sets ``failed``: /healthz turns 503 so that the supervisor restarts the process.
@@ -12,7 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
+import threading
 import time
+import traceback
 from collections.abc import Callable
 
 from server.metrics import ServerMetrics
@@ -62,6 +66,7 @@ class WorkerWatchdog:
 
     async def _recover(self, reason: str) -> None:
         log.error("worker_failed reason=%r", reason)
+        log.error("worker_failed_threads\n%s", thread_stacks())
         self.metrics.worker_failures.inc()
         self.on_failure(reason)
         self.restarting = reason
@@ -80,3 +85,12 @@ class WorkerWatchdog:
         self.metrics.worker_restarts.labels("failed").inc()
         self.failed = self.worker.load_error or f"not ready {self.restart_timeout_s:g} s after the restart"
         log.error("worker_restart_failed seconds=%.1f error=%r", seconds, self.failed)
+
+
+def thread_stacks() -> str:
+    """Where every thread of the process is now, named: what a hung worker waits on."""
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    return "\n".join(
+        f"thread {names.get(ident, ident)}:\n{''.join(traceback.format_stack(frame))}"
+        for ident, frame in sys._current_frames().items()
+    )

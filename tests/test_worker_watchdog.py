@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -148,7 +149,10 @@ async def test_the_worker_loop_lag_is_measured(server: BackgroundServer) -> None
     assert "vita_worker_failures_total 0.0" in server.get_text("/metrics")
 
 
-async def test_a_hung_worker_is_restarted_and_new_sessions_are_served(server: BackgroundServer) -> None:
+async def test_a_hung_worker_is_restarted_and_new_sessions_are_served(
+    server: BackgroundServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="vita.watchdog")
     ws = await mid_reply_session(server)
     readiness = ReadinessLog(server)
     deadlock = threading.Event()  # the worker loop waits on it forever: a real deadlock
@@ -159,6 +163,10 @@ async def test_a_hung_worker_is_restarted_and_new_sessions_are_served(server: Ba
         assert (error["code"], error["fatal"]) == ("worker_failed", True)
         assert "did not answer" in error["message"]
         assert (ws.close_code, ws.close_reason) == (1013, "worker_failed")
+        # the log says where the hung loop waits: its thread's stack ends in Event.wait
+        [stacks] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("worker_failed_threads")]
+        worker_stack = stacks.split("thread vita-worker:\n")[1].split("\nthread ")[0]
+        assert "in wait" in worker_stack.strip().splitlines()[-2]
         await wait_ready(readiness)
     finally:
         readiness.stop()

@@ -12,10 +12,9 @@ nothing to do:
   first and middle windows, `CodecGraphs`), and hands out the segments and the ends.
 So codec work never holds up decoder steps: a new utterance's first window (30 steps) is ready
 after 30 quick steps however much audio the others need meanwhile.
-On CUDA each thread works on a CUDA stream of its own, of high priority, so its reads of results
-wait for its own kernels only, never for the LLM's, and its kernels go before the LLM's queued ones;
-an utterance's embeddings, made on the caller's stream, are waited for on the device (an event
-recorded at `speak`).
+On CUDA each thread works on a CUDA stream of its own, so its reads of results wait for its own
+kernels only, never for the LLM's; an utterance's embeddings, made on the caller's stream, are
+waited for on the device (an event recorded at `speak`).
 
 Callbacks of an utterance: `on_segment` gets its int16 24 kHz segments in order, the same as
 `Synthesizer.synthesize` gives for the same generator (up to float rounding); then exactly one
@@ -150,13 +149,10 @@ class SpeechService:
         self.batch = DecoderBatch(synthesizer.decoder, max_streams, capacity)
         device = synthesizer.decoder.embedding.weight.device
         self._on_cuda = device.type == "cuda"
-        # (CUDA) the service's streams run before the LLM's (default priority) wherever both have work
-        # waiting: a decoder step or a first window is a few small kernels on which a listener waits,
-        # while the LLM's steps are usually ahead of what has been spoken
-        self._streams = [self._priority_stream(device) for _ in range(2)] if self._on_cuda else [None, None]
+        self._streams = [torch.cuda.Stream(device) for _ in range(2)] if self._on_cuda else [None, None]
         # (CUDA) a stream for callers to make utterance embeddings on: an utterance made on the caller's
         # usual stream waits for everything queued there before it (the LLM's launched steps)
-        self.input_stream = self._priority_stream(device) if self._on_cuda else None
+        self.input_stream = torch.cuda.Stream(device) if self._on_cuda else None
         default_batches = batch_buckets(max_streams) if self._on_cuda else (1,)
         self._codec_batches = default_batches if codec_batch_sizes is None else codec_batch_sizes
         self._chunk_sizes, self._padding = chunk_sizes, padding
@@ -169,11 +165,6 @@ class SpeechService:
         self._closed = False
         self._open: dict[Stream, _Utterance] = {}  # decoder thread only
         self._threads: list[threading.Thread] = []
-
-    @staticmethod
-    def _priority_stream(device: torch.device) -> torch.cuda.Stream:
-        """A CUDA stream of higher priority than the default (-1; PyTorch maps it into the device's range)."""
-        return torch.cuda.Stream(device, priority=-1)
 
     # ------------------------------------------------------------------ any thread
 
