@@ -7,10 +7,10 @@
 # Writes $OUT/load.json + load.png (and with STAGGER_S the same levels with client starts spread over
 # that many seconds: $OUT/load_staggered.json + .png), $OUT/server.log, the server's /metrics at the
 # end ($OUT/metrics.txt) and, when py-spy is installed, the server's profile during a level of
-# PROFILE_CLIENTS clients from PROFILE_DELAY_S after its start for PROFILE_S seconds (the first turns'
+# PROFILE_CLIENTS clients from PROFILE_DELAY_S after its clients start for PROFILE_S seconds (the first turns'
 # ends: $OUT/pyspy_all.txt: every non-idle sample, $OUT/pyspy_gil.txt: the thread holding the GIL),
 # as collapsed stacks. With TRACE_CLIENTS, a level of that many clients runs with a kernel trace of the
-# server (benchmarks/kernel_trace/) from TRACE_DELAY_S after its start for TRACE_S seconds:
+# server (benchmarks/kernel_trace/) from TRACE_DELAY_S after its clients start for TRACE_S seconds:
 # $OUT/load_traced.json and the trace's summary, $OUT/trace_summary.txt + .json
 # (benchmarks/trace_summary.py).
 set -euo pipefail
@@ -22,10 +22,10 @@ PORT=${PORT:-8765}
 WAV=${WAV:-../shared/audio/en_hello.wav}
 LOAD_ARGS=${LOAD_ARGS:-}
 STAGGER_S=${STAGGER_S:-}
-PROFILE_DELAY_S=${PROFILE_DELAY_S:-4}
+PROFILE_DELAY_S=${PROFILE_DELAY_S:-4.5}
 PROFILE_S=${PROFILE_S:-3}
 TRACE_CLIENTS=${TRACE_CLIENTS:-}
-TRACE_DELAY_S=${TRACE_DELAY_S:-4}
+TRACE_DELAY_S=${TRACE_DELAY_S:-4.5}
 TRACE_S=${TRACE_S:-4}
 TRACE=/tmp/kernel_trace.json
 mkdir -p "$OUT"
@@ -51,8 +51,16 @@ until python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$PORT/r
 done
 echo "server ready after $((SECONDS - start)) s"
 
-load() {  # load LEVELS JSON
-  python -m benchmarks.load --url "ws://127.0.0.1:$PORT/ws" --wav "$WAV" --clients "$1" --json "$2" $LOAD_ARGS
+STARTED=/tmp/load_level_started
+rm -f "$STARTED"
+load() {  # load LEVELS JSON (no $STARTED left behind: a waiter started before the next level waits for it)
+  python -m benchmarks.load --url "ws://127.0.0.1:$PORT/ws" --wav "$WAV" --clients "$1" --json "$2" \
+    --started-file "$STARTED" $LOAD_ARGS
+  rm -f "$STARTED"
+}
+after_start() {  # after_start SECONDS: return that long after the level's clients started
+  until [ -f "$STARTED" ]; do sleep 0.05; done
+  sleep "$1"
 }
 load "$CLIENTS" "$OUT/load.json"
 if [ -n "$STAGGER_S" ]; then  # the same levels again with the clients' starts spread over STAGGER_S
@@ -60,7 +68,7 @@ if [ -n "$STAGGER_S" ]; then  # the same levels again with the clients' starts s
 fi
 if [ -n "$PROFILE_CLIENTS" ] && command -v py-spy >/dev/null; then
   spy() {  # spy OUTFILE [--gil]: the server's stacks at 250 Hz from PROFILE_DELAY_S for PROFILE_S seconds
-    sleep "$PROFILE_DELAY_S"
+    after_start "$PROFILE_DELAY_S"
     py-spy record --pid $SERVER --nonblocking --rate 250 --format raw --threads --duration "$PROFILE_S" -o "$@"
   }
   spy "$OUT/pyspy_all.txt" & SPY_ALL=$!
@@ -69,7 +77,7 @@ if [ -n "$PROFILE_CLIENTS" ] && command -v py-spy >/dev/null; then
   wait $SPY_ALL $SPY_GIL || true
 fi
 if [ -n "$TRACE_CLIENTS" ]; then
-  (sleep "$TRACE_DELAY_S"; touch /tmp/kernel_trace_go) &
+  (after_start "$TRACE_DELAY_S"; touch /tmp/kernel_trace_go) &
   load "$TRACE_CLIENTS" "$OUT/load_traced.json"
   for _ in $(seq 120); do [ -f "$TRACE" ] && break; sleep 1; done
   python benchmarks/trace_summary.py "$TRACE" --json "$OUT/trace_summary.json" >"$OUT/trace_summary.txt" || true

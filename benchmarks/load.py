@@ -98,6 +98,9 @@ async def run_level(url: str, clients: int, audio: np.ndarray, rate: int, args: 
     if args.speculative_ms is not None:
         update["vad"] = {"speculative_ms": args.speculative_ms}
     started = time.monotonic()
+    if args.started_file:
+        args.started_file.touch()  # for tools that act at a time into the level (benchmarks/gpu_load.sh)
+
     async def client(start_s: float) -> ClientResult:
         await asyncio.sleep(start_s)
         return await stream_audio(url, conversation, rate, session_update=update, expected_turns=args.turns,
@@ -230,6 +233,7 @@ def main() -> None:
     parser.add_argument("--wav", type=Path, default=DEFAULT_WAV)
     parser.add_argument("--reply-timeout-s", type=float, default=60.0)
     parser.add_argument("--max-duration-s", type=float, default=300.0, help="cap per concurrency level")
+    parser.add_argument("--started-file", type=Path, help="touch this file as each level's clients start")
     parser.add_argument("--json", type=Path, help="write the results here, and the plot beside it (.png)")
     args = parser.parse_args()
     levels = [int(n) for n in args.clients.split(",")]
