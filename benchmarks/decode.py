@@ -4,7 +4,7 @@ Measures ms/token at several batch sizes, idle prefill latency, time to first to
 sessions decode, peak GPU memory, and Qwen2ForCausalLM.generate on the same weights. Prints a
 table and writes JSON. ``--tiny`` runs the same code on small dims (smoke test, CPU is fine).
 
-    PYTHONUNBUFFERED=1 python benchmarks/decode.py --out results.json
+    PYTHONUNBUFFERED=1 python -m benchmarks.decode --out results.json
 """
 
 from __future__ import annotations
@@ -31,11 +31,14 @@ def synchronize(device: torch.device) -> None:
 
 
 def build_model(config: LLMConfig, device: torch.device, dtype: torch.dtype) -> tuple[Qwen2Model, torch.nn.Linear]:
-    """Random weights (std 0.02, norms 1) straight on the device."""
+    """Random weights (std 0.02, norms 1) straight on the device; buffers (RoPE's inv_freq, made on
+    the CPU) moved there in float32, as the checkpoint loader leaves them."""
     with torch.device(device):
-        core = Qwen2Model(config).to(dtype).eval()
+        core = Qwen2Model(config).to(device).eval()
         lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False).to(dtype)
     with torch.no_grad():
+        for param in core.parameters():
+            param.data = param.data.to(dtype)
         for name, param in list(core.named_parameters()) + [("lm_head", lm_head.weight)]:
             if "norm" not in name:
                 param.normal_(0, 0.02)

@@ -80,6 +80,6 @@ if [ -n "$TRACE_CLIENTS" ]; then
   (after_start "$TRACE_DELAY_S"; touch /tmp/kernel_trace_go) &
   load "$TRACE_CLIENTS" "$OUT/load_traced.json"
   for _ in $(seq 120); do [ -f "$TRACE" ] && break; sleep 1; done
-  python benchmarks/trace_summary.py "$TRACE" --json "$OUT/trace_summary.json" >"$OUT/trace_summary.txt" || true
+  python -m benchmarks.trace_summary "$TRACE" --json "$OUT/trace_summary.json" >"$OUT/trace_summary.txt" || true
 fi
 python -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:$PORT/metrics').read().decode())" >"$OUT/metrics.txt"

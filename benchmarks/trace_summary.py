@@ -2,7 +2,7 @@
 activity): how busy the GPU and each CUDA stream were, overall and per time bin, and each stream's
 largest kernels, so that a stream can be told apart (LLM, TTS decoder, codec, encoders).
 
-    python benchmarks/trace_summary.py trace.json --bin-ms 100 --json summary.json
+    python -m benchmarks.trace_summary trace.json --bin-ms 100 --json summary.json
 """
 
 from __future__ import annotations

@@ -132,30 +132,6 @@ def test_an_utterance_cancelled_in_its_own_callback_gets_no_more(endless, starte
     assert len(calls) == 1 and recorder.done == []
 
 
-def test_arrivals_while_others_are_open_share_one_prefill(endless, started):
-    """The first utterance is admitted at once (nothing open); those arriving while it is open wait
-    up to admit_after_s and are prefilled together, in one forward."""
-    service = started(endless, max_streams=4, capacity=1100, admit_after_s=1.0)
-    prefill_rows: list[int] = []
-    hook = endless.decoder.layers_pre_nn[0].register_forward_pre_hook(lambda _, args: prefill_rows.append(len(args[0])))
-    try:
-        first, first_handle = speak(service, 8, 0, max_tokens=1000)
-        assert first.first_segment.wait(WAIT_S)
-        later = []
-        for i in range(3):  # 0.1 s apart: without the wait, each would be admitted alone at the next step
-            later.append(speak(service, 6 + i, 1 + i, max_tokens=12)[0])
-            time.sleep(0.1)
-        for recorder in later:
-            assert recorder.finished.wait(WAIT_S) and recorder.done == [None]
-        first_handle.cancel()
-    finally:
-        hook.remove()
-    assert prefill_rows == [1, 3]
-    for i, recorder in enumerate(later):
-        expected = reference(endless, 6 + i, 1 + i, max_tokens=12)
-        assert [len(s) for s in recorder.segments] == [len(s) for s in expected]
-
-
 def test_a_cancelled_utterance_gets_no_segment_even_if_already_decoded(endless):
     """Two utterances queued before the thread starts are admitted together, so their first windows
     are decoded in the same codec call; the first one's callback cancels the second before its turn."""

@@ -5,10 +5,8 @@ audio comes back through callbacks that run in the service's threads (a caller w
 wraps them with `loop.call_soon_threadsafe`). Two threads share the work, sleeping while there is
 nothing to do:
 - "vita-tts" admits queued utterances, first come first served, into free decoder slots (prefill),
-  at once when no utterance is open, else once the first has waited `admit_after_s`, so that a
-  stream of arrivals makes few prefill calls (each costs many steps' time, whatever its size, and
-  the open utterances' steps wait for it); runs one decoder step for every open utterance
-  (`DecoderBatch`: a CUDA graph on CUDA, one read back) and hands each codec window that became ready to the vocoder thread;
+  runs one decoder step for every open utterance (`DecoderBatch`: a CUDA graph on CUDA, one read
+  back) and hands each codec window that became ready to the vocoder thread;
 - "vita-vocoder" decodes the windows waiting, on CUDA those of all utterances together (a codec
   call per window length, `decode_windows`, replayed from a CUDA graph per batch size and length of
   first and middle windows, `CodecGraphs`), and hands out the segments and the ends.
@@ -127,7 +125,6 @@ def next_vocoder_call(
 @dataclass(eq=False)
 class _Utterance:
     text: UtteranceText | None  # dropped once prefilled
-    queued_at: float  # time.monotonic() at `speak`
     embeddings_ready: torch.cuda.Event | None  # recorded at `speak` on the stream the embeddings were made on (CUDA)
     chunker: Chunker
     handle: SpeechHandle
@@ -140,16 +137,14 @@ class SpeechService:
     def __init__(self, synthesizer: Synthesizer, *, max_streams: int = 64, capacity: int = 2048,
                  codec_batch_sizes: tuple[int, ...] | None = None,
                  chunk_sizes: tuple[int, ...] = (FIRST_SENTENCE_CHUNK_SIZE, CHUNK_SIZE), padding: int = PADDING,
-                 max_later_windows: int = 16, admit_after_s: float = 0.025) -> None:
+                 max_later_windows: int = 16) -> None:
         """`capacity`: decoder cache positions per utterance, text rows + 1 + codec tokens (an utterance
         that fills its slot ends there). `codec_batch_sizes` (ascending): how many windows of one length
         a codec call may decode, padded up to one of these; by default `batch_buckets(max_streams)` on
         CUDA, 1 elsewhere (on CPU batches are no faster). Only the first and middle windows of
         `chunk_sizes` with `padding` are batched (the shapes `start` plans); last windows go alone.
         `max_later_windows`: how many windows other than first ones a vocoder call takes at most
-        (first windows, which make an utterance's first sound, are all taken at once).
-        `admit_after_s`: while utterances are open, how long the first queued one may wait so that
-        later arrivals share its prefill."""
+        (first windows, which make an utterance's first sound, are all taken at once)."""
         self.synthesizer = synthesizer
         self.batch = DecoderBatch(synthesizer.decoder, max_streams, capacity)
         device = synthesizer.decoder.embedding.weight.device
@@ -162,7 +157,6 @@ class SpeechService:
         self._codec_batches = default_batches if codec_batch_sizes is None else codec_batch_sizes
         self._chunk_sizes, self._padding = chunk_sizes, padding
         self.max_later_windows = max_later_windows
-        self.admit_after_s = admit_after_s
         self._batched_lengths = window_lengths(chunk_sizes, padding)[1]
         self._codec = CodecGraphs(synthesizer.codec)  # graphs of the batched windows' shapes, captured at `start` (CUDA)
         self._wake = threading.Condition()
@@ -236,7 +230,7 @@ class SpeechService:
         if self._on_cuda and embeddings.is_cuda:
             ready = torch.cuda.Event()
             ready.record(embeddings_stream or torch.cuda.current_stream(embeddings.device))
-        utterance = _Utterance(UtteranceText(embeddings, top_k, max_tokens, generator), time.monotonic(), ready,
+        utterance = _Utterance(UtteranceText(embeddings, top_k, max_tokens, generator), ready,
                                Chunker(codec_chunk_size, padding), handle)
         with self._wake:
             if self._closed:
@@ -284,12 +278,9 @@ class SpeechService:
                 del self._open[stream]
 
     def _admit(self) -> int:
-        """Prefill the queued utterances that fit free slots, once due (see `admit_after_s`); how many
-        were taken."""
+        """Prefill the queued utterances that fit free slots; how many were taken."""
         with self._wake:
             admitted = []
-            if self._open and self._queued and time.monotonic() - self._queued[0].queued_at < self.admit_after_s:
-                return 0
             while self._queued and len(admitted) < self.batch.free_slots:
                 utterance = self._queued.popleft()
                 if not utterance.handle.cancelled:
