@@ -13,10 +13,11 @@ import time
 
 
 def _record(imported: threading.Event, trigger: str, seconds: float, out: str) -> None:
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    imported.set()
+    try:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+    finally:
+        imported.set()  # start-up goes on either way
     while not os.path.exists(trigger):
         time.sleep(0.02)
     activity = ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU  # CPU: to try it out
