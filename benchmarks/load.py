@@ -43,7 +43,8 @@ MAX_CLIENTS = 64
 MAX_DURATION_S = 600.0
 DEFAULT_WAV = Path(__file__).resolve().parents[2] / "shared" / "audio" / "en_hello.wav"  # shared/ beside the checkout
 Stats = dict[str, float | None]
-STAGES = ("started", "media_encoded", "first_token", "first_sentence", "first_audio")  # TurnStageTimings
+STAGES = ("started", "media_encoded", "first_token", "first_sentence", "speech_prefilled", "speech_first_window",
+          "speech_vocoder_call", "first_audio")  # TurnStageTimings
 
 
 def percentiles(values: list[float]) -> Stats:
@@ -145,10 +146,12 @@ def table(levels: list[dict[str, Any]]) -> str:
 def stage_table(levels: list[dict[str, Any]]) -> str:
     """Where a reply's time goes: each pipeline stage's p50/p95 in ms from the end of speech (negative =
     reached before it, by a speculative turn), one row per concurrency level."""
-    rows = [f"{'clients':>7} " + " ".join(f"{stage:>16}" for stage in STAGES),
+    widths = [max(12, len(stage)) for stage in STAGES]
+    rows = [f"{'clients':>7} " + " ".join(f"{stage:>{w}}" for stage, w in zip(STAGES, widths)),
             "(worker turn pipeline stages, ms from the VAD's end-of-turn decision, p50/p95)"]
     for level in levels:
-        rows.append(f"{level['clients']:>7} " + " ".join(f"{fmt(level['server_stages_ms'][s]):>16}" for s in STAGES))
+        rows.append(f"{level['clients']:>7} " + " ".join(
+            f"{fmt(level['server_stages_ms'][s]):>{w}}" for s, w in zip(STAGES, widths)))
     return "\n".join(rows)
 
 

@@ -358,6 +358,9 @@ class TurnStageTimings(_Event):
     media_encoded_ms: float | None = None
     first_token_ms: float | None = None
     first_sentence_ms: float | None = None
+    speech_prefilled_ms: float | None = None
+    speech_first_window_ms: float | None = None
+    speech_vocoder_call_ms: float | None = None
     first_audio_ms: float | None = None
 
 

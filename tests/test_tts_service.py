@@ -44,6 +44,8 @@ class Recorder:
         assert not self.done
         self.threads.add(threading.current_thread().name)
         self.segments.append(segment)
+        if not self.first_segment.is_set():
+            self.first_segment_at = time.monotonic()
         self.first_segment.set()
 
     def on_done(self, error: BaseException | None) -> None:
@@ -103,6 +105,17 @@ def test_concurrent_utterances_get_the_segments_synthesize_gives(synth, started,
         assert [len(s) for s in recorder.segments] == [len(s) for s in segments]
         for got, want in zip(recorder.segments, segments):
             assert got.dtype == np.int16 and np.abs(got.astype(np.int32) - want).max() <= 1  # float rounding only
+
+
+def test_a_timeline_says_when_the_first_sound_passed_each_stage(synth, started):
+    service = started(synth, max_streams=2, capacity=128)
+    timeline: dict[str, float] = {}
+    queued = time.monotonic()
+    recorder, _ = speak(service, 9, 0, timeline=timeline)
+    assert recorder.finished.wait(WAIT_S) and recorder.done == [None]
+    heard = recorder.first_segment_at
+    assert list(timeline) == ["prefilled", "first_window", "vocoder_call"]
+    assert queued <= timeline["prefilled"] <= timeline["first_window"] <= timeline["vocoder_call"] <= heard
 
 
 def test_cancel_stops_the_callbacks_and_frees_the_slot(endless, started):

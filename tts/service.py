@@ -128,7 +128,16 @@ class _Utterance:
     embeddings_ready: torch.cuda.Event | None  # recorded at `speak` on the stream the embeddings were made on (CUDA)
     chunker: Chunker
     handle: SpeechHandle
+    timeline: dict[str, float] | None  # the caller's, filled in as its first sound is made
     stream: Stream | None = None  # once admitted
+
+
+def _mark_first_windows(work: list[tuple[_Utterance, CodecWindow | None]], event: str) -> None:
+    """Note `event` now in the timelines of the utterances whose first window is in `work`."""
+    now = time.monotonic()
+    for utterance, window in work:
+        if window is not None and window.first == 0 and utterance.timeline is not None:
+            utterance.timeline[event] = now
 
 
 class SpeechService:
@@ -215,13 +224,15 @@ class SpeechService:
         max_tokens: int = 1000,
         generator: torch.Generator | None = None,
         embeddings_stream: torch.cuda.Stream | None = None,
+        timeline: dict[str, float] | None = None,
     ) -> SpeechHandle:
         """Queue the utterance of `embeddings` [N, embedding_dim] and return at once (see the module
         docstring for the callbacks). ValueError for bad arguments or text longer than `capacity - 2`
         rows. `generator` (a CPU generator) makes the token draws reproducible. `embeddings_stream`:
         the CUDA stream the embeddings were made on (default: the caller's current stream); the
         decoder waits for that stream's work up to now, on the device (`input_stream` waits for
-        nothing else)."""
+        nothing else). `timeline`: the service sets its "prefilled", "first_window" and "vocoder_call"
+        (the call that decodes that window began) to `time.monotonic()` as they happen."""
         self.synthesizer.check_utterance(embeddings, codec_chunk_size, padding, top_k, max_tokens)
         if len(embeddings) > self.max_text_rows:
             raise ValueError(f"{len(embeddings)} embedding rows do not fit {self.batch.cache.max_len} cache positions")
@@ -231,7 +242,7 @@ class SpeechService:
             ready = torch.cuda.Event()
             ready.record(embeddings_stream or torch.cuda.current_stream(embeddings.device))
         utterance = _Utterance(UtteranceText(embeddings, top_k, max_tokens, generator), ready,
-                               Chunker(codec_chunk_size, padding), handle)
+                               Chunker(codec_chunk_size, padding), handle, timeline)
         with self._wake:
             if self._closed:
                 raise RuntimeError("the speech service is closed")
@@ -304,9 +315,12 @@ class SpeechService:
             else:
                 utterances[0].handle._finish(exc)
             return
+        prefilled = time.monotonic()
         for utterance, stream in zip(utterances, streams):
             utterance.text, utterance.stream = None, stream
             self._open[stream] = utterance
+            if utterance.timeline is not None:
+                utterance.timeline["prefilled"] = prefilled
 
     def _advance(self) -> int:
         """One decoder step for all open utterances; their ready windows and ends go to the vocoder.
@@ -329,6 +343,7 @@ class SpeechService:
                 del self._open[stream]
                 self.batch.remove(stream)
         if work:
+            _mark_first_windows(work, "first_window")
             with self._wake:
                 self._windows.extend(work)
                 self._wake.notify_all()
@@ -370,6 +385,7 @@ class SpeechService:
         segment as soon as it and those before it exist; then the ends."""
         ready = [(u, w) for u, w in work if w is not None and not u.handle.ended]
         ready.sort(key=lambda item: item[1].first > 0)  # stable: an utterance keeps its order
+        _mark_first_windows(ready, "vocoder_call")
         decoded: dict[int, np.ndarray] = {}
         emitted = 0
         try:

@@ -177,6 +177,7 @@ class VoiceTurn:
         rows_per_token = self.chat.assistant.speech_rows_per_token
         max_rows = self.speech.max_text_rows // rows_per_token * rows_per_token
         trimmer = LeadingSilenceTrimmer()
+        timeline: dict[str, float] = {}  # the first utterance's, from the speech service
 
         def play(pieces: list[np.ndarray]) -> None:
             nonlocal samples
@@ -192,8 +193,11 @@ class VoiceTurn:
             embeddings = self.chat.assistant.speech_embeddings(sentence, stream)
             for start in range(0, len(embeddings), max_rows):  # a unit too long for one utterance: cut between tokens
                 await speak(self.speech, embeddings[start : start + max_rows], lambda segment: play(trimmer.push(segment)),
-                            codec_chunk_size=chunk_size, embeddings_stream=stream)
+                            codec_chunk_size=chunk_size, embeddings_stream=stream,
+                            timeline=timeline if chunk_size == FIRST_SENTENCE_CHUNK_SIZE else None)
                 chunk_size = CHUNK_SIZE
             busy_s += time.perf_counter() - started
         play(trimmer.flush())
+        for event, at in timeline.items():  # the service wrote them before the utterance ended
+            self._stages[f"speech_{event}"] = at
         return busy_s, samples
