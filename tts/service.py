@@ -231,8 +231,8 @@ class SpeechService:
         rows. `generator` (a CPU generator) makes the token draws reproducible. `embeddings_stream`:
         the CUDA stream the embeddings were made on (default: the caller's current stream); the
         decoder waits for that stream's work up to now, on the device (`input_stream` waits for
-        nothing else). `timeline`: the service sets its "prefilled", "first_window" and "vocoder_call"
-        (the call that decodes that window began) to `time.monotonic()` as they happen."""
+        nothing else). `timeline`: the service sets its "prefilled" (prefill launched), "first_window"
+        (decoded) and "vocoder_call" (the call that decodes that window began) to `time.monotonic()`."""
         self.synthesizer.check_utterance(embeddings, codec_chunk_size, padding, top_k, max_tokens)
         if len(embeddings) > self.max_text_rows:
             raise ValueError(f"{len(embeddings)} embedding rows do not fit {self.batch.cache.max_len} cache positions")

@@ -38,7 +38,7 @@ class TurnStages:
     media_encoded: float | None = None  # audio and frames through the encoders
     first_token: float | None = None  # the engine's first reply token
     first_sentence: float | None = None  # the first unit handed to speech synthesis
-    speech_prefilled: float | None = None  # its utterance prefilled into the speech decoder
+    speech_prefilled: float | None = None  # its utterance admitted to the speech decoder (prefill launched)
     speech_first_window: float | None = None  # its first codec window decoded, waiting for the vocoder
     speech_vocoder_call: float | None = None  # the vocoder call that decodes that window began
     first_audio: float | None = None  # the first audio segment made
