@@ -434,6 +434,7 @@ class Chat {
   interrupt() {
     const wasPlaying = this.player.busy;
     this.player.stop();
+    this.showPlayback(); // what was heard is final now; do not wait for the next 50 ms refresh
     this.bargeIn.reset();
     const response = this.response;
     if (response && (wasPlaying || !response.done)) {
