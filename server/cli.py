@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
     parser.add_argument("--allowed-origins", help="comma-separated browser origins allowed besides the page's own")
     parser.add_argument("--max-connections-per-ip", type=int, help="open websockets per client address (0: no limit)")
     parser.add_argument("--cpu-threads", type=int, help="torch threads per operation on the CPU device (default 1)")
+    parser.add_argument("--vocoder-threads", type=int,
+                        help="threads that vocode different utterances side by side on the CPU device (default 2)")
     parser.add_argument("--ssl-certfile", type=Path)
     parser.add_argument("--ssl-keyfile", type=Path)
     parser.add_argument("--log-format", choices=["json", "kv"])

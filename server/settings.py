@@ -32,6 +32,10 @@ class ServerSettings(BaseSettings):
         1, ge=1, description="torch threads per operation on the CPU device: the worker, media and TTS threads "
         "already run at once, so more only oversubscribes the cores"
     )
+    vocoder_threads: int = Field(
+        2, ge=1, description="threads that vocode different utterances side by side on the CPU device, each with "
+        "cpu_threads per operation (the codec is most of the CPU's work; on CUDA one thread batches them instead)"
+    )
     max_context_tokens: int = Field(8192, ge=512, description="KV cache length of one conversation")
     idle_timeout_s: float = Field(
         300.0, gt=0, description="close sessions with no speech, turn or event other than audio/video for this long"

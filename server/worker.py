@@ -177,7 +177,8 @@ class ModelWorker:
                 self.engine.capture_graphs()
             self.media_encoder = MediaEncoder(self.assistant.model)
             # graphs and codec plans now, while no other thread launches CUDA work
-            self.speech = SpeechService(self._synthesizer, max_streams=self.settings.max_sessions)
+            self.speech = SpeechService(self._synthesizer, max_streams=self.settings.max_sessions,
+                                        vocoder_threads=self.settings.vocoder_threads)
             self.speech.start()
             await self._warm_up()
             self._last_beat = time.monotonic()

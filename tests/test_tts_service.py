@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tts.codec_windows import CodecWindow
-from tts.service import SpeechService, SpeechServiceClosed, next_vocoder_call
+from tts.service import SpeechService, SpeechServiceClosed, next_vocoder_call, split_by_utterance
 from tts.synthesizer import Synthesizer
 
 WAIT_S = 20.0
@@ -105,6 +105,45 @@ def test_concurrent_utterances_get_the_segments_synthesize_gives(synth, started,
         assert [len(s) for s in recorder.segments] == [len(s) for s in segments]
         for got, want in zip(recorder.segments, segments):
             assert got.dtype == np.int16 and np.abs(got.astype(np.int32) - want).max() <= 1  # float rounding only
+
+
+def test_vocoder_helpers_decode_other_utterances_side_by_side_with_the_same_segments(synth, started):
+    """vocoder_threads=2 on the CPU: a call's utterances are dealt to two threads; nothing changes
+    but which thread decodes (the codec is held up a little so that windows of several utterances
+    meet in one call)."""
+    requests = [(9, seed, {}) for seed in range(4)]
+    expected = [reference(synth, rows, seed, **options) for rows, seed, options in requests]
+    decoding_threads: set[str] = set()
+
+    def slow_codec(*_):
+        decoding_threads.add(threading.current_thread().name)
+        time.sleep(0.03)
+
+    hook = synth.codec.generator.register_forward_pre_hook(slow_codec)
+    try:
+        service = started(synth, max_streams=4, capacity=128, vocoder_threads=2)
+        recorders = [speak(service, rows, seed, **options)[0] for rows, seed, options in requests]
+        for recorder, segments in zip(recorders, expected):
+            assert recorder.finished.wait(WAIT_S) and recorder.done == [None]
+            assert [len(s) for s in recorder.segments] == [len(s) for s in segments]
+            for got, want in zip(recorder.segments, segments):
+                assert np.abs(got.astype(np.int32) - want).max() <= 1
+    finally:
+        hook.remove()
+    assert decoding_threads == {"vita-vocoder", "vita-vocoder_0"}
+
+
+def test_a_vocoder_call_is_dealt_to_threads_utterance_by_utterance():
+    def window(first: int) -> CodecWindow:
+        return CodecWindow(codes=(1, 2, 3), skip=0, frames=3, first=first)
+
+    work = [("c", window(0)), ("d", window(0)), ("e", window(0)), ("a", window(20)), ("a", window(40)),
+            ("b", window(20))]
+    parts = split_by_utterance(work, 2)
+    assert [[(u, w.first) for u, w in part] for part in parts] == [
+        [("c", 0), ("e", 0), ("b", 20)], [("d", 0), ("a", 20), ("a", 40)]
+    ]
+    assert split_by_utterance(work[3:5], 2) == [work[3:5]]  # one utterance: one thread
 
 
 def test_a_timeline_says_when_the_first_sound_passed_each_stage(synth, started):

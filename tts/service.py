@@ -9,7 +9,9 @@ nothing to do:
   back) and hands each codec window that became ready to the vocoder thread;
 - "vita-vocoder" decodes the windows waiting, on CUDA those of all utterances together (a codec
   call per window length, `decode_windows`, replayed from a CUDA graph per batch size and length of
-  first and middle windows, `CodecGraphs`), and hands out the segments and the ends.
+  first and middle windows, `CodecGraphs`), and hands out the segments and the ends; on the CPU,
+  where the codec is most of the work, helper threads ("vita-vocoder_0", ...) decode some of a call's
+  utterances side by side with it.
 So codec work never holds up decoder steps: a new utterance's first window (30 steps) is ready
 after 30 quick steps however much audio the others need meanwhile.
 On CUDA each thread works on a CUDA stream of its own, so its reads of results wait for its own
@@ -31,6 +33,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -122,6 +125,18 @@ def next_vocoder_call(
     return work, left
 
 
+def split_by_utterance(work: list[tuple[Item, CodecWindow]], parts: int) -> list[list[tuple[Item, CodecWindow]]]:
+    """Deal `work` into at most `parts` non-empty lists, utterance by utterance in order of first
+    appearance (round robin), so each utterance's windows stay together and in order, and the first
+    windows at the front of `work` spread over the lists."""
+    part_of: dict[int, int] = {}
+    lists: list[list[tuple[Item, CodecWindow]]] = [[] for _ in range(parts)]
+    for item in work:
+        part = part_of.setdefault(id(item[0]), len(part_of) % parts)
+        lists[part].append(item)
+    return [items for items in lists if items]
+
+
 @dataclass(eq=False)
 class _Utterance:
     text: UtteranceText | None  # dropped once prefilled
@@ -146,14 +161,17 @@ class SpeechService:
     def __init__(self, synthesizer: Synthesizer, *, max_streams: int = 64, capacity: int = 2048,
                  codec_batch_sizes: tuple[int, ...] | None = None,
                  chunk_sizes: tuple[int, ...] = (FIRST_SENTENCE_CHUNK_SIZE, CHUNK_SIZE), padding: int = PADDING,
-                 max_later_windows: int = 16) -> None:
+                 max_later_windows: int = 16, vocoder_threads: int = 1) -> None:
         """`capacity`: decoder cache positions per utterance, text rows + 1 + codec tokens (an utterance
         that fills its slot ends there). `codec_batch_sizes` (ascending): how many windows of one length
         a codec call may decode, padded up to one of these; by default `batch_buckets(max_streams)` on
         CUDA, 1 elsewhere (on CPU batches are no faster). Only the first and middle windows of
         `chunk_sizes` with `padding` are batched (the shapes `start` plans); last windows go alone.
         `max_later_windows`: how many windows other than first ones a vocoder call takes at most
-        (first windows, which make an utterance's first sound, are all taken at once)."""
+        (first windows, which make an utterance's first sound, are all taken at once).
+        `vocoder_threads` (CPU only; CUDA batches instead): how many threads decode the windows of one
+        vocoder call at once, each its own utterances' (with one torch thread per operation each, the
+        cores work side by side instead of meeting at every convolution)."""
         self.synthesizer = synthesizer
         self.batch = DecoderBatch(synthesizer.decoder, max_streams, capacity)
         device = synthesizer.decoder.embedding.weight.device
@@ -167,6 +185,9 @@ class SpeechService:
         self._chunk_sizes, self._padding = chunk_sizes, padding
         self.max_later_windows = max_later_windows
         self._batched_lengths = window_lengths(chunk_sizes, padding)[1]
+        self._vocoder_threads = 1 if self._on_cuda else vocoder_threads
+        helpers = self._vocoder_threads - 1
+        self._vocoder_pool = ThreadPoolExecutor(helpers, "vita-vocoder") if helpers else None
         self._codec = CodecGraphs(synthesizer.codec)  # graphs of the batched windows' shapes, captured at `start` (CUDA)
         self._wake = threading.Condition()
         self._queued: deque[_Utterance] = deque()  # shared with callers, under _wake
@@ -210,6 +231,8 @@ class SpeechService:
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(timeout)
+        if self._vocoder_pool is not None:
+            self._vocoder_pool.shutdown(wait=False)
         self._end_all()
 
     def speak(
@@ -381,11 +404,27 @@ class SpeechService:
                     utterance.handle._finish(exc)
 
     def _vocode(self, work: list[tuple[_Utterance, CodecWindow | None]]) -> None:
-        """Decode the windows (first segments first, each utterance in order) and hand out each
-        segment as soon as it and those before it exist; then the ends."""
+        """Decode the windows (first segments first, each utterance in order; with a vocoder pool,
+        different utterances in different threads) and hand out each segment as soon as it and those
+        before it in its thread exist; then the ends."""
         ready = [(u, w) for u, w in work if w is not None and not u.handle.ended]
         ready.sort(key=lambda item: item[1].first > 0)  # stable: an utterance keeps its order
         _mark_first_windows(ready, "vocoder_call")
+        if self._vocoder_pool is None or len(ready) < 2:
+            self._decode_and_hand_out(ready)
+        else:
+            mine, *others = split_by_utterance(ready, self._vocoder_threads)
+            helpers = [self._vocoder_pool.submit(self._decode_and_hand_out, part) for part in others]
+            self._decode_and_hand_out(mine)
+            for helper in helpers:
+                helper.result()
+        for utterance, window in work:
+            if window is None:
+                utterance.handle._finish(None)
+
+    def _decode_and_hand_out(self, ready: list[tuple[_Utterance, CodecWindow]]) -> None:
+        """Decode `ready`'s windows, handing out segments in `ready`'s order; a failure ends the
+        utterances whose segments were not handed out."""
         decoded: dict[int, np.ndarray] = {}
         emitted = 0
         try:
@@ -404,9 +443,6 @@ class SpeechService:
         except Exception as exc:
             for utterance, _ in ready[emitted:]:
                 utterance.handle._finish(exc)
-        for utterance, window in work:
-            if window is None:
-                utterance.handle._finish(None)
 
     # ------------------------------------------------------------------ closing
 
