@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
     parser.add_argument("--allowed-origins", help="comma-separated browser origins allowed besides the page's own")
     parser.add_argument("--max-connections-per-ip", type=int, help="open websockets per client address (0: no limit)")
     parser.add_argument("--cpu-threads", type=int, help="torch threads per operation on the CPU device (default 1)")
+    parser.add_argument("--codec-dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="TTS codec dtype (default auto: bfloat16 on a CPU with bf16 in hardware, else float32)")
     parser.add_argument("--vocoder-threads", type=int,
                         help="threads that vocode different utterances side by side on the CPU device (default 2)")
     parser.add_argument("--ssl-certfile", type=Path)
@@ -87,7 +89,7 @@ def banner(settings: ServerSettings, checkpoint: Path, is_tiny: bool) -> str:
     scheme = "https" if settings.ssl_certfile else "http"
     lines = [
         f"vita-server on {scheme}://{settings.host}:{settings.port}/ (websockets /ws and /v1/realtime), "
-        f"device {settings.resolved_device()}",
+        f"device {settings.resolved_device()}, TTS codec in {str(settings.codec_torch_dtype()).removeprefix('torch.')}",
         f"checkpoint: {checkpoint}",
     ]
     if not is_loopback(settings.host) and not settings.api_keys:

@@ -32,6 +32,10 @@ class ServerSettings(BaseSettings):
         1, ge=1, description="torch threads per operation on the CPU device: the worker, media and TTS threads "
         "already run at once, so more only oversubscribes the cores"
     )
+    codec_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the TTS codec (vocoder); auto = bfloat16 on a CPU that computes it natively "
+        "(AVX512-BF16 or AMX: about twice as fast, 49 dB from float32 on the tiny codec), else float32"
+    )
     vocoder_threads: int = Field(
         2, ge=1, description="threads that vocode different utterances side by side on the CPU device, each with "
         "cpu_threads per operation (the codec is most of the CPU's work; on CUDA one thread batches them instead)"
@@ -79,3 +83,19 @@ class ServerSettings(BaseSettings):
     def torch_dtype(self) -> torch.dtype | None:
         """The VITA model's torch dtype, or None for the device's default."""
         return None if self.dtype is None else getattr(torch, self.dtype)
+
+    def codec_torch_dtype(self) -> torch.dtype:
+        """The TTS codec's torch dtype on the resolved device (``auto`` resolved)."""
+        if self.codec_dtype != "auto":
+            return getattr(torch, self.codec_dtype)
+        return torch.bfloat16 if self.resolved_device() == "cpu" and cpu_computes_bf16() else torch.float32
+
+
+def cpu_computes_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU has bfloat16 arithmetic in hardware (AVX512-BF16 or AMX-BF16); False where
+    that cannot be read (not Linux)."""
+    try:
+        flags = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

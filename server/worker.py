@@ -169,7 +169,8 @@ class ModelWorker:
             device = self.settings.resolved_device()
             if self._synthesizer is None:  # the first start; a restart reuses the weights
                 self.assistant = VitaAssistant.load(self.checkpoint, device=device, dtype=self.settings.torch_dtype())
-                self._synthesizer = Synthesizer.load(self.checkpoint / TTS_DIR, device=device)
+                self._synthesizer = Synthesizer.load(self.checkpoint / TTS_DIR, device=device,
+                                                     codec_dtype=self.settings.codec_torch_dtype())
             self.engine = self.assistant.make_engine(
                 max_sessions=self.settings.max_sessions, max_len=self.settings.max_context_tokens
             )

@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from server import worker
 from server.cli import parse_args
-from server.settings import ServerSettings
+from server.settings import ServerSettings, cpu_computes_bf16
 from vita.assistant import VitaAssistant
 from vita.checkpoint import INDEX_FILE, load_model
 from shared_data import AUDIO
@@ -87,3 +87,22 @@ async def test_the_worker_loads_the_assistant_in_the_settings_dtype(
     await model_worker._start_up()
     assert loads == [torch.float16]
     assert model_worker.load_error == "RuntimeError: stop after the load"
+
+
+def test_codec_dtype_auto_takes_bfloat16_only_on_a_cpu_with_bf16_in_hardware(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n")
+    assert not cpu_computes_bf16(cpuinfo)
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    assert cpu_computes_bf16(cpuinfo)
+    assert not cpu_computes_bf16(tmp_path / "missing")
+
+    monkeypatch.setattr("server.settings.cpu_computes_bf16", lambda: True)
+    assert ServerSettings(device="cpu").codec_torch_dtype() is torch.bfloat16
+    assert ServerSettings(device="cuda:0").codec_torch_dtype() is torch.float32
+    monkeypatch.setattr("server.settings.cpu_computes_bf16", lambda: False)
+    assert ServerSettings(device="cpu").codec_torch_dtype() is torch.float32
+    flag = ServerSettings(**parse_args(["--device", "cpu", "--codec-dtype", "float16"]))
+    assert flag.codec_torch_dtype() is torch.float16

@@ -37,6 +37,17 @@ def test_output_is_600_samples_per_code_in_unit_range(codec):
         assert audio.std() > 1e-3
 
 
+def test_a_bfloat16_codec_differs_from_float32_by_rounding_only(codec, tts_dir):
+    """The server runs the codec in bfloat16 on CPUs with bf16 in hardware (`--codec-dtype auto`)."""
+    low = TiCodec.load(tts_dir / "codec", dtype=torch.bfloat16)
+    assert {p.dtype for p in low.parameters()} == {torch.bfloat16}
+    codes = torch.randint(0, codec.config.n_codes, (2, 60), generator=torch.Generator().manual_seed(0))
+    reference = codec.decode(codes)
+    error = low.decode(codes).float() - reference
+    snr_db = 10 * torch.log10(reference.pow(2).mean() / error.pow(2).mean())
+    assert 35 < snr_db < 80  # 8 mantissa bits: audibly the same, yet not float32
+
+
 def test_each_row_of_a_batch_decodes_as_it_does_alone(codec):
     codes = torch.randint(0, codec.config.n_codes, (5, 23), generator=torch.Generator().manual_seed(0))
     batched = codec.decode(codes)

@@ -167,8 +167,9 @@ class TiCodec(nn.Module):
         self.register_buffer("global_tokens", torch.tensor([config.global_tokens]), persistent=False)
 
     @classmethod
-    def load(cls, codec_dir: Path, device: str | torch.device = "cpu") -> "TiCodec":
-        """Build from `codec/model.json`; load `generator` and `quantizer` of `codec/final.pt` strictly.
+    def load(cls, codec_dir: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "TiCodec":
+        """Build from `codec/model.json`; load `generator` and `quantizer` of `codec/final.pt` strictly,
+        to run in `dtype`.
 
         The checkpoint's `encoder` (audio -> codes) is not needed to synthesise and is not loaded.
         """
@@ -182,7 +183,7 @@ class TiCodec(nn.Module):
         model = cls(config)
         load_strict(model.generator, fold_weight_norm(checkpoint["generator"]), where=f"{where} [generator]")
         load_strict(model.quantizer, checkpoint["quantizer"], where=f"{where} [quantizer]")
-        return model.to(device=device, dtype=torch.float32).eval()
+        return model.to(device=device, dtype=dtype).eval()
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ TOP_K = 2  # upstream decoder_topk
 
 
 class Synthesizer:
-    """VITA-1.5 TTS: the speech decoder (bf16 on CUDA) and the TiCodec vocoder (float32)."""
+    """VITA-1.5 TTS: the speech decoder (bf16 on CUDA) and the TiCodec vocoder (float32 unless asked)."""
 
     sample_rate = SAMPLE_RATE
 
@@ -39,15 +39,16 @@ class Synthesizer:
         return self.decoder.config.idim
 
     @classmethod
-    def load(cls, tts_dir: Path, device: str = "cpu", dtype: torch.dtype | None = None) -> "Synthesizer":
+    def load(cls, tts_dir: Path, device: str = "cpu", dtype: torch.dtype | None = None,
+             codec_dtype: torch.dtype = torch.float32) -> "Synthesizer":
         """Load `tts_dir/{decoder,codec}`; the decoder runs in `dtype` (default bf16 on CUDA where
-        supported, as upstream, else float32), the codec in float32."""
+        supported, as upstream, else float32), the codec in `codec_dtype`."""
         if dtype is None:
             cuda_bf16 = torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported()
             dtype = torch.bfloat16 if cuda_bf16 else torch.float32
         tts_dir = Path(tts_dir)
         decoder = LLM2TTSCodecAR.load(tts_dir / "decoder", device=device, dtype=dtype)
-        codec = TiCodec.load(tts_dir / "codec", device=device)
+        codec = TiCodec.load(tts_dir / "codec", device=device, dtype=codec_dtype)
         return cls(decoder, codec)
 
     def check_utterance(self, embeddings: torch.Tensor, codec_chunk_size: int, padding: int, top_k: int,
