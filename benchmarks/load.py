@@ -83,6 +83,9 @@ def summarize(clients: int, turns: int, results: list[ClientResult | BaseExcepti
         "server_first_text_ms": server("end_of_speech_to_first_text_ms"),
         "server_first_audio_ms": server("end_of_speech_to_first_audio_ms"),
         "tts_real_time_factor": server("real_time_factor"),
+        # as heard by a player with the web page's 80 ms jitter buffer; gaps under 20 ms are not counted
+        "replies_with_gaps": sum(any(g >= 0.02 for g in t.playback_gaps_s()) for t in done),
+        "reply_gaps_ms": percentiles([1000 * sum(t.playback_gaps_s()) for t in done]),
         "server_stages_ms": {
             stage: percentiles([v for s in timings if s.get("stages") and (v := s["stages"][f"{stage}_ms"]) is not None])
             for stage in STAGES
@@ -121,11 +124,12 @@ def table(levels: list[dict[str, Any]]) -> str:
     """One row per concurrency level, for the terminal."""
     rows = [
         f"{'clients':>7} {'done':>7} {'int':>3} {'drop':>4} {'unf':>3} {'err':>3}  {'srv text ms':>11} "
-        f"{'srv audio ms':>16} {'cli audio ms':>16}  {'tts rtf':>9}  {'gpu busy %':>10} {'gpu GiB':>7}",
+        f"{'srv audio ms':>16} {'cli audio ms':>16}  {'tts rtf':>9} {'gaps':>5} {'gap ms':>9}  {'gpu busy %':>10} {'gpu GiB':>7}",
         "(done = replies finished / expected; int = interrupted (barge-in by the next utterance or other), "
         "drop = audio dropped (client read too slowly), unf = unfinished, err = errors + failed clients;",
         " srv ms from the VAD's end-of-turn decision, cli ms from the end of voiced audio sent, p50/p95/max; "
-        "tts rtf p50/p90; gpu busy mean/p95 and peak memory, whole device)",
+        "tts rtf p50/p90; gaps = finished replies heard with a gap (80 ms jitter buffer), gap ms = silence "
+        "inside a reply p50/p90; gpu busy mean/p95 and peak memory, whole device)",
     ]
     for level in levels:
         busy = {"p50": level["gpu_busy_mean_pct"], "p95": level["gpu_busy_p95_pct"]}
@@ -137,7 +141,8 @@ def table(levels: list[dict[str, Any]]) -> str:
             f"{level['errors'] + level['failed_clients']:>3}  {fmt(level['server_first_text_ms']):>11} "
             f"{fmt(level['server_first_audio_ms'], ('p50', 'p95', 'max')):>16} "
             f"{fmt(level['client_first_audio_ms'], ('p50', 'p95', 'max')):>16}  "
-            f"{fmt(level['tts_real_time_factor'], ('p50', 'p90'), 2):>9}  {fmt(busy):>10} "
+            f"{fmt(level['tts_real_time_factor'], ('p50', 'p90'), 2):>9} {level['replies_with_gaps']:>5} "
+            f"{fmt(level['reply_gaps_ms'], ('p50', 'p90')):>9}  {fmt(busy):>10} "
             f"{'-' if memory is None else f'{memory:.1f}':>7}"
         )
     return "\n".join(rows)

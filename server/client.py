@@ -39,6 +39,7 @@ class Turn:
     speech_ended_at: float
     text: str = ""
     audio: list[np.ndarray] = field(default_factory=list)
+    audio_arrivals: list[float] = field(default_factory=list)  # when each of `audio` arrived
     first_text_at: float | None = None
     first_audio_at: float | None = None
     done: dict[str, Any] | None = None
@@ -53,6 +54,21 @@ class Turn:
 
     def latency_ms(self, at: float | None) -> float | None:
         return None if at is None else round((at - self.speech_ended_at) * 1000, 1)
+
+    def playback_gaps_s(self, jitter_s: float = 0.08) -> list[float]:
+        """The silences a listener hears inside the reply: playback starts `jitter_s` after the first
+        segment arrives (the web page's jitter buffer) and each later segment plays once the one
+        before has ended, or when it arrives if that is later (a gap)."""
+        gaps: list[float] = []
+        ends_at = None
+        for arrived, audio in zip(self.audio_arrivals, self.audio):
+            if ends_at is None:
+                ends_at = arrived + jitter_s
+            elif arrived > ends_at:
+                gaps.append(arrived - ends_at)
+                ends_at = arrived
+            ends_at += len(audio) / OUTPUT_SAMPLE_RATE
+        return gaps
 
 
 @dataclass
@@ -144,6 +160,7 @@ class ReplyCollector:
         else:
             turn.first_audio_at = turn.first_audio_at or now
             turn.audio.append(np.frombuffer(pcm, dtype="<i2"))
+            turn.audio_arrivals.append(now)
 
 
 async def stream_audio(

@@ -19,7 +19,7 @@ import pytest
 import soundfile as sf
 import websockets
 
-from server.client import read_wav
+from server.client import Turn, read_wav
 from server.local_cluster import free_port
 from vita.tiny_checkpoint import TINY_CHECKPOINT_VERSION
 from shared_data import AUDIO
@@ -200,3 +200,16 @@ def test_tls_options_serve_wss(tiny_checkpoint: Path, tmp_path: Path) -> None:
     finally:
         stop(process)
     assert "https://" in process.stdout.read().splitlines()[0]
+
+
+def test_playback_gaps_are_the_silences_a_listener_would_hear() -> None:
+    """24 kHz segments of 0.5 s: the second arrives while the first plays (no gap), the third 0.3 s
+    after the second has ended (0.08 s jitter buffer included)."""
+    turn = Turn(response_id=1, speech_ended_at=0.0)
+    half_second = np.zeros(12_000, dtype=np.int16)
+    for arrived in (1.0, 1.2, 2.38):
+        turn.audio.append(half_second)
+        turn.audio_arrivals.append(arrived)
+    # plays 1.08-1.58, 1.58-2.08, then waits until 2.38
+    assert turn.playback_gaps_s() == pytest.approx([0.3])
+    assert turn.playback_gaps_s(jitter_s=0.4) == []  # a deeper buffer hides it
