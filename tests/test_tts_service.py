@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tts.codec_windows import CodecWindow
-from tts.service import SpeechService, SpeechServiceClosed, next_vocoder_call, split_by_utterance
+from tts.service import SpeechService, SpeechServiceClosed, next_vocoder_call, next_window
 from tts.synthesizer import Synthesizer
 
 WAIT_S = 20.0
@@ -107,10 +107,9 @@ def test_concurrent_utterances_get_the_segments_synthesize_gives(synth, started,
             assert got.dtype == np.int16 and np.abs(got.astype(np.int32) - want).max() <= 1  # float rounding only
 
 
-def test_vocoder_helpers_decode_other_utterances_side_by_side_with_the_same_segments(synth, started):
-    """vocoder_threads=2 on the CPU: a call's utterances are dealt to two threads; nothing changes
-    but which thread decodes (the codec is held up a little so that windows of several utterances
-    meet in one call)."""
+def test_two_window_vocoders_decode_utterances_side_by_side_with_the_same_segments(synth, started):
+    """vocoder_threads=2 on the CPU: two threads take windows as they come free; nothing changes but
+    which thread decodes (the codec is held up a little so that windows of several utterances wait)."""
     requests = [(9, seed, {}) for seed in range(4)]
     expected = [reference(synth, rows, seed, **options) for rows, seed, options in requests]
     decoding_threads: set[str] = set()
@@ -130,20 +129,21 @@ def test_vocoder_helpers_decode_other_utterances_side_by_side_with_the_same_segm
                 assert np.abs(got.astype(np.int32) - want).max() <= 1
     finally:
         hook.remove()
-    assert decoding_threads == {"vita-vocoder", "vita-vocoder_0"}
+    assert decoding_threads == {"vita-vocoder", "vita-vocoder-1"}
 
 
-def test_a_vocoder_call_is_dealt_to_threads_utterance_by_utterance():
+def test_a_window_vocoder_takes_first_windows_first_and_each_utterance_in_order():
     def window(first: int) -> CodecWindow:
         return CodecWindow(codes=(1, 2, 3), skip=0, frames=3, first=first)
 
-    work = [("c", window(0)), ("d", window(0)), ("e", window(0)), ("a", window(20)), ("a", window(40)),
-            ("b", window(20))]
-    parts = split_by_utterance(work, 2)
-    assert [[(u, w.first) for u, w in part] for part in parts] == [
-        [("c", 0), ("e", 0), ("b", 20)], [("d", 0), ("a", 20), ("a", 40)]
-    ]
-    assert split_by_utterance(work[3:5], 2) == [work[3:5]]  # one utterance: one thread
+    # a and b are playing, c is new, d is new but another thread decodes its first window
+    waiting = deque([("a", window(20)), ("a", window(40)), ("a", None), ("b", window(20)), ("c", window(0)),
+                     ("d", window(20))])
+    assert next_window(waiting, busy=set()) == 4  # c's first sound before the others' next windows
+    assert next_window(waiting, busy={"c"}) == 0  # c taken: a's earliest item
+    assert next_window(waiting, busy={"c", "a"}) == 3  # a is being decoded: its items wait; b's next
+    assert next_window(waiting, busy={"a", "b", "c", "d"}) is None
+    assert next_window(deque([("a", None)]), busy=set()) == 0  # an end is taken like a window
 
 
 def test_a_timeline_says_when_the_first_sound_passed_each_stage(synth, started):

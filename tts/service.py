@@ -9,9 +9,10 @@ nothing to do:
   back) and hands each codec window that became ready to the vocoder thread;
 - "vita-vocoder" decodes the windows waiting, on CUDA those of all utterances together (a codec
   call per window length, `decode_windows`, replayed from a CUDA graph per batch size and length of
-  first and middle windows, `CodecGraphs`), and hands out the segments and the ends; on the CPU,
-  where the codec is most of the work, helper threads ("vita-vocoder_0", ...) decode some of a call's
-  utterances side by side with it.
+  first and middle windows, `CodecGraphs`), and hands out the segments and the ends. On the CPU,
+  where batches are no faster and the codec is most of the work, `vocoder_threads` threads
+  ("vita-vocoder", "vita-vocoder-1", ...) instead take one window at a time as they come free
+  (`next_window`), so the codec uses every core.
 So codec work never holds up decoder steps: a new utterance's first window (30 steps) is ready
 after 30 quick steps however much audio the others need meanwhile.
 On CUDA each thread works on a CUDA stream of its own, so its reads of results wait for its own
@@ -32,8 +33,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -125,16 +125,23 @@ def next_vocoder_call(
     return work, left
 
 
-def split_by_utterance(work: list[tuple[Item, CodecWindow]], parts: int) -> list[list[tuple[Item, CodecWindow]]]:
-    """Deal `work` into at most `parts` non-empty lists, utterance by utterance in order of first
-    appearance (round robin), so each utterance's windows stay together and in order, and the first
-    windows at the front of `work` spread over the lists."""
-    part_of: dict[int, int] = {}
-    lists: list[list[tuple[Item, CodecWindow]]] = [[] for _ in range(parts)]
-    for item in work:
-        part = part_of.setdefault(id(item[0]), len(part_of) % parts)
-        lists[part].append(item)
-    return [items for items in lists if items]
+def next_window(waiting: deque[tuple[Item, CodecWindow | None]], busy: Collection[Item]) -> int | None:
+    """Which item of the vocoder's queue a CPU vocoder thread takes next (its index), or None: the
+    first window queued earliest (an utterance's first sound), else the earliest item of any
+    utterance. An utterance another thread is decoding (`busy`) waits, and so does every item of an
+    utterance behind its earlier ones, so each utterance's windows go in order."""
+    seen: set[int] = set()
+    earliest = None
+    for index, (utterance, window) in enumerate(waiting):
+        if id(utterance) in seen or utterance in busy:
+            seen.add(id(utterance))
+            continue
+        seen.add(id(utterance))
+        if window is not None and window.first == 0:
+            return index
+        if earliest is None:
+            earliest = index
+    return earliest
 
 
 @dataclass(eq=False)
@@ -167,11 +174,11 @@ class SpeechService:
         a codec call may decode, padded up to one of these; by default `batch_buckets(max_streams)` on
         CUDA, 1 elsewhere (on CPU batches are no faster). Only the first and middle windows of
         `chunk_sizes` with `padding` are batched (the shapes `start` plans); last windows go alone.
-        `max_later_windows`: how many windows other than first ones a vocoder call takes at most
-        (first windows, which make an utterance's first sound, are all taken at once).
-        `vocoder_threads` (CPU only; CUDA batches instead): how many threads decode the windows of one
-        vocoder call at once, each its own utterances' (with one torch thread per operation each, the
-        cores work side by side instead of meeting at every convolution)."""
+        `max_later_windows`: how many windows other than first ones a batched vocoder call takes at
+        most (first windows, which make an utterance's first sound, are all taken at once).
+        `vocoder_threads`: on the CPU with one window per codec call (the default there), how many
+        threads take windows one at a time (with one torch thread per operation each, the cores work
+        side by side instead of meeting at every convolution); otherwise one thread makes batched calls."""
         self.synthesizer = synthesizer
         self.batch = DecoderBatch(synthesizer.decoder, max_streams, capacity)
         device = synthesizer.decoder.embedding.weight.device
@@ -185,13 +192,12 @@ class SpeechService:
         self._chunk_sizes, self._padding = chunk_sizes, padding
         self.max_later_windows = max_later_windows
         self._batched_lengths = window_lengths(chunk_sizes, padding)[1]
-        self._vocoder_threads = 1 if self._on_cuda else vocoder_threads
-        helpers = self._vocoder_threads - 1
-        self._vocoder_pool = ThreadPoolExecutor(helpers, "vita-vocoder") if helpers else None
+        self._window_vocoders = 0 if self._on_cuda or self._codec_batches != (1,) else vocoder_threads
         self._codec = CodecGraphs(synthesizer.codec)  # graphs of the batched windows' shapes, captured at `start` (CUDA)
         self._wake = threading.Condition()
         self._queued: deque[_Utterance] = deque()  # shared with callers, under _wake
         self._windows: deque[tuple[_Utterance, CodecWindow | None]] = deque()  # for the vocoder, under _wake
+        self._vocoding: set[_Utterance] = set()  # utterances a window vocoder is decoding, under _wake
         self._closed = False
         self._open: dict[Stream, _Utterance] = {}  # decoder thread only
         self._threads: list[threading.Thread] = []
@@ -212,14 +218,19 @@ class SpeechService:
             raise RuntimeError("already started")
         self.batch.capture_graphs()
         planned = threading.Event()
-        self._threads = [threading.Thread(target=self._run_decoder, name="vita-tts", daemon=True),
-                         threading.Thread(target=self._run_vocoder, args=(planned,), name="vita-vocoder", daemon=True)]
+        if self._window_vocoders:
+            names = ["vita-vocoder"] + [f"vita-vocoder-{i}" for i in range(1, self._window_vocoders)]
+            vocoders = [threading.Thread(target=self._run_window_vocoder, name=name, daemon=True) for name in names]
+            planned.set()
+        else:
+            vocoders = [threading.Thread(target=self._run_vocoder, args=(planned,), name="vita-vocoder", daemon=True)]
+        self._threads = [threading.Thread(target=self._run_decoder, name="vita-tts", daemon=True), *vocoders]
         for thread in self._threads:
             thread.start()
         planned.wait()
 
     def alive(self) -> bool:
-        """Whether both threads run (False before `start`, once closed, or if one died)."""
+        """Whether all its threads run (False before `start`, once closed, or if one died)."""
         return bool(self._threads) and all(thread.is_alive() for thread in self._threads)
 
     def close(self, timeout: float = 10.0) -> None:
@@ -231,8 +242,6 @@ class SpeechService:
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(timeout)
-        if self._vocoder_pool is not None:
-            self._vocoder_pool.shutdown(wait=False)
         self._end_all()
 
     def speak(
@@ -404,23 +413,43 @@ class SpeechService:
                     utterance.handle._finish(exc)
 
     def _vocode(self, work: list[tuple[_Utterance, CodecWindow | None]]) -> None:
-        """Decode the windows (first segments first, each utterance in order; with a vocoder pool,
-        different utterances in different threads) and hand out each segment as soon as it and those
-        before it in its thread exist; then the ends."""
+        """Decode the windows (first segments first, each utterance in order) and hand out each
+        segment as soon as it and those before it exist; then the ends."""
         ready = [(u, w) for u, w in work if w is not None and not u.handle.ended]
         ready.sort(key=lambda item: item[1].first > 0)  # stable: an utterance keeps its order
         _mark_first_windows(ready, "vocoder_call")
-        if self._vocoder_pool is None or len(ready) < 2:
-            self._decode_and_hand_out(ready)
-        else:
-            mine, *others = split_by_utterance(ready, self._vocoder_threads)
-            helpers = [self._vocoder_pool.submit(self._decode_and_hand_out, part) for part in others]
-            self._decode_and_hand_out(mine)
-            for helper in helpers:
-                helper.result()
+        self._decode_and_hand_out(ready)
         for utterance, window in work:
             if window is None:
                 utterance.handle._finish(None)
+
+    def _run_window_vocoder(self) -> None:
+        """Take the next window or end (`next_window`), decode or end it, and so on until closed."""
+        activity = ActivityLog(log, threading.current_thread().name)
+        while True:
+            with self._wake:
+                while not self._closed and (index := next_window(self._windows, self._vocoding)) is None:
+                    self._wake.wait()
+                if self._closed:
+                    return
+                utterance, window = self._windows[index]
+                del self._windows[index]
+                self._vocoding.add(utterance)
+            try:
+                if window is None:
+                    utterance.handle._finish(None)
+                elif not utterance.handle.ended:
+                    started = time.perf_counter()
+                    _mark_first_windows([(utterance, window)], "vocoder_call")
+                    self._decode_and_hand_out([(utterance, window)])
+                    activity.add("vocode", time.perf_counter() - started, 1)
+            except Exception as exc:  # a bug outside the model calls: end it rather than hang its caller
+                log.exception("tts_vocoder_failed")
+                utterance.handle._finish(exc)
+            finally:
+                with self._wake:
+                    self._vocoding.discard(utterance)
+                    self._wake.notify_all()
 
     def _decode_and_hand_out(self, ready: list[tuple[_Utterance, CodecWindow]]) -> None:
         """Decode `ready`'s windows, handing out segments in `ready`'s order; a failure ends the
