@@ -161,7 +161,8 @@ def stage_table(levels: list[dict[str, Any]]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    """Latency percentiles and TTS RTF against clients, two panels, to ``path`` (needs matplotlib)."""
+    """Latency percentiles, TTS RTF and replies heard with gaps against clients, three panels, to
+    ``path`` (needs matplotlib)."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -173,8 +174,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     def series(key: str, q: str) -> list[float]:
         return [np.nan if level[key][q] is None else level[key][q] for level in levels]
 
-    fig = Figure(figsize=(12, 4.8), layout="constrained")
-    latency, rtf = fig.subplots(1, 2)
+    fig = Figure(figsize=(16, 4.8), layout="constrained")
+    latency, rtf, gaps = fig.subplots(1, 3)
     for key, label, color in (("server_first_audio_ms", "server end of turn", "C0"),
                               ("client_first_audio_ms", "client end of speech", "C1")):
         for q, style in (("p50", "o-"), ("p95", "s--")):
@@ -182,9 +183,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
     for q, style in (("p50", "o-"), ("p90", "s--")):
         rtf.plot(clients, series("tts_real_time_factor", q), style, color="C2", label=f"TTS RTF {q}")
     rtf.axhline(1.0, color="C3", linewidth=1, label="real time (1.0)")
+    with_gaps = [100 * level.get("replies_with_gaps", np.nan) / level["replies_done"] if level["replies_done"] else np.nan
+                 for level in levels]  # results written before the gap columns have none
+    gaps.plot(clients, with_gaps, "o-", color="C4", label="finished replies heard with a gap ≥ 20 ms")
     latency.set(ylabel="ms", title="time to first reply audio", ylim=(0, None))
     rtf.set(ylabel="synthesis time / audio duration", title="TTS real-time factor", ylim=(0, None))
-    for ax in (latency, rtf):
+    gaps.set(ylabel="% of finished replies", title="gaps heard (80 ms jitter buffer)", ylim=(0, 100))
+    for ax in (latency, rtf, gaps):
         ax.set_xscale("log", base=2)
         ax.set_xticks(clients, [str(n) for n in clients])
         ax.minorticks_off()
