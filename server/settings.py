@@ -34,7 +34,7 @@ class ServerSettings(BaseSettings):
     )
     codec_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype of the TTS codec (vocoder); auto = bfloat16 on a CPU that computes it natively "
-        "(AVX512-BF16 or AMX: about twice as fast, 49 dB from float32 on the tiny codec), else float32"
+        "(AVX512-BF16 or AMX: 1.5 to 2 times as fast, 49 dB from float32 on the tiny codec), else float32"
     )
     vocoder_threads: int = Field(
         2, ge=1, description="threads that vocode different utterances side by side on the CPU device, each with "

@@ -130,13 +130,14 @@ def next_window(waiting: deque[tuple[Item, CodecWindow | None]], busy: Collectio
     first window queued earliest (an utterance's first sound), else the earliest item of any
     utterance. An utterance another thread is decoding (`busy`) waits, and so does every item of an
     utterance behind its earlier ones, so each utterance's windows go in order."""
-    seen: set[int] = set()
+    seen: set[Item] = set()
     earliest = None
     for index, (utterance, window) in enumerate(waiting):
-        if id(utterance) in seen or utterance in busy:
-            seen.add(id(utterance))
+        if utterance in seen:
             continue
-        seen.add(id(utterance))
+        seen.add(utterance)
+        if utterance in busy:
+            continue
         if window is not None and window.first == 0:
             return index
         if earliest is None:
