@@ -4,6 +4,7 @@
 #
 #   OUT=out CLIENTS=1,8,32,64 PROFILE_CLIENTS=32 STAGGER_S=18 TRACE_CLIENTS=64 bash benchmarks/gpu_load.sh
 #
+# SERVER_ARGS are added to the server's command line (e.g. "--codec-dtype float16").
 # Writes $OUT/load.json + load.png (and with STAGGER_S the same levels with client starts spread over
 # that many seconds: $OUT/load_staggered.json + .png), $OUT/server.log, the server's /metrics at the
 # end ($OUT/metrics.txt) and, when py-spy is installed, the server's profile during a level of
@@ -20,7 +21,8 @@ CLIENTS=${CLIENTS:-1,8,32,64}
 PROFILE_CLIENTS=${PROFILE_CLIENTS:-}
 PORT=${PORT:-8765}
 WAV=${WAV:-../shared/audio/en_hello.wav}
-LOAD_ARGS=${LOAD_ARGS:-}
+LOAD_ARGS=${LOAD_ARGS:---gap-s 16}  # 16 s between turns: a reply ends before the next utterance
+SERVER_ARGS=${SERVER_ARGS:-}
 STAGGER_S=${STAGGER_S:-}
 PROFILE_DELAY_S=${PROFILE_DELAY_S:-4.5}
 PROFILE_S=${PROFILE_S:-3}
@@ -41,7 +43,7 @@ if [ -n "$TRACE_CLIENTS" ]; then
   TRACE_ENV=(PYTHONPATH="$PWD/benchmarks/kernel_trace${PYTHONPATH:+:$PYTHONPATH}" KERNEL_TRACE_TRIGGER=/tmp/kernel_trace_go
              KERNEL_TRACE_SECONDS="$TRACE_S" KERNEL_TRACE_OUT="$TRACE")
 fi
-env "${TRACE_ENV[@]}" python -m server.cli --checkpoint "$CKPT" --device cuda --max-sessions 64 --port "$PORT" >"$OUT/server.log" 2>&1 &
+env "${TRACE_ENV[@]}" python -m server.cli --checkpoint "$CKPT" --device cuda --max-sessions 64 --port "$PORT" $SERVER_ARGS >"$OUT/server.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 start=$SECONDS
