@@ -10,10 +10,10 @@
 # end ($OUT/metrics.txt) and, when py-spy is installed, the server's profile during a level of
 # PROFILE_CLIENTS clients from PROFILE_DELAY_S after its clients start for PROFILE_S seconds (the first turns'
 # ends: $OUT/pyspy_all.txt: every non-idle sample, $OUT/pyspy_gil.txt: the thread holding the GIL),
-# as collapsed stacks. With TRACE_CLIENTS, a level of that many clients runs with a kernel trace of the
-# server (benchmarks/kernel_trace/) from TRACE_DELAY_S after its clients start for TRACE_S seconds:
-# $OUT/load_traced.json and the trace's summary, $OUT/trace_summary.txt + .json
-# (benchmarks/trace_summary.py).
+# as collapsed stacks. With TRACE_CLIENTS, after that server has stopped, a level of that many clients
+# runs against a server embedded in the load script, with a kernel trace of it (load.py --kernel-trace)
+# from TRACE_DELAY_S after its clients start for TRACE_S seconds: $OUT/load_traced.json and the trace's
+# summary, $OUT/trace_summary.txt + .json (benchmarks/trace_summary.py).
 set -euo pipefail
 OUT=${OUT:-out}
 CKPT=${CKPT:-/tmp/vita_full_ckpt}
@@ -29,7 +29,6 @@ PROFILE_S=${PROFILE_S:-3}
 TRACE_CLIENTS=${TRACE_CLIENTS:-}
 TRACE_DELAY_S=${TRACE_DELAY_S:-4.5}
 TRACE_S=${TRACE_S:-4}
-TRACE=/tmp/kernel_trace.json
 mkdir -p "$OUT"
 
 if [ ! -f "$CKPT/config.json" ]; then
@@ -37,13 +36,7 @@ if [ ! -f "$CKPT/config.json" ]; then
   python -m vita.tiny_checkpoint --size full --device cuda "$CKPT"
   echo "checkpoint written in $((SECONDS - start)) s"
 fi
-rm -f "$TRACE" /tmp/kernel_trace_go
-TRACE_ENV=()
-if [ -n "$TRACE_CLIENTS" ]; then
-  TRACE_ENV=(PYTHONPATH="$PWD/benchmarks/kernel_trace${PYTHONPATH:+:$PYTHONPATH}" KERNEL_TRACE_TRIGGER=/tmp/kernel_trace_go
-             KERNEL_TRACE_SECONDS="$TRACE_S" KERNEL_TRACE_OUT="$TRACE")
-fi
-env "${TRACE_ENV[@]}" python -m server.cli --checkpoint "$CKPT" --device cuda --max-sessions 64 --port "$PORT" $SERVER_ARGS >"$OUT/server.log" 2>&1 &
+python -m server.cli --checkpoint "$CKPT" --device cuda --max-sessions 64 --port "$PORT" $SERVER_ARGS >"$OUT/server.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 start=$SECONDS
@@ -78,10 +71,11 @@ if [ -n "$PROFILE_CLIENTS" ] && command -v py-spy >/dev/null; then
   load "$PROFILE_CLIENTS" "$OUT/load_profiled.json"
   wait $SPY_ALL $SPY_GIL || true
 fi
+python -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:$PORT/metrics').read().decode())" >"$OUT/metrics.txt"
 if [ -n "$TRACE_CLIENTS" ]; then
-  (after_start "$TRACE_DELAY_S"; touch /tmp/kernel_trace_go) &
-  load "$TRACE_CLIENTS" "$OUT/load_traced.json"
-  for _ in $(seq 120); do [ -f "$TRACE" ] && break; sleep 1; done
+  kill $SERVER; wait $SERVER || true
+  TRACE=/tmp/kernel_trace.json
+  python -m benchmarks.load --checkpoint "$CKPT" --device cuda --wav "$WAV" --clients "$TRACE_CLIENTS" $LOAD_ARGS \
+    --kernel-trace "$TRACE" --trace-delay-s "$TRACE_DELAY_S" --trace-s "$TRACE_S" --json "$OUT/load_traced.json"
   python -m benchmarks.trace_summary "$TRACE" --json "$OUT/trace_summary.json" >"$OUT/trace_summary.txt" || true
 fi
-python -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:$PORT/metrics').read().decode())" >"$OUT/metrics.txt"

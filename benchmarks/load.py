@@ -12,6 +12,12 @@ one) on loopback.
 
     python -m benchmarks.load --clients 1,4,8 --json out/load.json   # also writes out/load.png
     python -m benchmarks.load --replicas 2 --pin-cores --clients 4,8,16 --json out/load_2_replicas.json
+
+With an embedded server on CUDA, ``--kernel-trace FILE`` records every CUDA kernel and copy of the
+process (the server's threads too) during the last level, from ``--trace-delay-s`` after its clients
+start for ``--trace-s``, as a Chrome trace that ``benchmarks/trace_summary.py`` sums up. The profiler
+runs on the main thread, the one that imported torch first: Kineto records nothing when started from
+another thread (seen on an H200).
 """
 
 from __future__ import annotations
@@ -93,8 +99,10 @@ def summarize(clients: int, turns: int, results: list[ClientResult | BaseExcepti
     }
 
 
-async def run_level(url: str, clients: int, audio: np.ndarray, rate: int, args: argparse.Namespace) -> dict[str, Any]:
-    """``clients`` concurrent conversations of ``args.turns`` utterances each, summarised."""
+async def run_level(url: str, clients: int, audio: np.ndarray, rate: int, args: argparse.Namespace,
+                    traced: bool = False) -> dict[str, Any]:
+    """``clients`` concurrent conversations of ``args.turns`` utterances each, summarised; ``traced``:
+    with ``args.kernel_trace`` recorded meanwhile."""
     gap = np.zeros((int(rate * args.gap_s),) + audio.shape[1:], dtype=np.int16)
     conversation = np.concatenate([part for _ in range(args.turns) for part in (audio, gap)][:-1])
     update = {"generation": {"max_new_tokens": args.max_new_tokens, "respect_not_addressed": False,
@@ -111,8 +119,21 @@ async def run_level(url: str, clients: int, audio: np.ndarray, rate: int, args: 
                                   reply_timeout_s=args.reply_timeout_s)
 
     runs = [client(i * args.stagger_s / clients) for i in range(clients)]
+    tracing = asyncio.create_task(record_kernels(args.trace_delay_s, args.trace_s)) if traced else None
     results = await asyncio.wait_for(asyncio.gather(*runs, return_exceptions=True), args.max_duration_s)
-    return summarize(clients, args.turns, results, time.monotonic() - started)
+    wall_s = time.monotonic() - started
+    if tracing is not None:
+        (await tracing).export_chrome_trace(str(args.kernel_trace))  # after the level: the export takes seconds
+        print(f"wrote {args.kernel_trace}")
+    return summarize(clients, args.turns, results, wall_s)
+
+
+async def record_kernels(delay_s: float, seconds: float) -> torch.profiler.profile:
+    """The process's CUDA activity from ``delay_s`` for ``seconds`` (call on the main thread)."""
+    await asyncio.sleep(delay_s)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as trace:
+        await asyncio.sleep(seconds)
+    return trace
 
 
 def fmt(stats: Stats, keys: tuple[str, ...] = ("p50", "p95"), digits: int = 0) -> str:
@@ -248,10 +269,15 @@ def main() -> None:
     parser.add_argument("--max-duration-s", type=float, default=300.0, help="cap per concurrency level")
     parser.add_argument("--started-file", type=Path, help="touch this file as each level's clients start")
     parser.add_argument("--json", type=Path, help="write the results here, and the plot beside it (.png)")
+    parser.add_argument("--kernel-trace", type=Path, help="embedded CUDA server: the last level's kernel trace here")
+    parser.add_argument("--trace-delay-s", type=float, default=4.5, help="trace from this long after the clients start")
+    parser.add_argument("--trace-s", type=float, default=4.0, help="for this long")
     args = parser.parse_args()
     levels = [int(n) for n in args.clients.split(",")]
     if max(levels) > MAX_CLIENTS or args.max_duration_s > MAX_DURATION_S:
         parser.error(f"at most {MAX_CLIENTS} clients and {MAX_DURATION_S:g} s per level")
+    if args.kernel_trace and (args.url or args.replicas or not args.device.startswith("cuda")):
+        parser.error("--kernel-trace needs the embedded server on CUDA (the trace covers this process)")
     audio, rate = sf.read(args.wav, dtype="int16")
 
     embedded = cluster = None
@@ -270,10 +296,11 @@ def main() -> None:
         url = args.url or (cluster.balancer.ws_url if cluster else embedded.ws_url)
         model = embedded.worker.model_name if embedded else server_model(
             f"ws://{cluster.replicas[0].address}/ws" if cluster else url)
-        for clients in levels:
+        for index, clients in enumerate(levels):
             load_before = os.getloadavg()[0]
+            traced = args.kernel_trace is not None and index == len(levels) - 1
             with GpuMonitor(args.gpu_index) as gpu:
-                level = asyncio.run(run_level(url, clients, audio, rate, args))
+                level = asyncio.run(run_level(url, clients, audio, rate, args, traced))
             # the machine's 1-minute load average before and after: other work on a shared machine shows here
             results.append(level | gpu.summary() | {"load_average_1m": [load_before, os.getloadavg()[0]]})
             gpu_name = gpu.name

@@ -1,4 +1,4 @@
-"""Where the GPU's time went in a kernel trace (`benchmarks/kernel_trace/`, a Chrome trace of CUDA
+"""Where the GPU's time went in a kernel trace (`benchmarks/load.py --kernel-trace`, a Chrome trace of CUDA
 activity): how busy the GPU and each CUDA stream were, overall and per time bin, and each stream's
 largest kernels, so that a stream can be told apart (LLM, TTS decoder, codec, encoders).
 
