@@ -25,7 +25,8 @@ from vita.generate import generate_ids, generate_text
 from vita.media_encoder import MediaRequest, TurnMedia
 from vita.reply_text import ReplyTextStream
 from vita.sampling import SamplingParams
-from vita.turn_outputs import AudioSegment, HistoryCleared, OutputCallback, TextDelta, TurnFinished, TurnOutput
+from vita.turn_outputs import (AudioSegment, HistoryCleared, OutputCallback, TextDelta, TurnFailed, TurnFinished,
+                               TurnOutput)
 from vita.voice_turn import TurnInput, VoiceTurn
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
@@ -194,6 +195,23 @@ async def test_a_conversation_outgrowing_the_context_restarts_and_the_turn_is_an
     assert chat.conversation.turns == 1
     outputs, _ = await answer(chat, speech, hello, speak=False)  # the chat still holds the second turn
     assert isinstance(outputs[0], HistoryCleared) and reply_text(outputs) == expected
+    await engine.close()
+
+
+async def test_a_system_prompt_too_long_for_the_context_fails_each_turn_and_leaves_the_chat_unchanged(
+    assistant: VitaAssistant, speech: SpeechService
+) -> None:
+    engine = assistant.make_engine(max_sessions=2, max_len=64)
+    chat = Chat(assistant, engine, "long", "Answer briefly. " * 40)
+    hello = clip("en_hello")
+    for _ in range(2):  # the chat stays as it was: the next turn is refused the same way
+        outputs, _ = await answer(chat, speech, hello, speak=False)
+        assert [type(o) for o in outputs] == [TurnFailed], outputs
+        assert "system prompt" in outputs[0].message and "64" in outputs[0].message
+        assert chat.conversation.turns == 0
+    fitting = Chat(assistant, engine, "short", "Answer briefly.")  # the engine serves other chats meanwhile
+    outputs, _ = await answer(fitting, speech, None, speak=False, text="hi")
+    assert isinstance(outputs[-1], TurnFinished)
     await engine.close()
 
 

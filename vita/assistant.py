@@ -36,6 +36,10 @@ from vita.tokenizer import VitaTokenizer
 TTS_DECODER_CONFIG = Path(TTS_DIR) / "decoder" / "model.json"
 
 
+class SystemPromptTooLong(ValueError):
+    """A conversation's system prompt alone does not fit the engine's context: no turn can be answered."""
+
+
 class EngineTurn(NamedTuple):
     """A turn as `Engine.generate` takes it: embeddings of the new tokens and the prefix to start from."""
 
@@ -113,14 +117,20 @@ class VitaAssistant:
     ) -> EngineTurn:
         """Embeddings of a turn's encoded `media` and `text` for `engine`: a first turn starts from the
         engine prefix of the conversation's system block (registered on first use, keyed by the system
-        prompt it opened with) and brings only the tokens after it."""
+        prompt it opened with) and brings only the tokens after it. `SystemPromptTooLong`, the turn
+        not recorded, if that system block alone fills the engine's context."""
         first_turn = conv.turns == 0
         embeds = self._embed_turn(conv, media, text, skip_system_block=first_turn)
         if not first_turn:
             return EngineTurn(embeds, None)
         key = conv.opening_prompt
         if engine.prefix_length(key) is None:
-            engine.register_prefix(key, self.model.splice_embeddings(self.tokenizer.encode(system_block(key))))
+            system = self.tokenizer.encode(system_block(key))
+            if len(system) >= engine.max_len:
+                conv.discard_turn()  # it never reaches the engine
+                raise SystemPromptTooLong(f"the system prompt takes {len(system)} tokens with its template, and a "
+                                          f"conversation's context holds {engine.max_len}: shorten it")
+            engine.register_prefix(key, self.model.splice_embeddings(system))
         return EngineTurn(embeds, key)
 
     def _embed_turn(
