@@ -134,6 +134,7 @@ def create_app(settings: ServerSettings, worker: ModelWorker) -> FastAPI:
                 deadlines.cancel()
                 await asyncio.gather(reader, deadlines, return_exceptions=True)
                 session.close()
+                gate.release(admission)  # with its seat: once a session has ended, its address may connect again
                 await flush_and_close(websocket, outgoing, writer, session.closing)
                 log.info("session_end session=%s reason=%s", session.session_id,
                          session.closing.value if session.closing else "client")

@@ -25,7 +25,7 @@ KEY_SUBPROTOCOL_PREFIX = "openai-insecure-api-key."
 KEY_QUERY_PARAMETER = "api_key"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Admission:
     """The verdict on one websocket: the subprotocol to accept it with, and why it is refused (if it is)."""
 
@@ -43,6 +43,7 @@ class Gatekeeper:
         self.max_per_ip = settings.max_connections_per_ip
         self.metrics = metrics
         self._open: Counter[str] = Counter()
+        self._held: set[Admission] = set()  # admitted and not yet released
 
     def admit(self, websocket: WebSocket) -> Admission:
         """The verdict (counted in the metrics when a refusal); an admitted connection holds its
@@ -53,15 +54,20 @@ class Gatekeeper:
         if refusal is None and self.max_per_ip and self._open[client_ip] >= self.max_per_ip:
             refusal = ProtocolError(ErrorCode.TOO_MANY_CONNECTIONS,
                                     f"at most {self.max_per_ip} connections from one address")
+        admission = Admission(client_ip, chosen_subprotocol(offered), refusal)
         if refusal is None:
             self._open[client_ip] += 1
+            self._held.add(admission)
+            self.metrics.connections_open.inc()
         else:
             self.metrics.connections_refused.labels(refusal.code.value).inc()
-        return Admission(client_ip, chosen_subprotocol(offered), refusal)
+        return admission
 
     def release(self, admission: Admission) -> None:
-        """The admitted connection ended."""
-        if admission.refusal is None:
+        """The admitted connection ended (again: nothing happens)."""
+        if admission in self._held:
+            self._held.remove(admission)
+            self.metrics.connections_open.dec()
             self._open[admission.client_ip] -= 1
             if self._open[admission.client_ip] <= 0:
                 del self._open[admission.client_ip]

@@ -20,6 +20,10 @@ class ServerMetrics:
         self.sessions_rejected = Counter(
             "vita_sessions_rejected_total", "session.start refused because every seat was taken", registry=self.registry
         )
+        self.connections_open = Gauge(
+            "vita_connections_open", "Websockets let in and not yet ended (each counts against its address's limit)",
+            registry=self.registry,
+        )
         self.connections_refused = Counter(
             "vita_connections_refused_total",
             "Websockets refused before a session, by reason: unauthorized, origin_not_allowed, "

@@ -72,6 +72,16 @@ async def session(server: BackgroundServer, **start: object):
         yield ws, ready
 
 
+async def until_no_connection_is_open(server: BackgroundServer) -> None:
+    """Wait for the server to have ended every connection the test closed (its side ends a moment
+    after the client's close handshake)."""
+    for _ in range(100):
+        if re.search(r"^vita_connections_open 0\.0$", server.get_text("/metrics"), re.MULTILINE):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("connections still open on the server after 5 s")
+
+
 def refusals(server: BackgroundServer) -> dict[str, float]:
     text = server.get_text("/metrics")
     return {m[1]: float(m[2]) for m in re.finditer(r'^vita_connections_refused_total\{reason="(\w+)"\} (\S+)$',
@@ -158,12 +168,13 @@ async def test_keys_origins_and_per_address_limits_refuse_cleanly(server: Backgr
             assert ws.subprotocol == "vita"
             await ws.send(json.dumps({"type": "session.start", "sample_rate": 16_000}))
             assert (await receive_json(ws))["type"] == "session.ready"
+    await until_no_connection_is_open(server)
     open_ones = [await websockets.connect(f"{server.ws_url}?api_key={KEY}") for _ in range(PER_IP)]
     error, code, _ = await refusal(server, additional_headers=AUTH)
     assert (error["code"], code) == ("too_many_connections", 1013)
     for ws in open_ones:
         await ws.close()
-    await asyncio.sleep(0.2)
+    await until_no_connection_is_open(server)
     async with session(server):  # the address's count went down again
         pass
     after = refusals(server)
