@@ -172,6 +172,7 @@ async def test_keys_origins_and_per_address_limits_refuse_cleanly(server: Backgr
     open_ones = [await websockets.connect(f"{server.ws_url}?api_key={KEY}") for _ in range(PER_IP)]
     error, code, _ = await refusal(server, additional_headers=AUTH)
     assert (error["code"], code) == ("too_many_connections", 1013)
+    assert f"vita_connections_open {float(PER_IP)}" in server.get_text("/metrics").splitlines()  # the refused one not
     for ws in open_ones:
         await ws.close()
     await until_no_connection_is_open(server)
