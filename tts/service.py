@@ -297,7 +297,7 @@ class SpeechService:
             try:
                 self._drop_ended()
                 started = time.perf_counter()
-                if admitted := self._admit():
+                if admitted := self._admit(activity):
                     activity.add("prefill", time.perf_counter() - started, admitted)
                     started = time.perf_counter()
                 if rows := self._advance():
@@ -321,18 +321,23 @@ class SpeechService:
                 self.batch.remove(stream)
                 del self._open[stream]
 
-    def _admit(self) -> int:
-        """Prefill the queued utterances that fit free slots; how many were taken."""
+    def _admit(self, activity: ActivityLog) -> int:
+        """Prefill the queued utterances that fit free slots; how many were taken. On CUDA the wait for
+        their embeddings (made on another stream) is timed apart ("embeddings_wait", within "prefill"):
+        the prefill's first host-to-device copy would wait for them anyway."""
         with self._wake:
             admitted = []
             while self._queued and len(admitted) < self.batch.free_slots:
                 utterance = self._queued.popleft()
                 if not utterance.handle.cancelled:
                     admitted.append(utterance)
+        started = time.perf_counter()
         for utterance in admitted:
-            if utterance.embeddings_ready is not None:  # made on another stream: wait on the device, keep alive
-                self._streams[0].wait_event(utterance.embeddings_ready)
+            if utterance.embeddings_ready is not None:  # made on another stream: keep them alive on this one
+                utterance.embeddings_ready.synchronize()
                 utterance.text.text_embeddings.record_stream(self._streams[0])
+        if self._on_cuda and admitted:
+            activity.add("embeddings_wait", time.perf_counter() - started, len(admitted))
         if admitted:
             self._prefill(admitted)
         return len(admitted)
