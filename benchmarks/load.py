@@ -69,6 +69,8 @@ def summarize(clients: int, turns: int, results: list[ClientResult | BaseExcepti
     timings = [t.done["timings"] for t in done]
     never_started = sum(max(0, turns - len(r.turns)) for r in finished) + turns * (len(results) - len(finished))
 
+    reply_gaps = [t.playback_gaps_s() for t in done]
+
     def server(name: str) -> Stats:
         return percentiles([s[name] for s in timings if s[name] is not None])
 
@@ -90,8 +92,8 @@ def summarize(clients: int, turns: int, results: list[ClientResult | BaseExcepti
         "server_first_audio_ms": server("end_of_speech_to_first_audio_ms"),
         "tts_real_time_factor": server("real_time_factor"),
         # as heard by a player with the web page's 80 ms jitter buffer; gaps under 20 ms are not counted
-        "replies_with_gaps": sum(any(g >= 0.02 for g in t.playback_gaps_s()) for t in done),
-        "reply_gaps_ms": percentiles([1000 * sum(t.playback_gaps_s()) for t in done]),
+        "replies_with_gaps": sum(any(g >= 0.02 for g in gaps) for gaps in reply_gaps),
+        "reply_gaps_ms": percentiles([1000 * sum(gaps) for gaps in reply_gaps]),
         "server_stages_ms": {
             stage: percentiles([v for s in timings if s.get("stages") and (v := s["stages"][f"{stage}_ms"]) is not None])
             for stage in STAGES

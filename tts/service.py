@@ -331,15 +331,16 @@ class SpeechService:
                 utterance = self._queued.popleft()
                 if not utterance.handle.cancelled:
                     admitted.append(utterance)
+        if not admitted:
+            return 0
         started = time.perf_counter()
         for utterance in admitted:
             if utterance.embeddings_ready is not None:  # made on another stream: keep them alive on this one
                 utterance.embeddings_ready.synchronize()
                 utterance.text.text_embeddings.record_stream(self._streams[0])
-        if self._on_cuda and admitted:
+        if self._on_cuda:
             activity.add("embeddings_wait", time.perf_counter() - started, len(admitted))
-        if admitted:
-            self._prefill(admitted)
+        self._prefill(admitted)
         return len(admitted)
 
     def _prefill(self, utterances: list[_Utterance]) -> None:
