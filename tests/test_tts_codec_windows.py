@@ -17,8 +17,8 @@ def codec(tmp_path_factory) -> TiCodec:
     return TiCodec.load(path / "codec")
 
 
-def windows_of(codes: list[int], chunk: int, padding: int) -> list[CodecWindow]:
-    chunker = Chunker(chunk, padding)
+def windows_of(codes: list[int], chunk: int, padding: int, fit_lengths: tuple[int, ...] = ()) -> list[CodecWindow]:
+    chunker = Chunker(chunk, padding, fit_lengths)
     windows = [chunker.push(code) for code in codes] + [chunker.finish()]
     return [w for w in windows if w is not None]
 
@@ -32,6 +32,28 @@ def test_windows_carry_padding_context_each_side_and_cover_every_code_once():
     assert [c for w in windows for c in w.codes[w.skip : w.skip + w.frames]] == codes
     assert windows_of(codes[:5], chunk=8, padding=3) == [CodecWindow(tuple(codes[:5]), 0, 5, 0)]
     assert windows_of([], chunk=8, padding=3) == []
+
+
+def test_a_last_window_takes_more_context_to_fit_the_shortest_batched_length_it_can(codec):
+    codes = list(range(30))
+    plain = windows_of(codes, chunk=8, padding=3)
+    fitted = windows_of(codes, chunk=8, padding=3, fit_lengths=(14, 10, 7))
+    assert fitted[:-1] == plain[:-1]  # only the last window changes
+    assert (plain[-1].codes[0], len(plain[-1].codes), plain[-1].skip) == (21, 9, 3)
+    assert (fitted[-1].codes[0], len(fitted[-1].codes), fitted[-1].skip, fitted[-1].frames, fitted[-1].first) == (
+        20, 10, 4, 6, 24)
+    assert windows_of(codes, chunk=8, padding=3, fit_lengths=(8,)) == plain  # no length fits: as it was
+    assert windows_of(codes[:5], chunk=8, padding=3, fit_lengths=(10,)) == windows_of(codes[:5], 8, 3)  # too few codes
+    # with padding covering the receptive field the fitted last segment still equals the one-shot decode
+    reach = codec.generator.receptive_field_frames()
+    generator = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, codec.config.n_codes, (4 * reach + 1,), generator=generator).tolist()
+    windows = windows_of(codes, chunk=reach, padding=reach, fit_lengths=(4 * reach,))
+    assert len(windows[-1].codes) == 4 * reach and windows[-1].skip > reach
+    one_shot = to_int16(codec.decode(torch.tensor([codes]))[0]).astype(np.int32)
+    streamed = np.concatenate([segment for _, segment in decode_windows(codec, windows)])
+    assert streamed.shape == one_shot.shape
+    assert np.abs(streamed - one_shot).max() <= 1  # float rounding only
 
 
 def test_batched_windows_equal_one_by_one_decoding(codec):

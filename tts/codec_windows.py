@@ -7,6 +7,11 @@ one-shot decode of all codes exactly when `padding` covers the codec's receptive
 (`TiCodec.generator.receptive_field_frames()`); with less, samples near chunk boundaries differ
 slightly, which upstream accepts for latency.
 
+A last window may take more earlier codes as context than `padding` (`Chunker`'s `fit_lengths`), so
+that its length is one the vocoder batches and replays from a CUDA graph: more context only brings
+its audio closer to the one-shot decode, and the odd-length eager codec call it replaces costs as
+much as a whole batch.
+
 Upstream also re-cuts the audio at quiet points (`find_min_sum_index`) because its web demo plays
 each segment as a separate clip; the samples are the same, so this streams plain chunks.
 
@@ -45,11 +50,13 @@ class CodecWindow:
 
 
 class Chunker:
-    """The windows of one utterance, in order, as its codes arrive."""
+    """The windows of one utterance, in order, as its codes arrive. A last window takes more earlier
+    codes as context where that makes its length the shortest of `fit_lengths` that it fits."""
 
-    def __init__(self, chunk_size: int, padding: int) -> None:
+    def __init__(self, chunk_size: int, padding: int, fit_lengths: Collection[int] = ()) -> None:
         self.chunk_size = chunk_size
         self.padding = padding
+        self.fit_lengths = sorted(fit_lengths)
         self.codes: list[int] = []
         self.emitted = 0  # frames already covered by windows
 
@@ -62,12 +69,18 @@ class Chunker:
 
     def finish(self) -> CodecWindow | None:
         """The window of the codes left when the decoder stops (none if nothing is left)."""
-        return self._window(len(self.codes)) if len(self.codes) > self.emitted else None
+        end = len(self.codes)
+        if end <= self.emitted:
+            return None
+        length = end - max(0, self.emitted - self.padding)
+        fitting = next((n for n in self.fit_lengths if length <= n <= end), length)
+        return self._window(end, context=fitting - (end - self.emitted))
 
-    def _window(self, end: int) -> CodecWindow:
-        """Frames [emitted, end), decoded with up to `padding` frames of context each side."""
+    def _window(self, end: int, context: int | None = None) -> CodecWindow:
+        """Frames [emitted, end), decoded with up to `padding` frames of look-ahead and up to `context`
+        (default `padding`) frames of earlier context."""
         first = self.emitted
-        start = max(0, first - self.padding)
+        start = max(0, first - (self.padding if context is None else context))
         self.emitted = end
         return CodecWindow(tuple(self.codes[start : end + self.padding]), first - start, end - first, first)
 

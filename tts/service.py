@@ -195,6 +195,7 @@ class SpeechService:
         self._batched_lengths = window_lengths(chunk_sizes, padding)[1]
         self._window_vocoders = 0 if self._on_cuda or self._codec_batches != (1,) else vocoder_threads
         self._codec = CodecGraphs(synthesizer.codec)  # graphs of the batched windows' shapes, captured at `start` (CUDA)
+        self._fit_lengths: frozenset[int] = frozenset()  # the graphs' window lengths, which last windows fit
         self._wake = threading.Condition()
         self._queued: deque[_Utterance] = deque()  # shared with callers, under _wake
         self._windows: deque[tuple[_Utterance, CodecWindow | None]] = deque()  # for the vocoder, under _wake
@@ -213,7 +214,8 @@ class SpeechService:
     def start(self) -> None:
         """Capture the decoder step graphs (CUDA), start the decoder and vocoder threads and return once
         the vocoder has had cuDNN plan the codec shapes of last windows and captured the codec graphs of
-        first and middle windows (CUDA: seconds). Call it while no other thread launches CUDA work (the
+        first and middle windows (CUDA: seconds); from then on last windows take the earlier context
+        that makes them one of those graphs' lengths where they can (`Chunker`'s `fit_lengths`). Call it while no other thread launches CUDA work (the
         decoder step captures fail if one does)."""
         if self._threads:
             raise RuntimeError("already started")
@@ -229,6 +231,7 @@ class SpeechService:
         for thread in self._threads:
             thread.start()
         planned.wait()
+        self._fit_lengths = frozenset(length for _, length in self._codec.shapes)
 
     def alive(self) -> bool:
         """Whether all its threads run (False before `start`, once closed, or if one died)."""
@@ -275,7 +278,7 @@ class SpeechService:
             ready = torch.cuda.Event()
             ready.record(embeddings_stream or torch.cuda.current_stream(embeddings.device))
         utterance = _Utterance(UtteranceText(embeddings, top_k, max_tokens, generator), ready,
-                               Chunker(codec_chunk_size, padding), handle, timeline)
+                               Chunker(codec_chunk_size, padding, self._fit_lengths), handle, timeline)
         with self._wake:
             if self._closed:
                 raise RuntimeError("the speech service is closed")
