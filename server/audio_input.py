@@ -34,18 +34,24 @@ class InputAudioConverter:
 
     def decode(self, frame: bytes) -> np.ndarray:
         """Interleaved PCM16 LE bytes -> mono float32 in [-1, 1] at the input rate."""
-        bytes_per_frame = 2 * self.channels
+        samples = self._samples(frame).astype(np.float32) / 32768.0
+        return samples.reshape(-1, self.channels).mean(axis=1)
+
+    def _samples(self, frame: bytes) -> np.ndarray:
+        """The frame's interleaved int16 samples (a view of it), checked."""
         if len(frame) > MAX_AUDIO_FRAME_BYTES:
             raise InvalidAudio(f"audio frame of {len(frame)} bytes exceeds {MAX_AUDIO_FRAME_BYTES}")
-        if len(frame) % bytes_per_frame:
+        if len(frame) % (2 * self.channels):
             raise InvalidAudio(
                 f"audio frame of {len(frame)} bytes is not a whole number of {self.channels}-channel PCM16 samples"
             )
-        samples = np.frombuffer(frame, dtype="<i2").astype(np.float32) / 32768.0
-        return samples.reshape(-1, self.channels).mean(axis=1)
+        return np.frombuffer(frame, dtype="<i2")
 
     def convert(self, frame: bytes) -> np.ndarray:
-        """One client frame -> the 16 kHz mono int16 samples that are ready now."""
+        """One client frame -> the 16 kHz mono int16 samples that are ready now (16 kHz mono input is
+        only copied: 64 sessions send 3,200 frames a second to the gateway's loop)."""
+        if self.channels == 1 and self._resampler is None:
+            return self._samples(frame).astype(np.int16)
         mono = self.decode(frame)
         if self._resampler is not None:
             mono = self._resampler.resample_chunk(mono)

@@ -55,3 +55,10 @@ def test_oversized_frames_and_bad_formats_are_rejected() -> None:
         InputAudioConverter(4_000, 1)
     with pytest.raises(InvalidAudio):
         InputAudioConverter(16_000, 3)
+
+
+def test_16k_mono_passes_through_sample_for_sample() -> None:
+    samples = np.array([-32768, -1, 0, 1, 12345, 32767] * 50, dtype=np.int16)
+    out = InputAudioConverter(16_000, 1).convert(samples.astype("<i2").tobytes())
+    np.testing.assert_array_equal(out, samples)
+    assert out.dtype == np.int16 and out.flags.writeable  # a copy, not a view of the frame's bytes
