@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 from PIL import Image
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
@@ -253,6 +253,8 @@ def test_audio_conversion_and_turn_detection_take_any_rate_channels_and_frames(
 
 @fuzz_settings(300)
 @given(data=image_bytes())
+@example(data=b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x12\x00\x00\x00\x0b\x01\x00\x00\x00\x00Zl\xe0\xa9"
+              b"\x00\x00\x00\x00IDAT\x00\x00\x00\x00\x00\x00\x00\x00")  # PIL raised SyntaxError ("broken PNG file")
 def test_any_image_bytes_decode_to_rgb_or_give_invalid_image(data: bytes) -> None:
     inputs["decode_image"] += 1
     try:
