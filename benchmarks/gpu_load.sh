@@ -10,7 +10,7 @@
 # end ($OUT/metrics.txt) and, when py-spy is installed, the server's profile during a level of
 # PROFILE_CLIENTS clients from PROFILE_DELAY_S after its clients start for PROFILE_S seconds (the first turns'
 # ends: $OUT/pyspy_all.txt: every non-idle sample, $OUT/pyspy_gil.txt: the thread holding the GIL),
-# as collapsed stacks. With TRACE_CLIENTS, after that server has stopped, a level of that many clients
+# as collapsed stacks (the worker process included: --subprocesses). With TRACE_CLIENTS, after that server has stopped, a level of that many clients
 # runs against a server embedded in the load script, with a kernel trace of it (load.py --kernel-trace)
 # from TRACE_DELAY_S after its clients start for TRACE_S seconds: $OUT/load_traced.json and the trace's
 # summary, $OUT/trace_summary.txt + .json (benchmarks/trace_summary.py).
@@ -64,7 +64,7 @@ fi
 if [ -n "$PROFILE_CLIENTS" ] && command -v py-spy >/dev/null; then
   spy() {  # spy OUTFILE [--gil]: the server's stacks at 250 Hz from PROFILE_DELAY_S for PROFILE_S seconds
     after_start "$PROFILE_DELAY_S"
-    py-spy record --pid $SERVER --nonblocking --rate 250 --format raw --threads --duration "$PROFILE_S" -o "$@"
+    py-spy record --pid $SERVER --subprocesses --nonblocking --rate 250 --format raw --threads --duration "$PROFILE_S" -o "$@"
   }
   spy "$OUT/pyspy_all.txt" & SPY_ALL=$!
   spy "$OUT/pyspy_gil.txt" --gil & SPY_GIL=$!

@@ -3,7 +3,7 @@
 Each client holds one websocket for the whole run and streams real speech (the recordings in
 shared/audio, in turn) in real time like a live microphone: an utterance, ``--gap-s`` of silence
 in which the reply comes, the next utterance. A client whose session ends reconnects (counted).
-Every ``--sample-s`` the script records the server process's RSS, open file descriptors and
+Every ``--sample-s`` the script records the server's RSS (its worker process included), open file descriptors and
 threads, the gateway event loop's lag (``vita_event_loop_lag_seconds`` in /metrics: mean and
 the bucket bound of the worst wake-up), and the turns finished in that window with their
 latency (client: end of speech sent -> first reply audio, VAD hangover included; server: its
@@ -207,10 +207,13 @@ async def run(args: argparse.Namespace, port: int, process: psutil.Process) -> t
 
 
 def resources(process: psutil.Process, t_s: float) -> dict[str, Any]:
-    """RSS, open file descriptors and threads of the server process now."""
-    with process.oneshot():
-        return {"t_s": round(t_s, 1), "rss_mib": round(process.memory_info().rss / 2**20, 1),
-                "open_fds": process.num_fds(), "threads": process.num_threads()}
+    """RSS, open file descriptors and threads of the server process and its children (the worker
+    process) now, summed."""
+    rss = fds = threads = 0
+    for member in [process, *process.children(recursive=True)]:
+        with member.oneshot():
+            rss, fds, threads = rss + member.memory_info().rss, fds + member.num_fds(), threads + member.num_threads()
+    return {"t_s": round(t_s, 1), "rss_mib": round(rss / 2**20, 1), "open_fds": fds, "threads": threads}
 
 
 def summarize(rows: list[dict[str, Any]], soak: Soak, warm_up_s: float) -> dict[str, Any]:

@@ -28,8 +28,8 @@ from server.realtime_protocol import RealtimeEncoding
 from server.seats import Seats
 from server.session import Session
 from server.settings import ServerSettings
+from server.turns import Worker
 from server.watchdog import WorkerWatchdog
-from server.worker import ModelWorker
 
 log = logging.getLogger("vita.app")
 
@@ -53,7 +53,7 @@ async def native_messages(session: Session) -> ClientMessages:
     return session
 
 
-def create_app(settings: ServerSettings, worker: ModelWorker) -> FastAPI:
+def create_app(settings: ServerSettings, worker: Worker) -> FastAPI:
     """The gateway app; ``worker`` is started (model loading) and stopped with the app."""
     metrics = ServerMetrics()
     seats = Seats(settings.max_sessions, metrics)

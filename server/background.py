@@ -15,7 +15,7 @@ import uvicorn
 from server.app import WEBSOCKET_OPTIONS, create_app
 from server.local_cluster import get_json
 from server.settings import ServerSettings
-from server.worker import ModelWorker
+from server.worker_process import new_worker
 
 
 class BackgroundServer:
@@ -23,7 +23,7 @@ class BackgroundServer:
 
     def __init__(self, settings: ServerSettings, checkpoint: Path, is_tiny: bool = True) -> None:
         self.settings = settings
-        self.worker = ModelWorker(settings, checkpoint, is_tiny)
+        self.worker = new_worker(settings, checkpoint, is_tiny)
         self.app = create_app(settings, self.worker)
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -15,7 +15,8 @@ import uvicorn
 
 from server.app import WEBSOCKET_OPTIONS, create_app
 from server.settings import ServerSettings
-from server.worker import ModelWorker, resolve_checkpoint
+from server.worker import resolve_checkpoint
+from server.worker_process import new_worker
 
 
 class JsonLinesFormatter(logging.Formatter):
@@ -66,6 +67,8 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
                         help="TTS codec dtype (default auto: bfloat16 on a CPU with bf16 in hardware, else float32)")
     parser.add_argument("--vocoder-threads", type=int,
                         help="threads that vocode different utterances side by side on the CPU device (default 2)")
+    parser.add_argument("--worker-process", action=argparse.BooleanOptionalAction,
+                        help="the model worker in a child process (default) or a thread of the server process")
     parser.add_argument("--ssl-certfile", type=Path)
     parser.add_argument("--ssl-keyfile", type=Path)
     parser.add_argument("--log-format", choices=["json", "kv"])
@@ -112,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     print(banner(settings, checkpoint, is_tiny), flush=True)
     if settings.resolved_device() == "cpu":
         torch.set_num_threads(settings.cpu_threads)
-    app = create_app(settings, ModelWorker(settings, checkpoint, is_tiny))
+    app = create_app(settings, new_worker(settings, checkpoint, is_tiny))
     uvicorn.run(
         app,
         host=settings.host,

@@ -40,6 +40,10 @@ class ServerSettings(BaseSettings):
         2, ge=1, description="threads that vocode different utterances side by side on the CPU device, each with "
         "cpu_threads per operation (the codec is most of the CPU's work; on CUDA one thread batches them instead)"
     )
+    worker_process: bool = Field(
+        True, description="run the model worker in a child process, so the gateway (websockets, VAD, audio "
+        "input) and the model threads do not share a GIL; False: a thread of the server process"
+    )
     max_context_tokens: int = Field(8192, ge=512, description="KV cache length of one conversation")
     idle_timeout_s: float = Field(
         300.0, gt=0, description="close sessions with no speech, turn or event other than audio/video for this long"
@@ -59,7 +63,8 @@ class ServerSettings(BaseSettings):
         10.0, gt=0, description="a model worker loop that does not answer a heartbeat this long is restarted"
     )
     worker_restart_timeout_s: float = Field(
-        60.0, gt=0, description="a restarted worker not ready by then makes /healthz fail (restart the process)"
+        300.0, gt=0, description="a restarted worker not ready by then makes /healthz fail (restart the process); "
+        "a worker process loads the weights again, which takes about a minute with the real checkpoint on an H200"
     )
     web_dir: Path = REPO_ROOT / "web"
     log_format: Literal["json", "kv"] = "kv"

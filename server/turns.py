@@ -30,7 +30,7 @@ class TurnHandle(Protocol):
 
 
 class TurnRunner(Protocol):
-    """The worker as the session sees it (server.worker.ModelWorker implements it)."""
+    """The worker as the session sees it."""
 
     model_name: str
 
@@ -46,3 +46,27 @@ class TurnRunner(Protocol):
     def start_turn(self, request: TurnRequest, on_output: OutputCallback) -> TurnHandle:
         """Answer one turn; ``on_output`` is called on the caller's event loop, last with
         ``TurnFinished`` or ``TurnFailed`` unless the turn is cancelled."""
+
+
+class Worker(TurnRunner, Protocol):
+    """The worker as the app and its watchdog see it: `server.worker.ModelWorker` (a thread of this
+    process) or `server.worker_process.ProcessWorker` (a child process)."""
+
+    ready: bool
+    load_error: str | None
+    beat_lag_s: float | None
+
+    def start(self) -> None:
+        """Start loading the model (``ready`` turns True when done, else ``load_error`` says why)."""
+
+    def stop(self) -> None:
+        """End every turn and the worker."""
+
+    def heartbeat(self) -> None:
+        """Ask the worker to answer (``failure`` judges how long ago it last did)."""
+
+    def failure(self, hang_timeout_s: float) -> str | None:
+        """Why the worker cannot serve, or None."""
+
+    def restart(self) -> None:
+        """Replace a dead or hung worker (its sessions are gone); ``ready`` again once loaded."""

@@ -1,8 +1,9 @@
-"""Worker watchdog: a dead or hung model worker is found by heartbeat and restarted in-process.
+"""Worker watchdog: a dead or hung model worker is found by heartbeat and restarted.
 
 Runs on the gateway loop (and measures that loop's lag as it goes). Every ``interval_s`` it asks the worker loop to answer a heartbeat and
-checks ``ModelWorker.failure`` (thread dead, loop silent past the hang timeout, a model thread dead,
-a device error). On a failure every thread's stack goes to the log (what the worker waited on),
+checks ``Worker.failure`` (thread or process dead, loop silent past the hang timeout, a model thread dead,
+a device error). On a failure every thread's stack of this process goes to the log (what an in-process worker
+waited on; a worker process is killed and started afresh),
 the sessions are told and closed first (``on_failure``: their
 conversations lived in the worker), then the worker is restarted; while it restarts it is not
 ready (/readyz 503, new connections get ``not_ready``). A restart that fails or is not ready within
@@ -20,7 +21,7 @@ import traceback
 from collections.abc import Callable
 
 from server.metrics import ServerMetrics
-from server.worker import ModelWorker
+from server.turns import Worker
 
 log = logging.getLogger("vita.watchdog")
 
@@ -32,7 +33,7 @@ class WorkerWatchdog:
 
     def __init__(
         self,
-        worker: ModelWorker,
+        worker: Worker,
         metrics: ServerMetrics,
         on_failure: Callable[[str], None],
         *,

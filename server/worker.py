@@ -62,6 +62,11 @@ def resolve_checkpoint(settings: ServerSettings) -> tuple[Path, bool]:
     return ensure_tiny_checkpoint(settings.cache_dir), True
 
 
+def worker_model_name(checkpoint: Path, is_tiny: bool) -> str:
+    """The model's name as users see it: the folder's name only (the path stays in the server log)."""
+    return f"{checkpoint.name}{' (tiny random weights: replies are noise)' if is_tiny else ''}"
+
+
 class TurnTask:
     """Handle of one turn on the worker loop; ``cancel`` is safe from any thread."""
 
@@ -104,8 +109,7 @@ class ModelWorker:
         self.settings = settings
         self.checkpoint = checkpoint
         self.is_tiny = is_tiny
-        # the folder's name only: users see it, the path stays in the server log
-        self.model_name = f"{checkpoint.name}{' (tiny random weights: replies are noise)' if is_tiny else ''}"
+        self.model_name = worker_model_name(checkpoint, is_tiny)
         self.ready = False
         self.load_error: str | None = None
         self._synthesizer: Synthesizer | None = None  # with ``assistant``: the weights, loaded once

@@ -13,3 +13,11 @@ def test_cpu_threads_default_to_one_and_follow_the_flag_and_the_environment(monk
     assert ServerSettings(**parse_args([])).cpu_threads == 2
     with pytest.raises(ValueError):
         ServerSettings(**parse_args(["--cpu-threads", "0"]))
+
+
+def test_the_worker_runs_in_a_process_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert ServerSettings(**parse_args([])).worker_process is True
+    assert ServerSettings(**parse_args(["--no-worker-process"])).worker_process is False
+    monkeypatch.setenv("VITA_WORKER_PROCESS", "false")
+    assert ServerSettings(**parse_args([])).worker_process is False
+    assert ServerSettings(**parse_args(["--worker-process"])).worker_process is True  # the flag wins

@@ -580,10 +580,13 @@ def test_lost_server_is_reported_and_retried(
         tab.page.goto(server.http_url)
         tab.page.click("#start")
         tab.wait_for("app.connection === 'connected'")
-    tab.wait_for("app.error === 'lost' && app.connection === 'reconnecting'")
-    assert "Lost the connection" in tab.page.inner_text("#error")
-    assert tab.state()["state"] == "idle"
-    assert tab.page.inner_text("#state-text") == "Waiting for the server…"
+        stopping = threading.Thread(target=server.stop)  # its connections close first, then the worker stops
+        stopping.start()
+        tab.wait_for("app.error === 'lost' && app.connection === 'reconnecting'")
+        assert "Lost the connection" in tab.page.inner_text("#error")
+        assert tab.state()["state"] == "idle"
+        assert tab.page.inner_text("#state-text") == "Waiting for the server…"
+        stopping.join()
     tab.wait_for("app.error === 'unreachable'")  # the retry found nobody
     assert "Cannot reach the server" in tab.page.inner_text("#error")
     assert_contrast(tab.page)  # the error message too

@@ -3,7 +3,8 @@
 that fails turns /healthz red.
 
 The faults are real: the worker's event loop is blocked on a lock nobody releases, or a
-``SystemExit`` raised in it ends the worker thread.
+``SystemExit`` raised in it ends the worker thread (a worker in a thread of the server process,
+``worker_process=False``); a worker process (the default) is stopped with SIGSTOP or killed with SIGKILL.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import signal
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import soundfile as sf
 import websockets
@@ -32,6 +36,14 @@ RESTART_DEADLINE_S = 30.0  # the operator's expectation: serving again within th
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    settings = ServerSettings(worker_hang_timeout_s=HANG_TIMEOUT_S, cache_dir=tmp_path_factory.mktemp("cache"),
+                              worker_process=False)
+    with BackgroundServer(settings, tiny_checkpoint) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def process_server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
     settings = ServerSettings(worker_hang_timeout_s=HANG_TIMEOUT_S, cache_dir=tmp_path_factory.mktemp("cache"))
     with BackgroundServer(settings, tiny_checkpoint) as running:
         yield running
@@ -201,7 +213,7 @@ async def test_a_dead_worker_thread_is_restarted(server: BackgroundServer) -> No
 
 
 async def test_a_restart_that_fails_turns_healthz_red(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    settings = ServerSettings(worker_hang_timeout_s=HANG_TIMEOUT_S, cache_dir=tmp_path)
+    settings = ServerSettings(worker_hang_timeout_s=HANG_TIMEOUT_S, cache_dir=tmp_path, worker_process=False)
     with BackgroundServer(settings, tiny_checkpoint) as server:
         assert server.get_json("/healthz") == (200, {"status": "ok"})
 
@@ -222,3 +234,41 @@ async def test_a_restart_that_fails_turns_healthz_red(tiny_checkpoint: Path, tmp
         async with websockets.connect(server.ws_url) as ws:
             error = json.loads(await asyncio.wait_for(ws.recv(), 5))
             assert (error["code"], error["fatal"]) == ("not_ready", True)
+
+
+def worker_pid(server: BackgroundServer) -> int:
+    return server.worker._process.pid
+
+
+def is_running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+async def test_the_worker_process_answers_turns_and_reports_its_loop_lag(process_server: BackgroundServer) -> None:
+    pid = worker_pid(process_server)
+    assert pid != os.getpid() and is_running(pid)
+    assert process_server.get_json("/readyz")[1]["status"] == "ready"
+    await assert_serves_a_turn(process_server)
+    await asyncio.sleep(1.0)  # heartbeats every 0.25 s, each answered by the child with its worker loop's lag
+    assert lag_histogram(process_server.get_text("/metrics"))["count"] > 0
+
+
+@pytest.mark.parametrize(("fault", "reason"), [(signal.SIGKILL, "the worker process exited (code -9)"),
+                                               (signal.SIGSTOP, "the worker process did not answer")])
+async def test_a_killed_or_stopped_worker_process_is_replaced(process_server: BackgroundServer, fault: int,
+                                                              reason: str) -> None:
+    ws = await mid_reply_session(process_server)
+    readiness = ReadinessLog(process_server)
+    old = worker_pid(process_server)
+    os.kill(old, fault)
+    try:
+        error = await asyncio.wait_for(fatal_error(ws), 10)
+        assert error["code"] == "worker_failed" and reason in error["message"], error
+        await wait_ready(readiness)
+    finally:
+        readiness.stop()
+    assert worker_pid(process_server) != old and not is_running(old)  # a stopped child was killed, not left behind
+    await assert_serves_a_turn(process_server)
