@@ -137,13 +137,15 @@ class ProcessWorker:
         self.start()
 
     def _end_child(self) -> None:
-        if self._process is not None and self._process.is_alive():
-            self._process.kill()
-            self._process.join(STOP_TIMEOUT_S)
-        if self._sender is not None:
-            self._sender.close()
-        if self._conn is not None:
-            self._conn.close()  # its reader thread ends
+        process, conn, sender = self._process, self._conn, self._sender
+        self._conn = None  # from now on its reader thread ignores what comes and how it ends
+        if process is not None and process.is_alive():
+            process.kill()
+            process.join(STOP_TIMEOUT_S)
+        if sender is not None:
+            sender.close()
+        if conn is not None:
+            conn.close()  # its reader thread ends
 
     # ------------------------------------------------------------------ health
 
@@ -195,7 +197,8 @@ class ProcessWorker:
         while True:
             try:
                 message = conn.recv()
-            except (EOFError, OSError):  # the child exited or was killed; `failure` says so
+            except (EOFError, OSError):  # the child exited or was killed; once loaded, `failure` says so
+                self._exited_while_loading(conn)
                 return
             if conn is not self._conn:  # a killed child's last words
                 return
@@ -212,6 +215,14 @@ class ProcessWorker:
                 self.ready = True
             elif kind == "load_error":
                 self.load_error = message[1]
+
+    def _exited_while_loading(self, conn: Connection) -> None:
+        """A child gone before it was ready could not load the model: `load_error` says so at once."""
+        process = self._process
+        if conn is self._conn and not self.ready and self.load_error is None and process is not None:
+            process.join(STOP_TIMEOUT_S)
+            if conn is self._conn:  # not restarted meanwhile
+                self.load_error = f"the worker process exited while loading the model (code {process.exitcode})"
 
     def _dispatch(self, outputs: list[tuple[int, TurnOutput]]) -> None:
         """Hand the outputs to their turns' loops, one wake-up per loop."""
