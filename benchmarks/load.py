@@ -285,7 +285,8 @@ def main() -> None:
     embedded = cluster = None
     if args.url is None:
         settings = ServerSettings(checkpoint=args.checkpoint, cache_dir=args.cache_dir, device=args.device,
-                                  max_sessions=max(levels), worker_process=not args.kernel_trace)  # a trace sees this process
+                                  max_sessions=max(levels),
+                                  worker_process=not args.kernel_trace)  # a trace sees only this process
         checkpoint, is_tiny = resolve_checkpoint(settings)
         if args.replicas:
             logs = Path(tempfile.mkdtemp(prefix="vita-lb-"))

@@ -22,5 +22,6 @@ def decode_image(data: bytes) -> Image.Image:
         return image.convert("RGB")
     except Image.DecompressionBombError:
         raise ProtocolError(ErrorCode.INVALID_IMAGE, "image has too many pixels") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):  # (PNG chunks) messages with reprs: not passed on
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):  # SyntaxError: a broken PNG chunk
+        # their messages carry object reprs: not passed on
         raise ProtocolError(ErrorCode.INVALID_IMAGE, "not a readable JPEG/PNG image (unknown format, truncated or corrupt)") from None

@@ -17,7 +17,8 @@ def codec(tmp_path_factory) -> TiCodec:
     return TiCodec.load(path / "codec")
 
 
-def windows_of(codes: list[int], chunk: int, padding: int, fit_lengths: tuple[int, ...] = ()) -> list[CodecWindow]:
+def windows_of(codes: list[int], chunk: int, padding: int,
+               fit_lengths: tuple[int, ...] = ()) -> list[CodecWindow]:
     chunker = Chunker(chunk, padding, fit_lengths)
     windows = [chunker.push(code) for code in codes] + [chunker.finish()]
     return [w for w in windows if w is not None]

@@ -215,8 +215,8 @@ class SpeechService:
         """Capture the decoder step graphs (CUDA), start the decoder and vocoder threads and return once
         the vocoder has had cuDNN plan the codec shapes of last windows and captured the codec graphs of
         first and middle windows (CUDA: seconds); from then on last windows take the earlier context
-        that makes them one of those graphs' lengths where they can (`Chunker`'s `fit_lengths`). Call it while no other thread launches CUDA work (the
-        decoder step captures fail if one does)."""
+        that makes them one of those graphs' lengths where they can (`Chunker`'s `fit_lengths`). Call
+        it while no other thread launches CUDA work (the decoder step captures fail if one does)."""
         if self._threads:
             raise RuntimeError("already started")
         self.batch.capture_graphs()
