@@ -242,7 +242,10 @@ class ProcessWorker:
                 continue
             if isinstance(output, (TurnFinished, TurnFailed)):
                 del self._turns[turn_id]
-            entry[1](output)
+            try:
+                entry[1](output)
+            except Exception:  # one failing callback must not lose the others (as `LoopBridge`)
+                log.exception("turn_output_callback_failed turn=%d", turn_id)
 
 
 # ---------------------------------------------------------------------- the child
