@@ -62,9 +62,18 @@ def resolve_checkpoint(settings: ServerSettings) -> tuple[Path, bool]:
     return ensure_tiny_checkpoint(settings.cache_dir), True
 
 
-def worker_model_name(checkpoint: Path, is_tiny: bool) -> str:
-    """The model's name as users see it: the folder's name only (the path stays in the server log)."""
-    return f"{checkpoint.name}{' (tiny random weights: replies are noise)' if is_tiny else ''}"
+class WorkerIdentity:
+    """What every worker (this thread's `ModelWorker`, `server.worker_process.ProcessWorker`) holds:
+    its settings and checkpoint, the model's name as users see it, and whether it can serve."""
+
+    def __init__(self, settings: ServerSettings, checkpoint: Path, is_tiny: bool) -> None:
+        self.settings = settings
+        self.checkpoint = checkpoint
+        self.is_tiny = is_tiny
+        # the folder's name only: users see it, the path stays in the server log
+        self.model_name = f"{checkpoint.name}{' (tiny random weights: replies are noise)' if is_tiny else ''}"
+        self.ready = False
+        self.load_error: str | None = None
 
 
 class TurnTask:
@@ -97,7 +106,7 @@ class TurnTask:
             self.turn.undo()
 
 
-class ModelWorker:
+class ModelWorker(WorkerIdentity):
     """Owns the model; implements ``server.turns.TurnRunner`` for the sessions."""
 
     assistant: VitaAssistant  # these four are loaded in the worker thread, then ``ready`` turns True
@@ -106,12 +115,7 @@ class ModelWorker:
     speech: SpeechService
 
     def __init__(self, settings: ServerSettings, checkpoint: Path, is_tiny: bool) -> None:
-        self.settings = settings
-        self.checkpoint = checkpoint
-        self.is_tiny = is_tiny
-        self.model_name = worker_model_name(checkpoint, is_tiny)
-        self.ready = False
-        self.load_error: str | None = None
+        super().__init__(settings, checkpoint, is_tiny)
         self._synthesizer: Synthesizer | None = None  # with ``assistant``: the weights, loaded once
         self._fresh_loop()
 

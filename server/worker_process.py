@@ -36,7 +36,7 @@ import torch
 
 from server.settings import ServerSettings
 from server.turns import TurnRequest, Worker
-from server.worker import ModelWorker, worker_model_name
+from server.worker import ModelWorker, WorkerIdentity
 from vita.turn_outputs import OutputCallback, TurnFailed, TurnFinished, TurnOutput
 
 log = logging.getLogger("vita.worker")
@@ -84,16 +84,11 @@ class ProcessTurn:
         self._worker._cancel(self._turn_id, discard)
 
 
-class ProcessWorker:
+class ProcessWorker(WorkerIdentity):
     """`ModelWorker`'s interface for the gateway, with the worker in a child process."""
 
     def __init__(self, settings: ServerSettings, checkpoint: Path, is_tiny: bool) -> None:
-        self.settings = settings
-        self.checkpoint = checkpoint
-        self.is_tiny = is_tiny
-        self.model_name = worker_model_name(checkpoint, is_tiny)
-        self.ready = False
-        self.load_error: str | None = None
+        super().__init__(settings, checkpoint, is_tiny)
         self.beat_lag_s: float | None = None  # the longest loop lag the child reported since the watchdog took it
         self._spawn_context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         self._process: multiprocessing.process.BaseProcess | None = None
