@@ -64,7 +64,7 @@ def encode_turn_media(model: VitaQwen2ForCausalLM, requests: Sequence[MediaReque
     with_audio = [i for i, request in enumerate(requests) if request.audio_16k is not None]
     if with_audio:
         encoder = model.model.audio_encoder
-        feats = [encoder.waveform_features(requests[i].audio_16k) for i in with_audio]
+        feats = encoder.waveform_features_many([requests[i].audio_16k for i in with_audio])
         if (shortest := min(f.shape[0] for f in feats)) < MIN_FBANK_FRAMES:  # padding would hide it
             raise ValueError(f"audio too short: {shortest} fbank frames, need {MIN_FBANK_FRAMES}")
         lengths = torch.tensor([f.shape[0] for f in feats], device=feats[0].device)

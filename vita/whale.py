@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import yaml
 from torch import nn
 
 from layers.attention import attention
-from vita.fbank import fbank
+from vita.fbank import fbank_many
 from vita.plain_conv import conv_without_cudnn
 
 # Score of a masked attention entry (upstream fills float16's lowest value).
@@ -457,13 +458,20 @@ class WhaleAudioEncoder(nn.Module):
 
     def waveform_features(self, wave_16k: np.ndarray, generator: torch.Generator | None = None) -> torch.Tensor:
         """Upstream's fbank ``[T, input_dim]`` of a float waveform in [-1, 1]: Kaldi fbank of ``wave * 32768``."""
+        return self.waveform_features_many([wave_16k], generator)[0]
+
+    def waveform_features_many(self, waves_16k: Sequence[np.ndarray],
+                               generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        """`waveform_features` of each waveform, computed together: one copy to the device, one fbank."""
         config = self.config
-        if np.ndim(wave_16k) != 1:
-            raise ValueError(f"expected a mono waveform, got shape {np.shape(wave_16k)}")
-        samples = torch.as_tensor(np.asarray(wave_16k, dtype=np.float32), device=self.adpter.project.weight.device)
-        return fbank(samples * 32768.0, num_mel_bins=config.input_dim, sample_rate=config.sample_rate,
-                     frame_length_ms=config.frame_length_ms, frame_shift_ms=config.frame_shift_ms,
-                     dither=config.dither, generator=generator)
+        for wave in waves_16k:
+            if np.ndim(wave) != 1:
+                raise ValueError(f"expected a mono waveform, got shape {np.shape(wave)}")
+        joined = np.concatenate([np.asarray(wave, dtype=np.float32) for wave in waves_16k])
+        samples = torch.from_numpy(joined).to(self.adpter.project.weight.device) * 32768.0
+        return fbank_many(samples.split([len(wave) for wave in waves_16k]), num_mel_bins=config.input_dim,
+                          sample_rate=config.sample_rate, frame_length_ms=config.frame_length_ms,
+                          frame_shift_ms=config.frame_shift_ms, dither=config.dither, generator=generator)
 
     @torch.inference_mode()
     def encode_waveform(self, wave_16k: np.ndarray, generator: torch.Generator | None = None) -> torch.Tensor:
