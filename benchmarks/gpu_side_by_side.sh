@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Several code trees (or settings) on one GPU at once: every side's server is started together, side
+# by side on the GPU (their start-ups overlap: about 70 s for three instead of 70 s each), then each
+# level is run against one server at a time while the others sit idle. GPU machines of one pool
+# differ, so only sides of one run compare code.
+#
+#   OUT=$PWD/out CLIENTS=64,32 bash benchmarks/gpu_side_by_side.sh main=$PWD branch=/tmp/b
+#
+# Each argument is NAME=TREE; NAME_ARGS (e.g. main_ARGS="--no-worker-process") adds server arguments.
+# Levels run level by level, each side in turn (all sides at 64 before any at 32), and a level is
+# started only before LIMIT_S seconds (default 400) so that the run ends inside a 10-minute call.
+# VITA_MAX_CONTEXT_TOKENS defaults to 2048 here (three full-size servers then take about 100 GiB
+# of an H200's 141). Writes $OUT/NAME/load<clients>.{json,txt,png}, server.log and the server's
+# `thread_activity` lines after each level (activity<clients>.txt).
+set -uo pipefail
+: "${OUT:?OUT (absolute) is needed}"
+CLIENTS=${CLIENTS:-64}
+DEVICE=${DEVICE:-cuda}
+CKPT=${CKPT:-/tmp/vita_full_ckpt}
+WAV=${WAV:-../shared/audio/en_hello.wav}
+LOAD_ARGS=${LOAD_ARGS:---gap-s 16}
+LIMIT_S=${LIMIT_S:-400}
+export VITA_MAX_CONTEXT_TOKENS=${VITA_MAX_CONTEXT_TOKENS:-2048}
+mkdir -p "$OUT"
+[ $# -ge 1 ] || { echo "usage: $0 NAME=TREE [NAME=TREE ...]"; exit 2; }
+
+checkpoint=()
+if [ "$DEVICE" != cpu ]; then
+  [ -f "$CKPT/config.json" ] || python -m vita.tiny_checkpoint --size full --device "$DEVICE" "$CKPT"
+  checkpoint=(--checkpoint "$CKPT")
+fi
+
+names=() ports=() pids=()
+port=8765
+for side in "$@"; do
+  name=${side%%=*} tree=${side#*=} args_name=${side%%=*}_ARGS
+  mkdir -p "$OUT/$name"
+  if python -c "import socket; socket.create_connection(('127.0.0.1', $port), 1)" 2>/dev/null; then
+    echo "port $port is taken (a server left running?)"; exit 1
+  fi
+  (cd "$tree" && PYTHONPATH="$tree${PYTHONPATH:+:$PYTHONPATH}" exec python -m server.cli "${checkpoint[@]}" \
+    --device "$DEVICE" --max-sessions 64 --port $port ${!args_name:-} >"$OUT/$name/server.log" 2>&1) &
+  names+=("$name") ports+=($port) pids+=($!)
+  port=$((port + 1))
+done
+trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
+for i in "${!names[@]}"; do
+  until python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:${ports[$i]}/readyz')" 2>/dev/null; do
+    kill -0 "${pids[$i]}" 2>/dev/null || { echo "${names[$i]}'s server exited:"; tail -20 "$OUT/${names[$i]}/server.log"; exit 1; }
+    sleep 2
+  done
+done
+for i in "${!names[@]}"; do  # ready, and not some other process on its port
+  kill -0 "${pids[$i]}" 2>/dev/null || { echo "${names[$i]}'s server exited:"; tail -20 "$OUT/${names[$i]}/server.log"; exit 1; }
+done
+echo "servers ready after $SECONDS s"
+
+for clients in ${CLIENTS//,/ }; do
+  for i in "${!names[@]}"; do
+    name=${names[$i]}
+    if [ $SECONDS -ge "$LIMIT_S" ]; then echo "$name at $clients clients: skipped (past LIMIT_S)"; continue; fi
+    python -m benchmarks.load --url "ws://127.0.0.1:${ports[$i]}/ws" --wav "$WAV" --clients "$clients" \
+      --json "$OUT/$name/load$clients.json" $LOAD_ARGS >"$OUT/$name/load$clients.txt" 2>&1
+    grep -h thread_activity "$OUT/$name/server.log" | tail -12 >"$OUT/$name/activity$clients.txt"
+    echo "== $name, $clients clients (done at $SECONDS s)"
+    grep -v '^(\|^ srv\|^wrote' "$OUT/$name/load$clients.txt"
+  done
+done
