@@ -40,6 +40,10 @@ class ServerSettings(BaseSettings):
         2, ge=1, description="threads that vocode different utterances side by side on the CPU device, each with "
         "cpu_threads per operation (the codec is most of the CPU's work; on CUDA one thread batches them instead)"
     )
+    tts_steps_per_call: int = Field(
+        1, ge=1, le=40, description="TTS decoder steps per call of its thread (CUDA: one graph, one read back); "
+        "new sentences join between calls"
+    )
     worker_process: bool = Field(
         True, description="run the model worker in a child process, so the gateway (websockets, VAD, audio "
         "input) and the model threads do not share a GIL; False: a thread of the server process"

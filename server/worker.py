@@ -187,7 +187,8 @@ class ModelWorker(WorkerIdentity):
             self.media_encoder = MediaEncoder(self.assistant.model)
             # graphs and codec plans now, while no other thread launches CUDA work
             self.speech = SpeechService(self._synthesizer, max_streams=self.settings.max_sessions,
-                                        vocoder_threads=self.settings.vocoder_threads)
+                                        vocoder_threads=self.settings.vocoder_threads,
+                                        steps_per_call=self.settings.tts_steps_per_call)
             self.speech.start()
             await self._warm_up()
             self._last_beat = time.monotonic()

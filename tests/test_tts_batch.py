@@ -34,26 +34,31 @@ def add(batch: DecoderBatch, rows: int, top_k: int, max_tokens: int, seed: int):
     return batch.add(text(rows, seed), top_k=top_k, max_tokens=max_tokens, generator=generator)
 
 
-def alone(decoder: LLM2TTSCodecAR, request) -> list[int]:
-    batch = DecoderBatch(decoder, slots=1, capacity=64)
+def alone(decoder: LLM2TTSCodecAR, request, capacity: int = 64) -> list[int]:
+    batch = DecoderBatch(decoder, slots=1, capacity=capacity)
     stream, tokens = add(batch, *request), []
     while not stream.finished:
-        [(_, token)] = batch.step()
-        tokens.append(token)
+        [(_, drawn)] = batch.step()
+        assert len(drawn) == 1 or stream.finished
+        tokens += drawn
     return tokens
 
 
-def test_streams_joining_at_different_times_match_their_solo_tokens(decoder):
+@pytest.mark.parametrize("steps_per_call", [1, 4])
+def test_streams_joining_at_different_times_match_their_solo_tokens(decoder, steps_per_call):
+    """Also with several steps per call: each stream gets the tokens one step per call gives it alone,
+    those drawn past its max_tokens dropped."""
     expected = [alone(decoder, r) for r in REQUESTS]
-    batch = DecoderBatch(decoder, slots=3, capacity=64)
+    batch = DecoderBatch(decoder, slots=3, capacity=64, steps_per_call=steps_per_call)
     streams, got = {}, {i: [] for i in range(len(REQUESTS))}
     waiting = list(range(len(REQUESTS)))
-    for step in range(60):
-        if step % 3 == 0 and waiting and batch.free_slots:  # a new stream every third step, when a slot is free
+    for call in range(60):
+        if call % 3 == 0 and waiting and batch.free_slots:  # a new stream every third call, when a slot is free
             i = waiting.pop(0)
             streams[add(batch, *REQUESTS[i])] = i
-        for stream, token in batch.step():
-            got[streams[stream]].append(token)
+        for stream, drawn in batch.step():
+            assert len(drawn) == steps_per_call or stream.finished
+            got[streams[stream]] += drawn
     assert not waiting and batch.free_slots == 3
     assert [got[i] for i in range(len(REQUESTS))] == expected
     assert all(len(tokens) == r[2] for tokens, r in zip(expected, REQUESTS))
@@ -70,28 +75,33 @@ def test_removing_a_stream_frees_its_slot_for_the_next(decoder):
     assert batch.free_slots == 1 and first.finished and batch.step() == []
     second, tokens = add(batch, *REQUESTS[1]), []
     while not second.finished:
-        tokens += [token for _, token in batch.step()]
+        tokens += batch.step()[0][1]
     assert tokens == alone(decoder, REQUESTS[1])
 
 
-def test_a_stream_ends_when_its_slot_is_full(decoder):
+@pytest.mark.parametrize("steps_per_call", [1, 4])
+def test_a_stream_ends_when_its_slot_is_full(decoder, steps_per_call):
+    """It gets a token per free position; with several steps per call the steps past its end stay in
+    its own slot: the stream beside it still gets the tokens it gets alone."""
     rows, capacity = 20, 24
-    batch = DecoderBatch(decoder, slots=2, capacity=capacity)
-    stream = batch.add(text(rows, 0), top_k=2, max_tokens=100, generator=None)
-    steps = 0
-    while not stream.finished:
-        batch.step()
-        steps += 1
-    assert steps == capacity - (rows + 1) and batch.free_slots == 2
+    batch = DecoderBatch(decoder, slots=2, capacity=capacity, steps_per_call=steps_per_call)
+    full = add(batch, rows, 2, 100, 0)
+    beside, tokens = add(batch, 2, 2, 12, 5), {}
+    while batch.free_slots < 2:
+        for stream, drawn in batch.step():
+            tokens.setdefault(stream, []).extend(drawn)
+    assert len(tokens[full]) == capacity - (rows + 1)
+    assert tokens[beside] == alone(decoder, (2, 2, 12, 5), capacity)
 
 
-def test_eos_ends_a_stream_without_a_token(decoder):
-    batch = DecoderBatch(decoder, slots=2, capacity=64)
+@pytest.mark.parametrize("steps_per_call", [1, 4])
+def test_eos_ends_a_stream_without_a_token(decoder, steps_per_call):
+    batch = DecoderBatch(decoder, slots=2, capacity=64, steps_per_call=steps_per_call)
     with torch.no_grad():
         decoder.out_fnn.bias[decoder.config.eos_id] = 1e9
     try:
         stream = add(batch, *REQUESTS[0])
-        assert batch.step() == [(stream, None)] and stream.finished and batch.free_slots == 2
+        assert batch.step() == [(stream, [])] and stream.finished and batch.free_slots == 2
     finally:
         with torch.no_grad():
             decoder.out_fnn.bias[decoder.config.eos_id] = -1e9
@@ -143,4 +153,4 @@ def test_utterances_prefilled_together_decode_as_if_alone(decoder):
         alone.add(t, top_k=2, max_tokens=12, generator=torch.Generator().manual_seed(i))
     assert [s.length for s in together.streams[:3]] == [s.length for s in alone.streams[:3]] == [6, 18, 10]
     for _ in range(12):
-        assert [token for _, token in together.step()] == [token for _, token in alone.step()]
+        assert [drawn for _, drawn in together.step()] == [drawn for _, drawn in alone.step()]

@@ -136,11 +136,11 @@ def test_top_k_sampling_frequencies_follow_softmax_of_the_k_best(tts_dir):
 def test_generation_ends_at_eos_and_at_max_tokens(tts_dir):
     decoder = LLM2TTSCodecAR.load(tts_dir / "decoder")
     text = torch.randn(4, decoder.config.idim)
-    def tokens() -> list[int | None]:
+    def tokens() -> list[int]:
         batch = DecoderBatch(decoder, slots=1, capacity=32)
         stream, got = batch.add(text, top_k=1, max_tokens=6, generator=None), []
         while not stream.finished:
-            got += [token for _, token in batch.step()]
+            got += batch.step()[0][1]
         return got
 
     with torch.no_grad():
@@ -149,7 +149,7 @@ def test_generation_ends_at_eos_and_at_max_tokens(tts_dir):
         decoder.out_fnn.bias[9] = 5.0
         assert tokens() == [9] * 6
         decoder.out_fnn.bias[decoder.config.eos_id] = 6.0
-        assert tokens() == [None]
+        assert tokens() == []  # eos at once: no codec token, and the stream ended
 
 
 def test_mismatched_decoder_shape_names_the_tensor(tts_dir, tmp_path):

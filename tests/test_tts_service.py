@@ -92,9 +92,11 @@ REQUESTS = [  # (text rows, seed, options)
 ]
 
 
-@pytest.mark.parametrize("batching", [{}, {"codec_batch_sizes": (2, 4), "chunk_sizes": (4, 6), "padding": 2}])
+@pytest.mark.parametrize("batching", [{}, {"codec_batch_sizes": (2, 4), "chunk_sizes": (4, 6), "padding": 2},
+                                      {"steps_per_call": 3}])
 def test_concurrent_utterances_get_the_segments_synthesize_gives(synth, started, batching):
-    """CPU's one window per codec call, and CUDA's batches of the first and middle windows."""
+    """CPU's one window per codec call, CUDA's batches of the first and middle windows, and CUDA's
+    several decoder steps per call (utterances reaching eos in the middle of a call)."""
     expected = [reference(synth, rows, seed, **options) for rows, seed, options in REQUESTS]
     assert len({len(e) for e in expected}) > 1  # utterances end at eos after different numbers of codes
     service = started(synth, max_streams=4, capacity=128, **batching)  # 2 wait for a slot

@@ -34,7 +34,7 @@ def tokens(synth: Synthesizer, seed: int, max_tokens: int, generator: torch.Gene
                        generator=generator or torch.Generator().manual_seed(seed))
     codes = []
     while not stream.finished:
-        codes += [token for _, token in batch.step()]
+        codes += batch.step()[0][1]
     return codes
 
 

@@ -1,13 +1,16 @@
 """Continuous batching of TTS utterances: every open stream advances one codec token per decoder step.
 
 `DecoderBatch.add` prefills an utterance into a free slot of a fixed cache (slots x capacity);
-`step` runs one decoder step for every open stream and returns each one's token. The step always
+`step` runs `steps_per_call` decoder steps for every open stream and returns each one's tokens. On
+CUDA several steps per call mean one graph replay, one read back and one wake-up of the calling
+thread per several codes: a thread that syncs every step waits for the GIL after each sync while the
+engine's and the vocoder's threads hold it. A step always
 covers slots 0..n-1 (rows are slots, so attention reads the cache in place; free slots among them
 decode a pad token at position 0, which their next prefill overwrites) and attends over a span of
-positions; both are padded to buckets (`layers/shapes.py`). The decoder forward and the top-k draw run
-on the device from three input rows (tokens, positions, top-k) and a uniform number per row (one
-batched draw from torch's CPU generator, or a stream's own CPU generator where it has one), with one
-device-to-host read of the tokens per step. On CUDA each (batch, span) shape is a CUDA graph,
+positions; both are padded to buckets (`layers/shapes.py`). The decoder forwards and the top-k draws
+run on the device from three input rows (tokens, positions, top-k) and a uniform number per row and
+step (one batched draw from torch's CPU generator, or a stream's own CPU generator where it has one,
+drawn in the order one step per call would), with one device-to-host read of the tokens per call. On CUDA each (batch, span) shape is a CUDA graph,
 captured by `capture_graphs` at start-up (or on first use); elsewhere the same function runs
 eagerly. One thread drives a batch.
 """
@@ -22,7 +25,7 @@ import torch
 from layers.shapes import batch_buckets, padded, span_buckets
 from tts.decoder import LLM2TTSCodecAR, new_kv_cache
 
-# (inputs [3, batch]: tokens, positions, top-k; uniforms [batch]) -> token ids [batch], on the device
+# (inputs [3, batch]: tokens, positions, top-k; uniforms [steps, batch]) -> token ids [steps, batch], on the device
 StepFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -75,12 +78,16 @@ class UtteranceText:
 class DecoderBatch:
     """Shares decoder steps among the utterances being synthesised (all calls from one thread)."""
 
-    def __init__(self, decoder: LLM2TTSCodecAR, slots: int, capacity: int, *, cuda_graphs: bool | None = None) -> None:
+    def __init__(self, decoder: LLM2TTSCodecAR, slots: int, capacity: int, *, cuda_graphs: bool | None = None,
+                 steps_per_call: int = 1) -> None:
+        if steps_per_call < 1:
+            raise ValueError("steps_per_call must be at least 1")
         weight = decoder.embedding.weight
         self.decoder = decoder
         self.cache = new_kv_cache(decoder.config, slots, capacity, weight.device, weight.dtype)
         self.streams: list[Stream | None] = [None] * slots
         self.use_graphs = weight.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.steps_per_call = steps_per_call
         self._batches = batch_buckets(slots)
         self._spans = span_buckets(capacity)
         self._graphs: dict[tuple[int, int], _StepGraph] = {}
@@ -126,51 +133,68 @@ class DecoderBatch:
                 for span in self._spans:
                     self._graph(batch, span)
 
-    def step(self) -> list[tuple[Stream, int | None]]:
-        """One decoder step for every open stream: (stream, its codec token, or None for eos). Streams
-        that finish leave the batch and free their slot."""
+    def step(self) -> list[tuple[Stream, list[int]]]:
+        """`steps_per_call` decoder steps for every open stream: (stream, the codec tokens it drew, in
+        order; eos is not one). A stream that finishes on the way (eos, `max_tokens` draws, a full
+        slot) leaves the batch and frees its slot; what the call drew for it after that is dropped."""
         streams = [s for s in self.streams if s is not None]
         if not streams:
             return []
+        steps = self.steps_per_call
         batch = padded(streams[-1].slot + 1, self._batches)
-        span = padded(max(s.length for s in streams) + 1, self._spans)
+        span = padded(min(max(s.length for s in streams) + steps, self.cache.max_len), self._spans)
         inputs = [[self.decoder.config.pad_id] * batch, [0] * batch, [1] * batch]  # idle rows: pad, position 0, top-1
-        uniforms = torch.rand(batch)  # one draw per row; a stream with a generator of its own draws from it instead
+        uniforms = torch.rand(steps, batch)  # a draw per row and step; a stream with a generator of its own draws from it
         for s in streams:
             inputs[0][s.slot], inputs[1][s.slot], inputs[2][s.slot] = s.last_token, s.length, s.top_k
             if s.generator is not None:
-                uniforms[s.slot] = torch.rand((), generator=s.generator)
+                uniforms[:, s.slot] = torch.rand(steps, generator=s.generator)
         inputs = torch.tensor(inputs)
         if self.use_graphs:
             ids = self._graph(batch, span)(inputs, uniforms)
         else:
             device = self.cache.device
             ids = self._step_function(span)(inputs.to(device), uniforms.to(device))
-        ids = ids.tolist()  # the step's one read back to the host
-        return [(s, self._advance(s, ids[s.slot])) for s in streams]
+        rows = ids.t().tolist()  # the call's one read back to the host: [batch][steps]
+        return [(s, self._take(s, rows[s.slot])) for s in streams]
 
-    def _advance(self, stream: Stream, token: int) -> int | None:
-        stream.length += 1
-        stream.sampled += 1
-        stream.last_token = token
-        eos = token == self.decoder.config.eos_id
-        if eos or stream.sampled == stream.max_tokens or stream.length == self.cache.max_len:
-            self.remove(stream)
-        return None if eos else token
+    def _take(self, stream: Stream, drawn: list[int]) -> list[int]:
+        """Advance `stream` by the tokens drawn for it, up to its end; the codec tokens among them."""
+        tokens = []
+        for token in drawn:
+            stream.length += 1
+            stream.sampled += 1
+            stream.last_token = token
+            if token == self.decoder.config.eos_id:
+                self.remove(stream)
+                break
+            tokens.append(token)
+            if stream.sampled == stream.max_tokens or stream.length == self.cache.max_len:
+                self.remove(stream)
+                break
+        return tokens
 
     def _step_function(self, span: int) -> StepFunction:
-        def step(inputs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-            logits = self.decoder.step(inputs[0], inputs[1], self.cache, span)
-            return self.decoder.sample(logits, inputs[2], uniforms)
+        last = self.cache.max_len - 1  # a stream that fills its slot ends there: later steps rewrite its last position
 
-        return step
+        def steps(inputs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+            tokens, positions, top_k = inputs
+            drawn = []
+            for uniform in uniforms:
+                logits = self.decoder.step(tokens, positions, self.cache, span)
+                tokens = self.decoder.sample(logits, top_k, uniform)
+                drawn.append(tokens)
+                positions = (positions + 1).clamp(max=last)
+            return torch.stack(drawn)
+
+        return steps
 
     def _graph(self, batch: int, span: int) -> _StepGraph:
         key = (batch, span)
         if key not in self._graphs:
             device = self.cache.device
             inputs = torch.tensor([[self.decoder.config.pad_id] * batch, [0] * batch, [1] * batch], device=device)
-            uniforms = torch.zeros(batch, device=device)
+            uniforms = torch.zeros(self.steps_per_call, batch, device=device)
             with torch.no_grad():
                 self._graphs[key] = _StepGraph(self._step_function(span), inputs, uniforms, self._graph_pool)
         return self._graphs[key]

@@ -5,8 +5,9 @@ audio comes back through callbacks that run in the service's threads (a caller w
 wraps them with `loop.call_soon_threadsafe`). Two threads share the work, sleeping while there is
 nothing to do:
 - "vita-tts" admits queued utterances, first come first served, into free decoder slots (prefill),
-  runs one decoder step for every open utterance (`DecoderBatch`: a CUDA graph on CUDA, one read
-  back) and hands each codec window that became ready to the vocoder thread;
+  runs decoder steps for every open utterance (`DecoderBatch`: on CUDA a CUDA graph of
+  `steps_per_call` steps and one read back) and hands each codec window that became ready to the
+  vocoder thread;
 - "vita-vocoder" decodes the windows waiting, on CUDA those of all utterances together (a codec
   call per window length, `decode_windows`, replayed from a CUDA graph per batch size and length of
   first and middle windows, `CodecGraphs`), and hands out the segments and the ends. On the CPU,
@@ -169,7 +170,7 @@ class SpeechService:
     def __init__(self, synthesizer: Synthesizer, *, max_streams: int = 64, capacity: int = 2048,
                  codec_batch_sizes: tuple[int, ...] | None = None,
                  chunk_sizes: tuple[int, ...] = (FIRST_SENTENCE_CHUNK_SIZE, CHUNK_SIZE), padding: int = PADDING,
-                 max_later_windows: int = 16, vocoder_threads: int = 1) -> None:
+                 max_later_windows: int = 16, vocoder_threads: int = 1, steps_per_call: int = 1) -> None:
         """`capacity`: decoder cache positions per utterance, text rows + 1 + codec tokens (an utterance
         that fills its slot ends there). `codec_batch_sizes` (ascending): how many windows of one length
         a codec call may decode, padded up to one of these; by default `batch_buckets(max_streams)` on
@@ -179,11 +180,15 @@ class SpeechService:
         most (first windows, which make an utterance's first sound, are all taken at once).
         `vocoder_threads`: on the CPU with one window per codec call (the default there), how many
         threads take windows one at a time (with one torch thread per operation each, the cores work
-        side by side instead of meeting at every convolution); otherwise one thread makes batched calls."""
+        side by side instead of meeting at every convolution); otherwise one thread makes batched calls.
+        `steps_per_call`: decoder steps per call of the decoder thread (`DecoderBatch`: on CUDA one graph
+        and one read back for them all); queued utterances are admitted between calls. On an H200 at
+        64 clients 10 steps per call took first audio p50 down by about 10 % and its p95 up by a
+        quarter (benchmarks/README.md): 1, the default, until fewer steps are measured."""
         self.synthesizer = synthesizer
-        self.batch = DecoderBatch(synthesizer.decoder, max_streams, capacity)
         device = synthesizer.decoder.embedding.weight.device
         self._on_cuda = device.type == "cuda"
+        self.batch = DecoderBatch(synthesizer.decoder, max_streams, capacity, steps_per_call=steps_per_call)
         self._streams = [torch.cuda.Stream(device) for _ in range(2)] if self._on_cuda else [None, None]
         # (CUDA) a stream for callers to make utterance embeddings on: an utterance made on the caller's
         # usual stream waits for everything queued there before it (the LLM's launched steps)
@@ -365,8 +370,8 @@ class SpeechService:
                 utterance.timeline["prefilled"] = prefilled
 
     def _advance(self) -> int:
-        """One decoder step for all open utterances; their ready windows and ends go to the vocoder.
-        Returns how many utterances it advanced."""
+        """One decoder call (`steps_per_call` steps) for all open utterances; their ready windows and
+        ends go to the vocoder. Returns how many utterances it advanced."""
         try:
             tokens = self.batch.step()
         except Exception as exc:
@@ -374,10 +379,11 @@ class SpeechService:
                 self._end(utterance, exc)
             return 0
         work: list[tuple[_Utterance, CodecWindow | None]] = []
-        for stream, token in tokens:
+        for stream, drawn in tokens:
             utterance = self._open[stream]
-            if token is not None and (window := utterance.chunker.push(token)) is not None:
-                work.append((utterance, window))
+            for token in drawn:
+                if (window := utterance.chunker.push(token)) is not None:
+                    work.append((utterance, window))
             if stream.finished:
                 if (window := utterance.chunker.finish()) is not None:
                     work.append((utterance, window))

@@ -97,9 +97,10 @@ class Synthesizer:
         batch = DecoderBatch(self.decoder, slots=1, capacity=len(embeddings) + 1 + max_tokens, cuda_graphs=False)
         stream = batch.add(embeddings, top_k=top_k, max_tokens=max_tokens, generator=generator)
         while not stream.finished:
-            [(_, token)] = batch.step()
-            windows = (chunker.push(token) if token is not None else None,
-                       chunker.finish() if stream.finished else None)
+            [(_, tokens)] = batch.step()
+            windows = [chunker.push(token) for token in tokens]
+            if stream.finished:
+                windows.append(chunker.finish())
             for window in windows:
                 if window is not None:
                     [(_, segment)] = decode_windows(self.codec, [window])
