@@ -69,6 +69,8 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
                         help="threads that vocode different utterances side by side on the CPU device (default 2)")
     parser.add_argument("--tts-steps-per-call", type=int,
                         help="TTS decoder steps per call of its thread (CUDA: one graph, one read back; default 1)")
+    parser.add_argument("--tts-admit-every-calls", type=int,
+                        help="prefill new sentences at most every this many TTS decoder calls while others speak (default 1)")
     parser.add_argument("--worker-process", action=argparse.BooleanOptionalAction,
                         help="the model worker in a child process (default) or a thread of the server process")
     parser.add_argument("--ssl-certfile", type=Path)

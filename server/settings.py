@@ -44,6 +44,10 @@ class ServerSettings(BaseSettings):
         1, ge=1, le=40, description="TTS decoder steps per call of its thread (CUDA: one graph, one read back); "
         "new sentences join between calls"
     )
+    tts_admit_every_calls: int = Field(
+        1, ge=1, le=100, description="while utterances are being spoken, new sentences are prefilled at most every "
+        "this many TTS decoder calls (fewer, larger prefills; each stops every utterance's steps)"
+    )
     worker_process: bool = Field(
         True, description="run the model worker in a child process, so the gateway (websockets, VAD, audio "
         "input) and the model threads do not share a GIL; False: a thread of the server process"

@@ -188,7 +188,8 @@ class ModelWorker(WorkerIdentity):
             # graphs and codec plans now, while no other thread launches CUDA work
             self.speech = SpeechService(self._synthesizer, max_streams=self.settings.max_sessions,
                                         vocoder_threads=self.settings.vocoder_threads,
-                                        steps_per_call=self.settings.tts_steps_per_call)
+                                        steps_per_call=self.settings.tts_steps_per_call,
+                                        admit_every_calls=self.settings.tts_admit_every_calls)
             self.speech.start()
             await self._warm_up()
             self._last_beat = time.monotonic()

@@ -292,3 +292,39 @@ def test_a_vocoder_call_takes_every_first_window_and_later_ones_in_order_up_to_i
     assert [(u, w and w.first) for u, w in left] == [("a", 40), ("a", None), ("b", 40), ("d", None)]
     work, left = next_vocoder_call(left, max_later_windows=2)
     assert [(u, w and w.first) for u, w in work] == [("a", 40), ("a", None), ("b", 40), ("d", None)] and not left
+
+
+@pytest.mark.parametrize("every", [1, 4])
+def test_while_utterances_speak_new_ones_are_prefilled_at_most_every_few_calls(endless, started, every):
+    """Every prefill stops the open utterances' steps: with `admit_every_calls` = 4 a sentence that
+    arrives just after a prefill waits for 4 decoder calls and joins the next prefill."""
+    service = started(endless, max_streams=4, capacity=1100, admit_every_calls=every)
+    events: list[str] = []  # "step" or "prefill", in the decoder thread's order
+    prefilled = threading.Event()
+    add_many, step = service.batch.add_many, service.batch.step
+
+    def recorded_add_many(texts):
+        streams = add_many(texts)
+        events.append("prefill")
+        prefilled.set()
+        return streams
+
+    def recorded_step():
+        tokens = step()
+        events.append("step")
+        return tokens
+
+    service.batch.add_many, service.batch.step = recorded_add_many, recorded_step
+    speaking, _ = speak(service, 8, 0, max_tokens=1000)
+    assert speaking.first_segment.wait(WAIT_S)
+    prefilled.clear()
+    later = [speak(service, 8, 1, max_tokens=40)[0]]
+    assert prefilled.wait(WAIT_S)
+    later.append(speak(service, 8, 2, max_tokens=40)[0])  # right after a prefill
+    for recorder in later:
+        assert recorder.finished.wait(WAIT_S) and recorder.done == [None]
+    prefills = [i for i, event in enumerate(events) if event == "prefill"]
+    steps_between = [events[a:b].count("step") for a, b in zip(prefills, prefills[1:])]
+    assert len(prefills) == 3 and min(steps_between) >= every, steps_between
+    if every == 1:
+        assert min(steps_between) < 4  # the sentence right after a prefill did not wait (so 4 can fail)

@@ -4,8 +4,8 @@
 audio comes back through callbacks that run in the service's threads (a caller with an event loop
 wraps them with `loop.call_soon_threadsafe`). Two threads share the work, sleeping while there is
 nothing to do:
-- "vita-tts" admits queued utterances, first come first served, into free decoder slots (prefill),
-  runs decoder steps for every open utterance (`DecoderBatch`: on CUDA a CUDA graph of
+- "vita-tts" admits queued utterances, first come first served, into free decoder slots (prefill;
+  while others are open, at most every `admit_every_calls` decoder calls), runs decoder steps for every open utterance (`DecoderBatch`: on CUDA a CUDA graph of
   `steps_per_call` steps and one read back) and hands each codec window that became ready to the
   vocoder thread;
 - "vita-vocoder" decodes the windows waiting, on CUDA those of all utterances together (a codec
@@ -170,7 +170,8 @@ class SpeechService:
     def __init__(self, synthesizer: Synthesizer, *, max_streams: int = 64, capacity: int = 2048,
                  codec_batch_sizes: tuple[int, ...] | None = None,
                  chunk_sizes: tuple[int, ...] = (FIRST_SENTENCE_CHUNK_SIZE, CHUNK_SIZE), padding: int = PADDING,
-                 max_later_windows: int = 16, vocoder_threads: int = 1, steps_per_call: int = 1) -> None:
+                 max_later_windows: int = 16, vocoder_threads: int = 1, steps_per_call: int = 1,
+                 admit_every_calls: int = 1) -> None:
         """`capacity`: decoder cache positions per utterance, text rows + 1 + codec tokens (an utterance
         that fills its slot ends there). `codec_batch_sizes` (ascending): how many windows of one length
         a codec call may decode, padded up to one of these; by default `batch_buckets(max_streams)` on
@@ -184,7 +185,12 @@ class SpeechService:
         `steps_per_call`: decoder steps per call of the decoder thread (`DecoderBatch`: on CUDA one graph
         and one read back for them all); queued utterances are admitted between calls. On an H200 at
         64 clients 10 steps per call took first audio p50 down by about 10 % and its p95 up by a
-        quarter (benchmarks/README.md): 1, the default, until fewer steps are measured."""
+        quarter (benchmarks/README.md): 1, the default, until fewer steps are measured.
+        `admit_every_calls`: while utterances are open, queued ones are prefilled only once this many
+        decoder calls have run since the last prefill (with none open, at once). Each prefill stops
+        every open utterance's steps, and a larger one costs little more (H200, 64 clients: 15 ms
+        for 1.7 sentences, 26 ms for 4.1), so fewer, larger prefills cost less in a burst but make a
+        sentence wait longer to start."""
         self.synthesizer = synthesizer
         device = synthesizer.decoder.embedding.weight.device
         self._on_cuda = device.type == "cuda"
@@ -197,6 +203,9 @@ class SpeechService:
         self._codec_batches = default_batches if codec_batch_sizes is None else codec_batch_sizes
         self._chunk_sizes, self._padding = chunk_sizes, padding
         self.max_later_windows = max_later_windows
+        if admit_every_calls < 1:
+            raise ValueError("admit_every_calls must be at least 1")
+        self.admit_every_calls = admit_every_calls
         self._batched_lengths = window_lengths(chunk_sizes, padding)[1]
         self._window_vocoders = 0 if self._on_cuda or self._codec_batches != (1,) else vocoder_threads
         self._codec = CodecGraphs(synthesizer.codec)  # graphs of the batched windows' shapes, captured at `start` (CUDA)
@@ -301,15 +310,19 @@ class SpeechService:
     def _run_decoder(self) -> None:
         self._use_own_stream(self._streams[0])
         activity = ActivityLog(log, "vita-tts")
+        calls_since_prefill = self.admit_every_calls
         while self._wait(lambda: self._queued or self._open):
             try:
                 self._drop_ended()
                 started = time.perf_counter()
-                if admitted := self._admit(activity):
+                due = not self._open or calls_since_prefill >= self.admit_every_calls
+                if due and (admitted := self._admit(activity)):
                     activity.add("prefill", time.perf_counter() - started, admitted)
+                    calls_since_prefill = 0
                     started = time.perf_counter()
                 if rows := self._advance():
                     activity.add("step", time.perf_counter() - started, rows)
+                    calls_since_prefill += 1
             except Exception as exc:  # a bug outside the model calls: end everything rather than hang callers
                 log.exception("tts_loop_failed")
                 for utterance in list(self._open.values()):
