@@ -77,8 +77,8 @@ def tts_prefill_cases(device: torch.device, repeats: int) -> list[dict]:
     dtype = decoder.embedding.weight.dtype
     results = []
     for sentences in (1, 4, 16):
-        texts = [UtteranceText(torch.randn(SENTENCE_ROWS, decoder.config.idim, device=device, dtype=dtype), 2, 100, None)
-                 for _ in range(sentences)]
+        rows = [torch.randn(SENTENCE_ROWS, decoder.config.idim, device=device, dtype=dtype) for _ in range(sentences)]
+        texts = [UtteranceText(text, 2, 100, None) for text in rows]
 
         def prefill() -> None:
             for stream in batch.add_many(texts):

@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
     parser.add_argument("--tts-steps-per-call", type=int,
                         help="TTS decoder steps per call of its thread (CUDA: one graph, one read back; default 1)")
     parser.add_argument("--tts-admit-every-calls", type=int,
-                        help="prefill new sentences at most every this many TTS decoder calls while others speak (default 1)")
+                        help="TTS prefills at most every this many decoder calls while utterances speak (default 1)")
     parser.add_argument("--worker-process", action=argparse.BooleanOptionalAction,
                         help="the model worker in a child process (default) or a thread of the server process")
     parser.add_argument("--ssl-certfile", type=Path)

@@ -1,18 +1,17 @@
 """Continuous batching of TTS utterances: every open stream advances one codec token per decoder step.
 
 `DecoderBatch.add` prefills an utterance into a free slot of a fixed cache (slots x capacity);
-`step` runs `steps_per_call` decoder steps for every open stream and returns each one's tokens. On
-CUDA several steps per call mean one graph replay, one read back and one wake-up of the calling
-thread per several codes: a thread that syncs every step waits for the GIL after each sync while the
-engine's and the vocoder's threads hold it. A step always
-covers slots 0..n-1 (rows are slots, so attention reads the cache in place; free slots among them
-decode a pad token at position 0, which their next prefill overwrites) and attends over a span of
-positions; both are padded to buckets (`layers/shapes.py`). The decoder forwards and the top-k draws
-run on the device from three input rows (tokens, positions, top-k) and a uniform number per row and
-step (one batched draw from torch's CPU generator, or a stream's own CPU generator where it has one,
-drawn in the order one step per call would), with one device-to-host read of the tokens per call. On CUDA each (batch, span) shape is a CUDA graph,
-captured by `capture_graphs` at start-up (or on first use); elsewhere the same function runs
-eagerly. One thread drives a batch.
+`step` runs `steps_per_call` decoder steps for every open stream and returns each one's tokens (on
+CUDA several steps per call are one graph replay, one read back and one wake-up of the calling
+thread for several codes). A step always covers slots 0..n-1 (rows are slots, so attention reads
+the cache in place; free slots among them decode a pad token from position 0, which their next
+prefill overwrites) and attends over a span of positions; both are padded to buckets
+(`layers/shapes.py`). The decoder forwards and the top-k draws run on the device from three input
+rows (tokens, positions, top-k) and a uniform number per row and step (one batched draw from torch's
+CPU generator, or a stream's own CPU generator where it has one, drawn in the order one step per
+call would), with one device-to-host read of the tokens per call. On CUDA each (batch, span) shape
+is a CUDA graph, captured by `capture_graphs` at start-up (or on first use); elsewhere the same
+function runs eagerly. One thread drives a batch.
 """
 
 from __future__ import annotations
@@ -144,7 +143,7 @@ class DecoderBatch:
         batch = padded(streams[-1].slot + 1, self._batches)
         span = padded(min(max(s.length for s in streams) + steps, self.cache.max_len), self._spans)
         inputs = [[self.decoder.config.pad_id] * batch, [0] * batch, [1] * batch]  # idle rows: pad, position 0, top-1
-        uniforms = torch.rand(steps, batch)  # a draw per row and step; a stream with a generator of its own draws from it
+        uniforms = torch.rand(steps, batch)  # per row and step; a stream with a generator of its own draws from it
         for s in streams:
             inputs[0][s.slot], inputs[1][s.slot], inputs[2][s.slot] = s.last_token, s.length, s.top_k
             if s.generator is not None:

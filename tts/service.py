@@ -5,9 +5,9 @@ audio comes back through callbacks that run in the service's threads (a caller w
 wraps them with `loop.call_soon_threadsafe`). Two threads share the work, sleeping while there is
 nothing to do:
 - "vita-tts" admits queued utterances, first come first served, into free decoder slots (prefill;
-  while others are open, at most every `admit_every_calls` decoder calls), runs decoder steps for every open utterance (`DecoderBatch`: on CUDA a CUDA graph of
-  `steps_per_call` steps and one read back) and hands each codec window that became ready to the
-  vocoder thread;
+  while others are open, at most every `admit_every_calls` decoder calls), runs decoder steps for
+  every open utterance (`DecoderBatch`: on CUDA a CUDA graph of `steps_per_call` steps and one read
+  back) and hands each codec window that became ready to the vocoder thread;
 - "vita-vocoder" decodes the windows waiting, on CUDA those of all utterances together (a codec
   call per window length, `decode_windows`, replayed from a CUDA graph per batch size and length of
   first and middle windows, `CodecGraphs`), and hands out the segments and the ends. On the CPU,
