@@ -123,7 +123,8 @@ def main() -> None:
               f"{r['kernels']:>7}  {top}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": machine, "torch": torch.__version__, "results": results}, indent=2))
+        report = {"machine": machine, "torch": torch.__version__, "results": results}
+        args.json.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
