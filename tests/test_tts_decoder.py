@@ -50,7 +50,7 @@ def test_decoder_layer_matches_transformers_llama_layer_with_cache():
 
     cache = new_kv_cache(config, slots=2, capacity=16, device=torch.device("cpu"), dtype=torch.float32)
     cos, sin = rotary_cos_sin(torch.arange(7), config.head_dim, config.rope_theta, torch.float32)
-    out_prompt = ours(prompt, cos, sin, prefill_store(cache, [1], 7, None))
+    out_prompt = ours(prompt, cos, sin, prefill_store(cache, torch.tensor([1]), 7, None))
     positions = torch.tensor([0, 7])
     cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta, torch.float32)
     # slot 0 is idle (position 0), slot 1 continues at position 7; both attend within a span of 16

@@ -59,12 +59,11 @@ def _keys_and_values(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.cat([k, v], dim=1).transpose(1, 2)
 
 
-def prefill_store(cache: KVCache, slots: list[int], length: int, mask: torch.Tensor | None) -> KVStore:
-    """Store for whole sequences [B, H, length, D] into `slots` at positions 0..length-1; each row attends
-    to the positions `mask` [B, 1, 1, length] allows (None: all)."""
+def prefill_store(cache: KVCache, slot_ids: torch.Tensor, length: int, mask: torch.Tensor | None) -> KVStore:
+    """Store for whole sequences [B, H, length, D] into slots `slot_ids` [B] (on the cache's device) at
+    positions 0..length-1; each row attends to the positions `mask` [B, 1, 1, length] allows (None: all)."""
     if length > cache.max_len:
         raise ValueError(f"{length} positions do not fit a cache of {cache.max_len}")
-    slot_ids = torch.tensor(slots, device=cache.device)
     flat_index = cache.flat_index(slot_ids, torch.arange(length, device=cache.device))
 
     def store(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -211,8 +210,9 @@ class LLM2TTSCodecAR(nn.Module):
         past a row's length get keys and values too; decoding overwrites them before attending."""
         weight = self.embedding.weight
         lengths = [len(text) for text in texts]
+        # one copy to the device, before any kernel: a copy from host memory waits for the kernels queued before it
+        ends, slot_ids = torch.tensor([lengths, slots], device=weight.device)
         x = pad_sequence([t.to(device=weight.device, dtype=weight.dtype) for t in texts], batch_first=True)
-        ends = torch.tensor(lengths, device=weight.device)
         valid = torch.arange(x.shape[1] + 1, device=weight.device)[None, :] <= ends[:, None]  # bos + text
         masks = (None, None) if len(set(lengths)) == 1 else (valid[:, None, None, 1:], valid[:, None, None, :])
         cos, sin = self._rotary(torch.arange(x.shape[1], device=weight.device), x.dtype)
@@ -220,7 +220,7 @@ class LLM2TTSCodecAR(nn.Module):
             x = layer(x, cos, sin, mask=masks[0])
         x = torch.cat([weight[self.config.bos_id].expand(len(texts), 1, -1), x], dim=1)
         cos, sin = self._rotary(torch.arange(x.shape[1], device=weight.device), x.dtype)
-        store = prefill_store(cache, slots, x.shape[1], masks[1])
+        store = prefill_store(cache, slot_ids, x.shape[1], masks[1])
         for layer_idx, layer in enumerate(self.layers):
             x = layer(x, cos, sin, store, layer_idx)
         return [length + 1 for length in lengths]
