@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from layers.host_copy import pinned, to_device
 from layers.shapes import batch_buckets, padded, span_buckets
 from tts.decoder import LLM2TTSCodecAR, new_kv_cache
 
@@ -142,18 +143,18 @@ class DecoderBatch:
         steps = self.steps_per_call
         batch = padded(streams[-1].slot + 1, self._batches)
         span = padded(min(max(s.length for s in streams) + steps, self.cache.max_len), self._spans)
+        device = self.cache.device
         inputs = [[self.decoder.config.pad_id] * batch, [0] * batch, [1] * batch]  # idle rows: pad, position 0, top-1
         uniforms = torch.rand(steps, batch)  # per row and step; a stream with a generator of its own draws from it
         for s in streams:
             inputs[0][s.slot], inputs[1][s.slot], inputs[2][s.slot] = s.last_token, s.length, s.top_k
             if s.generator is not None:
                 uniforms[:, s.slot] = torch.rand(steps, generator=s.generator)
-        inputs = torch.tensor(inputs)
+        inputs, uniforms = to_device(inputs, device), pinned(uniforms, device).to(device, non_blocking=True)
         if self.use_graphs:
             ids = self._graph(batch, span)(inputs, uniforms)
         else:
-            device = self.cache.device
-            ids = self._step_function(span)(inputs.to(device), uniforms.to(device))
+            ids = self._step_function(span)(inputs, uniforms)
         rows = ids.t().tolist()  # the call's one read back to the host: [batch][steps]
         return [(s, self._take(s, rows[s.slot])) for s in streams]
 

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from layers.attention import attention
+from layers.host_copy import to_device
 from layers.kv_cache import KVCache
 from layers.norm import RMSNorm
 from tts.config import DecoderConfig
@@ -210,8 +211,8 @@ class LLM2TTSCodecAR(nn.Module):
         past a row's length get keys and values too; decoding overwrites them before attending."""
         weight = self.embedding.weight
         lengths = [len(text) for text in texts]
-        # one copy to the device, before any kernel: a copy from host memory waits for the kernels queued before it
-        ends, slot_ids = torch.tensor([lengths, slots], device=weight.device)
+        # one copy to the device, before any kernel (see layers/host_copy.py)
+        ends, slot_ids = to_device([lengths, slots], weight.device)
         x = pad_sequence([t.to(device=weight.device, dtype=weight.dtype) for t in texts], batch_first=True)
         valid = torch.arange(x.shape[1] + 1, device=weight.device)[None, :] <= ends[:, None]  # bos + text
         masks = (None, None) if len(set(lengths)) == 1 else (valid[:, None, None, 1:], valid[:, None, None, :])

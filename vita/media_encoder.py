@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 from torch.nn.utils.rnn import pad_sequence
 
+from layers.host_copy import to_device
 from tts.activity_log import ActivityLog
 from vita.image_tiles import frames_to_tiles, sample_frames
 from vita.model import VitaQwen2ForCausalLM
@@ -67,7 +68,7 @@ def encode_turn_media(model: VitaQwen2ForCausalLM, requests: Sequence[MediaReque
         feats = encoder.waveform_features_many([requests[i].audio_16k for i in with_audio])
         if (shortest := min(f.shape[0] for f in feats)) < MIN_FBANK_FRAMES:  # padding would hide it
             raise ValueError(f"audio too short: {shortest} fbank frames, need {MIN_FBANK_FRAMES}")
-        lengths = torch.tensor([f.shape[0] for f in feats], device=feats[0].device)
+        lengths = to_device([f.shape[0] for f in feats], feats[0].device)
         hidden, out_lengths = encoder(pad_sequence(feats, batch_first=True), lengths)
         for row, (i, length) in enumerate(zip(with_audio, out_lengths.tolist())):
             audio[i] = hidden[row, :length].to(model.dtype)

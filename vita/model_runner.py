@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from layers.host_copy import to_device
 from layers.shapes import batch_buckets, padded, span_buckets
 from vita.qwen2 import Qwen2Model, new_kv_cache
 from vita.sampling import sample_requests
@@ -107,7 +108,7 @@ class ModelRunner:
         embeds = new_embeds.to(self.device, self.cache.dtype)
         if pending is not None:
             with torch.inference_mode():
-                last = self.model.embed_tokens(torch.tensor([pending], device=self.device))
+                last = self.model.embed_tokens(to_device([pending], self.device))
             embeds = torch.cat([last.to(embeds.dtype), embeds])
         return embeds
 
@@ -140,9 +141,9 @@ class ModelRunner:
         for row, (session, size) in enumerate(rows):
             request = session.request
             embeds[row, :size] = request.inputs[request.prefilled : request.prefilled + size]
-        starts = torch.tensor([session.length for session, _ in rows], device=self.device)
+        starts, slots = to_device([[session.length for session, _ in rows], [session.slot for session, _ in rows]],
+                                  self.device)
         positions = starts[:, None] + torch.arange(width, device=self.device)
-        slots = torch.tensor([session.slot for session, _ in rows], device=self.device)
         kv_len = padded(max(session.length for session, _ in rows) + width, self._kv_buckets)
         self.prefilled_tokens += sum(size for _, size in rows)
         return self.model(embeds, positions, self.cache, slots, kv_len)
@@ -155,14 +156,14 @@ class ModelRunner:
 
     def launch(self, plan: DecodePlan, previous: Launch | None) -> Launch:
         """Queue the decode step ``plan``; its carried rows take their ids from ``previous``."""
-        inputs = torch.tensor([plan.ids, plan.positions, plan.slots], dtype=torch.long)
-        inputs = inputs.to(self.device, non_blocking=True)
+        inputs = to_device([plan.ids, plan.positions, plan.slots], self.device, torch.long)
         if plan.carried_rows:
             rows, sources = plan.carried_rows, plan.carried_sources
             if rows == sources == list(range(len(rows))):  # the usual case: same sessions, same order
                 inputs[0, : len(rows)] = previous.ids[: len(rows)]
             else:
-                inputs[0, torch.tensor(rows, device=self.device)] = previous.ids[torch.tensor(sources, device=self.device)]
+                rows, sources = to_device([rows, sources], self.device)
+                inputs[0, rows] = previous.ids[sources]
         kv_len = padded(max(plan.positions) + 1, self._kv_buckets)
         if self.use_graphs:
             logits = self._graph(padded(len(plan.rows), self._batch_buckets), kv_len)(inputs)
@@ -192,7 +193,7 @@ class ModelRunner:
 
     def _forward_chunk(self, slot: int, start: int, embeds: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(start, start + embeds.shape[0], device=self.device)[None]
-        slots = torch.tensor([slot], device=self.device)
+        slots = to_device([slot], self.device)
         kv_len = padded(start + embeds.shape[0], self._kv_buckets)
         self.prefilled_tokens += embeds.shape[0]
         return self.model(embeds[None], positions, self.cache, slots, kv_len)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from layers.host_copy import to_device
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -34,8 +36,7 @@ class SamplingBatch:
     @classmethod
     def from_params(cls, params: list[SamplingParams], device: torch.device | str) -> SamplingBatch:
         """One row per request, in order."""
-        table = torch.tensor([[p.temperature, p.top_p, p.top_k] for p in params], dtype=torch.float32)
-        table = table.to(device, non_blocking=True)
+        table = to_device([[p.temperature, p.top_p, p.top_k] for p in params], torch.device(device), torch.float32)
         return cls(
             temperature=table[:, 0],
             top_p=table[:, 1],
