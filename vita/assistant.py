@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from layers.host_copy import to_device
 from tts.config import TTS_DIR, DecoderConfig
 from vita.checkpoint import default_dtype, load_model
 from vita.config import VitaConfig
@@ -164,7 +165,7 @@ class VitaAssistant:
         """LLM `embed_tokens` of `text`, reshaped `(-1, tts_dim)` for the TTS decoder; on `stream` if
         given (CUDA: the copy of the ids then waits for that stream only, not for the LLM's steps)."""
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
-            ids = torch.tensor(self.tokenizer.encode(text), dtype=torch.long, device=self.device)
+            ids = to_device(self.tokenizer.encode(text), self.device, torch.long)
             return self.model.model.embed_tokens(ids).reshape(-1, self.tts_dim)
 
     @property

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from layers.host_copy import to_device
 from vita.config import VitaConfig
 from vita.intern_vit import InternViTVisionTower, build_mm_projector
 from vita.qwen2 import Qwen2Model
@@ -110,7 +111,7 @@ class VitaQwen2ForCausalLM(nn.Module):
                 text_run.append(token_id)
                 continue
             if text_run:
-                pieces.append(self.model.embed_tokens(torch.tensor(text_run, device=self.device)))
+                pieces.append(self.model.embed_tokens(to_device(text_run, self.device)))
                 text_run = []
             if token_id == IMAGE_TOKEN_INDEX:
                 pieces.append(next(images).to(self.dtype))
