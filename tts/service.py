@@ -316,7 +316,7 @@ class SpeechService:
                 self._drop_ended()
                 started = time.perf_counter()
                 due = not self._open or calls_since_prefill >= self.admit_every_calls
-                if due and (admitted := self._admit(activity)):
+                if due and (admitted := self._admit()):
                     activity.add("prefill", time.perf_counter() - started, admitted)
                     calls_since_prefill = 0
                     started = time.perf_counter()
@@ -342,10 +342,9 @@ class SpeechService:
                 self.batch.remove(stream)
                 del self._open[stream]
 
-    def _admit(self, activity: ActivityLog) -> int:
-        """Prefill the queued utterances that fit free slots; how many were taken. On CUDA the wait for
-        their embeddings (made on another stream) is timed apart ("embeddings_wait", within "prefill"):
-        the prefill's first host-to-device copy would wait for them anyway."""
+    def _admit(self) -> int:
+        """Prefill the queued utterances that fit free slots; how many were taken. On CUDA the prefill
+        waits for their embeddings (made on another stream) on the device, not in this thread."""
         with self._wake:
             admitted = []
             while self._queued and len(admitted) < self.batch.free_slots:
@@ -354,13 +353,10 @@ class SpeechService:
                     admitted.append(utterance)
         if not admitted:
             return 0
-        started = time.perf_counter()
         for utterance in admitted:
             if utterance.embeddings_ready is not None:  # made on another stream: keep them alive on this one
-                utterance.embeddings_ready.synchronize()
+                self._streams[0].wait_event(utterance.embeddings_ready)
                 utterance.text.text_embeddings.record_stream(self._streams[0])
-        if self._on_cuda:
-            activity.add("embeddings_wait", time.perf_counter() - started, len(admitted))
         self._prefill(admitted)
         return len(admitted)
 
