@@ -163,7 +163,7 @@ class VitaAssistant:
     @torch.inference_mode()
     def speech_embeddings(self, text: str, stream: torch.cuda.Stream | None = None) -> torch.Tensor:
         """LLM `embed_tokens` of `text`, reshaped `(-1, tts_dim)` for the TTS decoder; on `stream` if
-        given (CUDA: the copy of the ids then waits for that stream only, not for the LLM's steps)."""
+        given (CUDA: the lookup then queues behind that stream's work only, not the LLM's steps)."""
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
             ids = to_device(self.tokenizer.encode(text), self.device, torch.long)
             return self.model.model.embed_tokens(ids).reshape(-1, self.tts_dim)
