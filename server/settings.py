@@ -48,6 +48,10 @@ class ServerSettings(BaseSettings):
         1, ge=1, le=100, description="while utterances are being spoken, new sentences are prefilled at most every "
         "this many TTS decoder calls (fewer, larger prefills; each stops every utterance's steps)"
     )
+    tts_prefill_graphs: bool = Field(
+        False, description="CUDA: TTS prefills replay from CUDA graphs, one per bucket of sentences and text rows "
+        "(captured at start; off until measured against the eager prefill)"
+    )
     worker_process: bool = Field(
         True, description="run the model worker in a child process, so the gateway (websockets, VAD, audio "
         "input) and the model threads do not share a GIL; False: a thread of the server process"

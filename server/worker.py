@@ -189,7 +189,8 @@ class ModelWorker(WorkerIdentity):
             self.speech = SpeechService(self._synthesizer, max_streams=self.settings.max_sessions,
                                         vocoder_threads=self.settings.vocoder_threads,
                                         steps_per_call=self.settings.tts_steps_per_call,
-                                        admit_every_calls=self.settings.tts_admit_every_calls)
+                                        admit_every_calls=self.settings.tts_admit_every_calls,
+                                        prefill_graphs=self.settings.tts_prefill_graphs)
             self.speech.start()
             await self._warm_up()
             self._last_beat = time.monotonic()

@@ -88,11 +88,14 @@ async def test_en_hello_in_real_time_gets_a_spoken_reply(server: BackgroundServe
 
 
 async def test_tts_decoder_settings_reach_the_speech_service(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    """--tts-steps-per-call and --tts-admit-every-calls (VITA_TTS_...): the speech service runs with
-    them and a spoken reply still comes, complete (worker in a thread here, so the test can look)."""
-    settings = ServerSettings(worker_process=False, tts_steps_per_call=4, tts_admit_every_calls=3, cache_dir=tmp_path)
+    """--tts-steps-per-call, --tts-admit-every-calls and --tts-prefill-graphs (VITA_TTS_...): the speech
+    service runs with them (prefill graphs only on CUDA) and a spoken reply still comes, complete
+    (worker in a thread here, so the test can look)."""
+    settings = ServerSettings(worker_process=False, tts_steps_per_call=4, tts_admit_every_calls=3,
+                              tts_prefill_graphs=True, cache_dir=tmp_path)
     with BackgroundServer(settings, tiny_checkpoint) as running:
-        assert running.worker.speech.batch.steps_per_call == 4 and running.worker.speech.admit_every_calls == 3
+        speech = running.worker.speech
+        assert speech.batch.steps_per_call == 4 and speech.admit_every_calls == 3 and speech.batch.prefill_graphs
         audio, rate = clip("en_hello")
         result = await stream_audio(running.ws_url, audio, rate, speed=4, session_update=REPLY_SETTINGS,
                                     expected_turns=1)

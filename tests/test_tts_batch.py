@@ -154,3 +154,38 @@ def test_utterances_prefilled_together_decode_as_if_alone(decoder):
     assert [s.length for s in together.streams[:3]] == [s.length for s in alone.streams[:3]] == [6, 18, 10]
     for _ in range(12):
         assert [drawn for _, drawn in together.step()] == [drawn for _, drawn in alone.step()]
+
+
+def test_a_padded_prefill_with_a_scratch_slot_fills_the_cache_as_prefilling_each_text(decoder):
+    """What a prefill CUDA graph replays: texts zero-padded to a fixed width, more rows than texts
+    (one row each, into a scratch slot), masks always on: each text's slot gets the keys and values
+    its own prefill gives, up to its length, and a slot nobody named stays untouched."""
+    texts = [text(5, 0), text(17, 1), text(9, 2)]
+    padded_cache = new_kv_cache(decoder.config, slots=5, capacity=64, device="cpu", dtype=torch.float32)
+    x = torch.zeros(4, 32, decoder.config.idim)
+    for row, t in enumerate(texts):
+        x[row, : len(t)] = t
+    decoder.prefill_padded(x, torch.tensor([5, 17, 9, 1]), padded_cache, torch.tensor([0, 3, 1, 4]))
+    for t, slot in zip(texts, [0, 3, 1]):
+        alone = new_kv_cache(decoder.config, slots=1, capacity=64, device="cpu", dtype=torch.float32)
+        length = decoder.prefill(t, alone, 0)
+        for layer, alone_layer in zip(padded_cache.layers, alone.layers):
+            torch.testing.assert_close(layer[slot, :length], alone_layer[0, :length], atol=1e-5, rtol=1e-5)
+    assert all(layer[2].abs().sum() == 0 for layer in padded_cache.layers)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_graphed_prefills_decode_as_eager_ones(tmp_path):
+    """On CUDA, utterances prefilled from the prefill graphs get the eager prefill's cache and tokens."""
+    write_tiny_tts_checkpoint(tmp_path)
+    decoder = LLM2TTSCodecAR.load(tmp_path / "decoder", device="cuda", dtype=torch.float32)
+    texts = [text(5, 0).cuda(), text(17, 1).cuda(), text(9, 2).cuda()]
+    batches = [DecoderBatch(decoder, slots=4, capacity=128, prefill_graphs=graphs) for graphs in (True, False)]
+    for batch in batches:
+        batch.capture_graphs()
+        batch.add_many([UtteranceText(t, 2, 12, torch.Generator().manual_seed(i)) for i, t in enumerate(texts)])
+    for graphed, eager in zip(batches[0].cache.layers, batches[1].cache.layers):
+        for slot, t in enumerate(texts):
+            torch.testing.assert_close(graphed[slot, : len(t) + 1], eager[slot, : len(t) + 1], atol=1e-4, rtol=1e-4)
+    for _ in range(12):
+        assert [tokens for _, tokens in batches[0].step()] == [tokens for _, tokens in batches[1].step()]

@@ -24,6 +24,7 @@ import torch
 from layers.host_copy import pinned, to_device
 from layers.shapes import batch_buckets, padded, span_buckets
 from tts.decoder import LLM2TTSCodecAR, new_kv_cache
+from tts.prefill_graphs import PrefillGraphs
 
 # (inputs [3, batch]: tokens, positions, top-k; uniforms [steps, batch]) -> token ids [steps, batch], on the device
 StepFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -79,19 +80,24 @@ class DecoderBatch:
     """Shares decoder steps among the utterances being synthesised (all calls from one thread)."""
 
     def __init__(self, decoder: LLM2TTSCodecAR, slots: int, capacity: int, *, cuda_graphs: bool | None = None,
-                 steps_per_call: int = 1) -> None:
+                 steps_per_call: int = 1, prefill_graphs: bool = False) -> None:
+        """`prefill_graphs`: with CUDA graphs, prefills too replay from graphs (`tts/prefill_graphs.py`;
+        the cache gets one scratch slot more)."""
         if steps_per_call < 1:
             raise ValueError("steps_per_call must be at least 1")
         weight = decoder.embedding.weight
         self.decoder = decoder
-        self.cache = new_kv_cache(decoder.config, slots, capacity, weight.device, weight.dtype)
         self.streams: list[Stream | None] = [None] * slots
         self.use_graphs = weight.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.steps_per_call = steps_per_call
+        self.prefill_graphs = prefill_graphs
+        scratch = 1 if prefill_graphs and self.use_graphs else 0
+        self.cache = new_kv_cache(decoder.config, slots + scratch, capacity, weight.device, weight.dtype)
         self._batches = batch_buckets(slots)
         self._spans = span_buckets(capacity)
         self._graphs: dict[tuple[int, int], _StepGraph] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._prefills = PrefillGraphs(decoder, self.cache, self._batches, scratch_slot=slots) if scratch else None
 
     @property
     def free_slots(self) -> int:
@@ -112,7 +118,12 @@ class DecoderBatch:
             if len(utterance.text_embeddings) + 2 > self.cache.max_len:
                 raise ValueError(f"{len(utterance.text_embeddings)} text rows do not fit {self.cache.max_len} cache positions")
         slots = [i for i, stream in enumerate(self.streams) if stream is None][: len(utterances)]
-        lengths = self.decoder.prefill_many([u.text_embeddings for u in utterances], self.cache, slots)
+        texts = [u.text_embeddings for u in utterances]
+        if self._prefills is not None and self._prefills.fits(texts):
+            self._prefills.prefill(texts, slots)
+            lengths = [len(text) + 1 for text in texts]
+        else:
+            lengths = self.decoder.prefill_many(texts, self.cache, slots)
         streams = []
         for slot, length, u in zip(slots, lengths, utterances):
             streams.append(Stream(slot, u.top_k, u.max_tokens, u.generator, length, self.decoder.config.sos_id))
@@ -126,12 +137,15 @@ class DecoderBatch:
         stream.finished = True
 
     def capture_graphs(self) -> None:
-        """Capture the step graph of every (batch, span) bucket; call with no stream open and no other
-        thread launching CUDA work (a capture runs the step once, writing position 0 of the slots)."""
+        """Capture the step graph of every (batch, span) bucket, and the prefill graphs if asked for;
+        call with no stream open and no other thread launching CUDA work (a capture runs the step
+        once, writing position 0 of the slots)."""
         if self.use_graphs:
             for batch in self._batches:
                 for span in self._spans:
                     self._graph(batch, span)
+        if self._prefills is not None:
+            self._prefills.capture()
 
     def step(self) -> list[tuple[Stream, list[int]]]:
         """`steps_per_call` decoder steps for every open stream: (stream, the codec tokens it drew, in

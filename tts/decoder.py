@@ -214,17 +214,28 @@ class LLM2TTSCodecAR(nn.Module):
         # one copy to the device, before any kernel (see layers/host_copy.py)
         ends, slot_ids = to_device([lengths, slots], weight.device)
         x = pad_sequence([t.to(device=weight.device, dtype=weight.dtype) for t in texts], batch_first=True)
-        valid = torch.arange(x.shape[1] + 1, device=weight.device)[None, :] <= ends[:, None]  # bos + text
-        masks = (None, None) if len(set(lengths)) == 1 else (valid[:, None, None, 1:], valid[:, None, None, :])
-        cos, sin = self._rotary(torch.arange(x.shape[1], device=weight.device), x.dtype)
+        self.prefill_padded(x, ends, cache, slot_ids, masked=len(set(lengths)) > 1)
+        return [length + 1 for length in lengths]
+
+    @torch.no_grad()
+    def prefill_padded(self, x: torch.Tensor, lengths: torch.Tensor, cache: KVCache, slot_ids: torch.Tensor,
+                       masked: bool = True) -> None:
+        """Steps 1-2 for rows `x` [B, T, idim], row b's text being its first `lengths[b]` rows, into
+        cache slots `slot_ids` [B] at positions 0..T. Fixed shapes and no read back to the host, so a
+        CUDA graph can replay it. `masked=False` (every row's length is T) attends without masks."""
+        rows, width, _ = x.shape
+        masks: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        if masked:
+            valid = torch.arange(width + 1, device=x.device)[None, :] <= lengths[:, None]  # bos + text
+            masks = (valid[:, None, None, 1:], valid[:, None, None, :])
+        cos, sin = self._rotary(torch.arange(width, device=x.device), x.dtype)
         for layer in self.layers_pre_nn:
             x = layer(x, cos, sin, mask=masks[0])
-        x = torch.cat([weight[self.config.bos_id].expand(len(texts), 1, -1), x], dim=1)
-        cos, sin = self._rotary(torch.arange(x.shape[1], device=weight.device), x.dtype)
-        store = prefill_store(cache, slot_ids, x.shape[1], masks[1])
+        x = torch.cat([self.embedding.weight[self.config.bos_id].expand(rows, 1, -1), x], dim=1)
+        cos, sin = self._rotary(torch.arange(width + 1, device=x.device), x.dtype)
+        store = prefill_store(cache, slot_ids, width + 1, masks[1])
         for layer_idx, layer in enumerate(self.layers):
             x = layer(x, cos, sin, store, layer_idx)
-        return [length + 1 for length in lengths]
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, span: int) -> torch.Tensor:

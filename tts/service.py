@@ -171,7 +171,7 @@ class SpeechService:
                  codec_batch_sizes: tuple[int, ...] | None = None,
                  chunk_sizes: tuple[int, ...] = (FIRST_SENTENCE_CHUNK_SIZE, CHUNK_SIZE), padding: int = PADDING,
                  max_later_windows: int = 16, vocoder_threads: int = 1, steps_per_call: int = 1,
-                 admit_every_calls: int = 1) -> None:
+                 admit_every_calls: int = 1, prefill_graphs: bool = False) -> None:
         """`capacity`: decoder cache positions per utterance, text rows + 1 + codec tokens (an utterance
         that fills its slot ends there). `codec_batch_sizes` (ascending): how many windows of one length
         a codec call may decode, padded up to one of these; by default `batch_buckets(max_streams)` on
@@ -190,11 +190,13 @@ class SpeechService:
         decoder calls have run since the last prefill (with none open, at once). Each prefill stops
         every open utterance's steps, and a larger one costs little more (H200, 64 clients: 15 ms
         for 1.7 sentences, 26 ms for 4.1), so fewer, larger prefills cost less in a burst but make a
-        sentence wait longer to start."""
+        sentence wait longer to start. `prefill_graphs`: on CUDA, prefills replay from CUDA graphs
+        (`tts/prefill_graphs.py`; off by default until measured against the eager prefill)."""
         self.synthesizer = synthesizer
         device = synthesizer.decoder.embedding.weight.device
         self._on_cuda = device.type == "cuda"
-        self.batch = DecoderBatch(synthesizer.decoder, max_streams, capacity, steps_per_call=steps_per_call)
+        self.batch = DecoderBatch(synthesizer.decoder, max_streams, capacity, steps_per_call=steps_per_call,
+                                  prefill_graphs=prefill_graphs)
         self._streams = [torch.cuda.Stream(device) for _ in range(2)] if self._on_cuda else [None, None]
         # (CUDA) a stream for callers to make utterance embeddings on: an utterance made on the caller's
         # usual stream waits for everything queued there before it (the LLM's launched steps)
