@@ -88,7 +88,7 @@ def run_streams(service: SpeechService, streams: int, *, tokens: int, chunk: int
     }
 
 
-def check_service(device: str, steps_per_call: int) -> int:
+def check_service(device: str, steps_per_call: int, prefill_graphs: bool) -> int:
     """Service (graphs, batched codec) against `synthesize` for 6 utterances on a float32 tiny model
     without TF32; returns the largest sample difference (a token drawn differently changes thousands)."""
     synth = load("tiny", device, torch.float32)
@@ -98,7 +98,8 @@ def check_service(device: str, steps_per_call: int) -> int:
     try:
         expected = [list(synth.synthesize(**r, generator=torch.Generator().manual_seed(i)))
                     for i, r in enumerate(requests)]
-        service = SpeechService(synth, max_streams=4, capacity=256, steps_per_call=steps_per_call)  # two wait
+        service = SpeechService(synth, max_streams=4, capacity=256, steps_per_call=steps_per_call,  # two wait
+                                prefill_graphs=prefill_graphs)
         service.start()
         seeded = [{**r, "generator": torch.Generator().manual_seed(i)} for i, r in enumerate(requests)]
         _, _, got = speak_all(service, seeded)
@@ -121,15 +122,17 @@ def main() -> None:
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps-per-call", type=int, default=1, help="decoder steps per call")
+    parser.add_argument("--prefill-graphs", action="store_true", help="CUDA: prefills from CUDA graphs")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    check = check_service(args.device, args.steps_per_call) if args.device.startswith("cuda") else None
+    check = check_service(args.device, args.steps_per_call, args.prefill_graphs) if args.device.startswith("cuda") else None
     synth = load(args.config, args.device)
     with torch.no_grad():
         synth.decoder.out_fnn.bias[synth.decoder.config.eos_id] = float("-inf")
     rows = 4 * args.text_tokens
-    service = SpeechService(synth, max_streams=max(args.streams), steps_per_call=args.steps_per_call)
+    service = SpeechService(synth, max_streams=max(args.streams), steps_per_call=args.steps_per_call,
+                            prefill_graphs=args.prefill_graphs)
     started = time.perf_counter()
     service.start()  # captures graphs, plans codec shapes
     warm_up_s = time.perf_counter() - started
@@ -143,7 +146,7 @@ def main() -> None:
 
     print(f"TTS service benchmark: config={args.config} device={args.device} ({machine}), decoder dtype="
           f"{synth.decoder.embedding.weight.dtype}, {rows} embedding rows, {args.tokens} codes, "
-          f"{service.batch.steps_per_call} decoder steps per call, "
+          f"{service.batch.steps_per_call} decoder steps per call, prefill graphs {args.prefill_graphs}, "
           f"best of {args.repeats}; "
           f"warm-up (graphs, codec plans) {warm_up_s:.1f} s"
           + (f"; service = synthesize check passed (max sample difference {check})" if check is not None else ""))
