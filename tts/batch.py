@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from layers.cuda_graphs import capture
 from layers.host_copy import pinned, to_device
 from layers.shapes import batch_buckets, padded, span_buckets
 from tts.decoder import LLM2TTSCodecAR, new_kv_cache
@@ -49,15 +50,7 @@ class _StepGraph:
 
     def __init__(self, function: StepFunction, inputs: torch.Tensor, uniforms: torch.Tensor, pool) -> None:
         self.inputs, self.uniforms = inputs.clone(), uniforms.clone()  # valid values: the warm-up run executes
-        device = inputs.device
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            function(self.inputs, self.uniforms)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.ids = function(self.inputs, self.uniforms)
+        self.graph, self.ids = capture(lambda: function(self.inputs, self.uniforms), inputs.device, pool)
 
     def __call__(self, inputs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
         self.inputs.copy_(inputs, non_blocking=True)

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 import torch
 
+from layers.cuda_graphs import capture
 from tts.codec import TiCodec
 
 
@@ -37,14 +38,7 @@ class CodecGraphs:
         pool = torch.cuda.graph_pool_handle()  # graphs replay one at a time, so they share one pool
         for batch, length in sorted(set(shapes) - self.shapes):
             codes = torch.zeros(batch, length, dtype=torch.long, device=device)
-            warm_up = torch.cuda.Stream(device)
-            warm_up.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(warm_up):
-                self.codec.decode(codes)
-            torch.cuda.current_stream(device).wait_stream(warm_up)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                audio = self.codec.decode(codes)
+            graph, audio = capture(lambda: self.codec.decode(codes), device, pool, capture_error_mode="thread_local")
             self._graphs[(batch, length)] = (graph, codes, audio)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:

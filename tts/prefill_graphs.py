@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from layers.cuda_graphs import capture
 from layers.host_copy import to_device
 from layers.kv_cache import KVCache
 from layers.shapes import padded
@@ -32,17 +33,7 @@ class _PrefillGraph:
         self.meta = torch.ones(2, rows, dtype=torch.long, device=device)  # lengths, slot ids
         self.meta[1] = scratch_slot
 
-        def run() -> None:
-            decoder.prefill_padded(self.x, self.meta[0], cache, self.meta[1])
-
-        side = torch.cuda.Stream(device)  # a warm-up run first, as torch.cuda.graphs asks
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            run()
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            run()
+        self.graph, _ = capture(lambda: decoder.prefill_padded(self.x, self.meta[0], cache, self.meta[1]), device, pool)
 
     def __call__(self, texts: list[torch.Tensor], slots: list[int], scratch_slot: int) -> None:
         padding = self.x.shape[0] - len(texts)

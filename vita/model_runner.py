@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from layers.cuda_graphs import capture
 from layers.host_copy import to_device
 from layers.shapes import batch_buckets, padded, span_buckets
 from vita.qwen2 import Qwen2Model, new_kv_cache
@@ -45,17 +46,9 @@ class _DecodeGraph:
         self.inputs[2] = padding_slot
         self.padding_slot = padding_slot
 
-        def run() -> torch.Tensor:
-            return step(self.inputs[0], self.inputs[1, :, None], self.inputs[2], kv_len)
-
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            run()
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.logits = run()
+        self.graph, self.logits = capture(
+            lambda: step(self.inputs[0], self.inputs[1, :, None], self.inputs[2], kv_len), device, pool
+        )
 
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
         """``inputs [3, n]`` (n <= batch); padding rows decode garbage in the padding slot."""
