@@ -19,9 +19,3 @@ def to_device(values: Any, device: torch.device, dtype: torch.dtype | None = Non
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
-
-
-def pinned(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`tensor` (on the host) in pinned memory when it is bound for CUDA `device`, so that a
-    non-blocking copy to it does not wait; unchanged otherwise."""
-    return tensor.pin_memory() if device.type == "cuda" else tensor

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 
 from layers.cuda_graphs import capture
-from layers.host_copy import pinned, to_device
 from layers.shapes import batch_buckets, padded, span_buckets
 from tts.decoder import LLM2TTSCodecAR, new_kv_cache
 from tts.prefill_graphs import PrefillGraphs
@@ -151,17 +150,19 @@ class DecoderBatch:
         batch = padded(streams[-1].slot + 1, self._batches)
         span = padded(min(max(s.length for s in streams) + steps, self.cache.max_len), self._spans)
         device = self.cache.device
+        pin = device.type == "cuda"  # host inputs in pinned memory: their copies to the device do not wait
         inputs = [[self.decoder.config.pad_id] * batch, [0] * batch, [1] * batch]  # idle rows: pad, position 0, top-1
-        uniforms = torch.rand(steps, batch)  # per row and step; a stream with a generator of its own draws from it
+        uniforms = torch.rand(steps, batch, pin_memory=pin)  # per row and step; a stream's own generator, if any
         for s in streams:
             inputs[0][s.slot], inputs[1][s.slot], inputs[2][s.slot] = s.last_token, s.length, s.top_k
             if s.generator is not None:
                 uniforms[:, s.slot] = torch.rand(steps, generator=s.generator)
-        inputs, uniforms = to_device(inputs, device), pinned(uniforms, device).to(device, non_blocking=True)
-        if self.use_graphs:
+        inputs = torch.tensor(inputs, pin_memory=pin)
+        if self.use_graphs:  # copied straight into the graph's static inputs
             ids = self._graph(batch, span)(inputs, uniforms)
         else:
-            ids = self._step_function(span)(inputs, uniforms)
+            on_device = [tensor.to(device, non_blocking=True) for tensor in (inputs, uniforms)]
+            ids = self._step_function(span)(*on_device)
         rows = ids.t().tolist()  # the call's one read back to the host: [batch][steps]
         return [(s, self._take(s, rows[s.slot])) for s in streams]
 

@@ -13,6 +13,7 @@ have theirs), and are all captured at start-up: a capture while other threads la
 from __future__ import annotations
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from layers.cuda_graphs import capture
 from layers.host_copy import to_device
@@ -31,17 +32,16 @@ class _PrefillGraph:
         device = cache.device
         self.x = torch.zeros(rows, width, decoder.config.idim, device=device, dtype=cache.dtype)
         self.meta = torch.ones(2, rows, dtype=torch.long, device=device)  # lengths, slot ids
-        self.meta[1] = scratch_slot
-
+        self.meta[1] = self.scratch_slot = scratch_slot
         self.graph, _ = capture(lambda: decoder.prefill_padded(self.x, self.meta[0], cache, self.meta[1]), device, pool)
 
-    def __call__(self, texts: list[torch.Tensor], slots: list[int], scratch_slot: int) -> None:
+    def __call__(self, texts: list[torch.Tensor], slots: list[int]) -> None:
         padding = self.x.shape[0] - len(texts)
-        self.meta.copy_(to_device([[len(t) for t in texts] + [1] * padding, slots + [scratch_slot] * padding],
+        self.meta.copy_(to_device([[len(t) for t in texts] + [1] * padding, slots + [self.scratch_slot] * padding],
                                   self.x.device))
+        rows = pad_sequence(texts, batch_first=True)
         self.x.zero_()
-        for row, text in enumerate(texts):
-            self.x[row, : len(text)].copy_(text)
+        self.x[: len(texts), : rows.shape[1]].copy_(rows)
         self.graph.replay()
 
 
@@ -71,4 +71,4 @@ class PrefillGraphs:
     def prefill(self, texts: list[torch.Tensor], slots: list[int]) -> None:
         """`LLM2TTSCodecAR.prefill_many` of texts that `fit`, from the smallest graph that takes them."""
         graph = self._graphs[padded(len(texts), self.batches), padded(max(len(t) for t in texts), self.widths)]
-        graph(texts, slots, self.scratch_slot)
+        graph(texts, slots)
