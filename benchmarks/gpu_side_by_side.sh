@@ -11,7 +11,10 @@
 # started only before LIMIT_S seconds (default 400) so that the run ends inside a 10-minute call.
 # VITA_MAX_CONTEXT_TOKENS defaults to 2048 here (three full-size servers then take about 100 GiB
 # of an H200's 141). Writes $OUT/NAME/load<clients>.{json,txt,png}, server.log and the server's
-# `thread_activity` lines after each level (activity<clients>.txt).
+# `thread_activity` lines after each level (activity<clients>.txt). PROFILE=NAME records that side's
+# server with py-spy (its worker process included) during its first level, from PROFILE_DELAY_S
+# after the clients start for PROFILE_S seconds: every non-idle sample ($OUT/NAME/pyspy_all.txt) and
+# the GIL holder's (pyspy_gil.txt), as collapsed stacks per thread.
 set -uo pipefail
 : "${OUT:?OUT (absolute) is needed}"
 CLIENTS=${CLIENTS:-64}
@@ -20,6 +23,9 @@ CKPT=${CKPT:-/tmp/vita_full_ckpt}
 WAV=${WAV:-../shared/audio/en_hello.wav}
 LOAD_ARGS=${LOAD_ARGS:---gap-s 16}
 LIMIT_S=${LIMIT_S:-400}
+PROFILE=${PROFILE:-}
+PROFILE_DELAY_S=${PROFILE_DELAY_S:-4.5}
+PROFILE_S=${PROFILE_S:-4}
 export VITA_MAX_CONTEXT_TOKENS=${VITA_MAX_CONTEXT_TOKENS:-2048}
 mkdir -p "$OUT"
 [ $# -ge 1 ] || { echo "usage: $0 NAME=TREE [NAME=TREE ...]"; exit 2; }
@@ -59,8 +65,19 @@ for clients in ${CLIENTS//,/ }; do
   for i in "${!names[@]}"; do
     name=${names[$i]}
     if [ $SECONDS -ge "$LIMIT_S" ]; then echo "$name at $clients clients: skipped (past LIMIT_S)"; continue; fi
+    started=/tmp/side_by_side_started_$name$clients spies=()
+    rm -f "$started"
+    if [ "$name" = "$PROFILE" ] && [ ! -f "$OUT/$name/pyspy_all.txt" ]; then
+      for kind in all gil; do
+        (until [ -f "$started" ]; do sleep 0.05; done; sleep "$PROFILE_DELAY_S"
+         py-spy record --pid "${pids[$i]}" --subprocesses --nonblocking --rate 250 --format raw --threads \
+           --duration "$PROFILE_S" -o "$OUT/$name/pyspy_$kind.txt" $([ $kind = gil ] && echo --gil) \
+           >"$OUT/$name/pyspy_$kind.log" 2>&1) & spies+=($!)
+      done
+    fi
     python -m benchmarks.load --url "ws://127.0.0.1:${ports[$i]}/ws" --wav "$WAV" --clients "$clients" \
-      --json "$OUT/$name/load$clients.json" $LOAD_ARGS >"$OUT/$name/load$clients.txt" 2>&1
+      --started-file "$started" --json "$OUT/$name/load$clients.json" $LOAD_ARGS >"$OUT/$name/load$clients.txt" 2>&1
+    [ ${#spies[@]} -eq 0 ] || wait "${spies[@]}"
     grep -h thread_activity "$OUT/$name/server.log" | tail -12 >"$OUT/$name/activity$clients.txt"
     echo "== $name, $clients clients (done at $SECONDS s)"
     grep -v '^(\|^ srv\|^wrote' "$OUT/$name/load$clients.txt"

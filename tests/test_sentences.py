@@ -71,3 +71,23 @@ def test_chunker_resets_for_the_next_reply():
 
 def test_unspeakable_text_yields_nothing():
     assert chunk("☞ 😀, <|im_end|>") == []
+
+
+def test_a_long_first_unit_is_cut_at_a_space_and_later_units_are_not():
+    words = " ".join(["some", "long", "words"] * 15)  # 224 characters, no punctuation
+    first, *rest = chunk(f"{words}. {words}.")
+    assert len(first) <= 100 and words.startswith(first) and words[len(first)] == " "
+    assert rest == [words[len(first) + 1 :] + ".", words + "."]
+
+
+def test_a_long_first_unit_is_cut_the_same_however_the_text_arrives():
+    text = " ".join(["some", "long", "words"] * 15) + ", and so on."
+    expected = chunk(text)
+    assert len(expected[0]) <= 100
+    for seed in range(20):
+        assert chunk(text, random_split(text, seed)) == expected
+
+
+def test_a_first_unit_without_spaces_waits_for_punctuation():
+    text = "很" * 150 + "。好的。"
+    assert chunk(text) == ["很" * 150 + "。", "好的。"]
