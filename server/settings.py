@@ -49,8 +49,8 @@ class ServerSettings(BaseSettings):
         "this many TTS decoder calls (fewer, larger prefills; each stops every utterance's steps)"
     )
     tts_prefill_graphs: bool = Field(
-        False, description="CUDA: TTS prefills replay from CUDA graphs, one per bucket of sentences and text rows "
-        "(captured at start; off until measured against the eager prefill)"
+        True, description="CUDA: TTS prefills replay from CUDA graphs, one per bucket of sentences and text rows "
+        "(captured at start); False: eager prefills"
     )
     worker_process: bool = Field(
         True, description="run the model worker in a child process, so the gateway (websockets, VAD, audio "
