@@ -7,7 +7,8 @@
 #   OUT=$PWD/out CLIENTS=64,32 bash benchmarks/gpu_side_by_side.sh main=$PWD branch=/tmp/b
 #
 # Each argument is NAME=TREE; NAME_ARGS (e.g. main_ARGS="--no-worker-process") adds server arguments.
-# Levels run level by level, each side in turn (all sides at 64 before any at 32), and a level is
+# Levels run level by level, each side in turn (all sides at 64 before any at 32; a level named again
+# runs again, written as load64_r2.json and so on), and a level is
 # started only before LIMIT_S seconds (default 400) so that the run ends inside a 10-minute call.
 # VITA_MAX_CONTEXT_TOKENS defaults to 2048 here (three full-size servers then take about 100 GiB
 # of an H200's 141). Writes $OUT/NAME/load<clients>.{json,txt,png}, server.log and the server's
@@ -65,7 +66,9 @@ for clients in ${CLIENTS//,/ }; do
   for i in "${!names[@]}"; do
     name=${names[$i]}
     if [ $SECONDS -ge "$LIMIT_S" ]; then echo "$name at $clients clients: skipped (past LIMIT_S)"; continue; fi
-    started=/tmp/side_by_side_started_$name$clients spies=()
+    run=$clients round=1  # a level named twice (CLIENTS=64,32,64) runs again: load64_r2.json
+    while [ -e "$OUT/$name/load$run.json" ]; do round=$((round + 1)) run=${clients}_r$round; done
+    started=/tmp/side_by_side_started_$name$run spies=()
     rm -f "$started"
     if [ "$name" = "$PROFILE" ] && [ ! -f "$OUT/$name/pyspy_all.txt" ]; then
       for kind in all gil; do
@@ -76,10 +79,10 @@ for clients in ${CLIENTS//,/ }; do
       done
     fi
     python -m benchmarks.load --url "ws://127.0.0.1:${ports[$i]}/ws" --wav "$WAV" --clients "$clients" \
-      --started-file "$started" --json "$OUT/$name/load$clients.json" $LOAD_ARGS >"$OUT/$name/load$clients.txt" 2>&1
+      --started-file "$started" --json "$OUT/$name/load$run.json" $LOAD_ARGS >"$OUT/$name/load$run.txt" 2>&1
     [ ${#spies[@]} -eq 0 ] || wait "${spies[@]}"
-    grep -h thread_activity "$OUT/$name/server.log" | tail -12 >"$OUT/$name/activity$clients.txt"
+    grep -h thread_activity "$OUT/$name/server.log" | tail -12 >"$OUT/$name/activity$run.txt"
     echo "== $name, $clients clients (done at $SECONDS s)"
-    grep -v '^(\|^ srv\|^wrote' "$OUT/$name/load$clients.txt"
+    grep -v '^(\|^ srv\|^wrote' "$OUT/$name/load$run.txt"
   done
 done

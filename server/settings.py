@@ -49,8 +49,9 @@ class ServerSettings(BaseSettings):
         "this many TTS decoder calls (fewer, larger prefills; each stops every utterance's steps)"
     )
     tts_prefill_graphs: bool = Field(
-        True, description="CUDA: TTS prefills replay from CUDA graphs, one per bucket of sentences and text rows "
-        "(captured at start); False: eager prefills"
+        False, description="CUDA: TTS prefills replay from CUDA graphs, one per bucket of sentences and text rows "
+        "(captured at start; off: an H200 run at 64 clients hit an illegal memory access with them, see "
+        "benchmarks/README.md)"
     )
     worker_process: bool = Field(
         True, description="run the model worker in a child process, so the gateway (websockets, VAD, audio "
