@@ -24,7 +24,7 @@ import torch
 from layers.cuda_graphs import capture
 from layers.shapes import batch_buckets, padded, span_buckets
 from tts.decoder import LLM2TTSCodecAR, new_kv_cache
-from tts.prefill_graphs import PrefillGraphs
+from tts.prefill_graphs import TTS_GRAPHS, PrefillGraphs
 
 # (inputs [3, batch]: tokens, positions, top-k; uniforms [steps, batch]) -> token ids [steps, batch], on the device
 StepFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -49,7 +49,7 @@ class _StepGraph:
 
     def __init__(self, function: StepFunction, inputs: torch.Tensor, uniforms: torch.Tensor, pool) -> None:
         self.inputs, self.uniforms = inputs.clone(), uniforms.clone()  # valid values: the warm-up run executes
-        self.graph, self.ids = capture(lambda: function(self.inputs, self.uniforms), inputs.device, pool)
+        self.graph, self.ids = capture(lambda: function(self.inputs, self.uniforms), TTS_GRAPHS, inputs.device, pool)
 
     def __call__(self, inputs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
         self.inputs.copy_(inputs, non_blocking=True)

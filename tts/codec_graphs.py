@@ -38,7 +38,8 @@ class CodecGraphs:
         pool = torch.cuda.graph_pool_handle()  # graphs replay one at a time, so they share one pool
         for batch, length in sorted(set(shapes) - self.shapes):
             codes = torch.zeros(batch, length, dtype=torch.long, device=device)
-            graph, audio = capture(lambda: self.codec.decode(codes), device, pool, capture_error_mode="thread_local")
+            graph, audio = capture(lambda: self.codec.decode(codes), "codec", device, pool,
+                                   capture_error_mode="thread_local")
             self._graphs[(batch, length)] = (graph, codes, audio)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:

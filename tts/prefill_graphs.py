@@ -22,6 +22,7 @@ from layers.shapes import padded
 from tts.decoder import LLM2TTSCodecAR
 
 WIDTHS = (64, 128, 256)  # text rows a graph takes (4 rows a token: sentences of up to 64 tokens)
+TTS_GRAPHS = "tts_decoder"  # capture owner of the decoder's step and prefill graphs (one thread replays both)
 
 
 class _PrefillGraph:
@@ -33,7 +34,8 @@ class _PrefillGraph:
         self.x = torch.zeros(rows, width, decoder.config.idim, device=device, dtype=cache.dtype)
         self.meta = torch.ones(2, rows, dtype=torch.long, device=device)  # lengths, slot ids
         self.meta[1] = self.scratch_slot = scratch_slot
-        self.graph, _ = capture(lambda: decoder.prefill_padded(self.x, self.meta[0], cache, self.meta[1]), device, pool)
+        self.graph, _ = capture(lambda: decoder.prefill_padded(self.x, self.meta[0], cache, self.meta[1]),
+                                TTS_GRAPHS, device, pool)
 
     def __call__(self, texts: list[torch.Tensor], slots: list[int]) -> None:
         padding = self.x.shape[0] - len(texts)

@@ -47,7 +47,7 @@ class _DecodeGraph:
         self.padding_slot = padding_slot
 
         self.graph, self.logits = capture(
-            lambda: step(self.inputs[0], self.inputs[1, :, None], self.inputs[2], kv_len), device, pool
+            lambda: step(self.inputs[0], self.inputs[1, :, None], self.inputs[2], kv_len), "llm_decode", device, pool
         )
 
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
