@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
                         help="TTS codec dtype (default auto: bfloat16 on a CPU with bf16 in hardware, else float32)")
     parser.add_argument("--vocoder-threads", type=int,
                         help="threads that vocode different utterances side by side on the CPU device (default 2)")
+    parser.add_argument("--prefill-tokens-while-decoding", type=int,
+                        help="while replies generate, a prefill forward of new turns takes at most this many "
+                        "padded tokens (default 2048)")
     parser.add_argument("--tts-steps-per-call", type=int,
                         help="TTS decoder steps per call of its thread (CUDA: one graph, one read back; default 1)")
     parser.add_argument("--tts-admit-every-calls", type=int,

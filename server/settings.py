@@ -40,6 +40,11 @@ class ServerSettings(BaseSettings):
         2, ge=1, description="threads that vocode different utterances side by side on the CPU device, each with "
         "cpu_threads per operation (the codec is most of the CPU's work; on CUDA one thread batches them instead)"
     )
+    prefill_tokens_while_decoding: int = Field(
+        2048, ge=16, le=16384, description="while replies are being generated, a prefill forward of new turns takes "
+        "at most this many padded tokens, one forward per decoding step (smaller: the replies already running keep "
+        "their pace; larger: new turns get their first token sooner)"
+    )
     tts_steps_per_call: int = Field(
         1, ge=1, le=40, description="TTS decoder steps per call of its thread (CUDA: one graph, one read back); "
         "new sentences join between calls"

@@ -180,7 +180,8 @@ class ModelWorker(WorkerIdentity):
                 self._synthesizer = Synthesizer.load(self.checkpoint / TTS_DIR, device=device,
                                                      codec_dtype=self.settings.codec_torch_dtype())
             self.engine = self.assistant.make_engine(
-                max_sessions=self.settings.max_sessions, max_len=self.settings.max_context_tokens
+                max_sessions=self.settings.max_sessions, max_len=self.settings.max_context_tokens,
+                decoding_prefill_tokens=self.settings.prefill_tokens_while_decoding,
             )
             if self.engine.use_graphs:  # capture now: a capture racing TTS kernels of the other thread fails
                 self.engine.capture_graphs()

@@ -135,6 +135,19 @@ def test_prefill_shares_padded_forwards_within_the_budget_and_the_slot():
     assert idle.prefill_queue == []
 
 
+def test_while_sessions_decode_prefill_forwards_keep_to_their_own_budget():
+    scheduler = make_scheduler(max_sessions=4, prefill_chunk=8, prefill_tokens=16, decoding_prefill_tokens=6)
+    driver = Driver(scheduler)
+    submit(scheduler, "early", 12, max_tokens=30)
+    driver.step()  # nothing decodes: 12 tokens in one forward (within 16)
+    assert driver.prefill_forwards == [[(0, 0, 12)]]
+    submit(scheduler, "p", 5)
+    submit(scheduler, "q", 4)
+    for _ in range(3):
+        driver.step()  # "early" decodes: forwards of at most 6 padded tokens, one a step
+    assert driver.prefill_forwards[1:] == [[(1, 0, 5)], [(2, 0, 4)]]
+
+
 def test_a_row_is_not_padded_past_the_end_of_its_slot():
     scheduler = make_scheduler(max_len=40, prefill_chunk=16, prefill_tokens=64)
     driver = Driver(scheduler)

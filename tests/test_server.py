@@ -87,13 +87,14 @@ async def test_en_hello_in_real_time_gets_a_spoken_reply(server: BackgroundServe
     assert_complete_reply(result)
 
 
-async def test_tts_decoder_settings_reach_the_speech_service(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    """--tts-steps-per-call, --tts-admit-every-calls and --tts-prefill-graphs (VITA_TTS_...): the speech
-    service runs with them (prefill graphs only on CUDA) and a spoken reply still comes, complete
-    (worker in a thread here, so the test can look)."""
-    settings = ServerSettings(worker_process=False, tts_steps_per_call=4, tts_admit_every_calls=3,
-                              tts_prefill_graphs=True, cache_dir=tmp_path)
+async def test_scheduling_settings_reach_the_engine_and_the_speech_service(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """--prefill-tokens-while-decoding, --tts-steps-per-call, --tts-admit-every-calls and
+    --tts-prefill-graphs (VITA_...): the engine and the speech service run with them (prefill graphs
+    only on CUDA) and a spoken reply still comes, complete (worker in a thread here, so the test can look)."""
+    settings = ServerSettings(worker_process=False, prefill_tokens_while_decoding=96, tts_steps_per_call=4,
+                              tts_admit_every_calls=3, tts_prefill_graphs=True, cache_dir=tmp_path)
     with BackgroundServer(settings, tiny_checkpoint) as running:
+        assert running.worker.engine.scheduler.decoding_prefill_tokens == 96
         speech = running.worker.speech
         assert speech.batch.steps_per_call == 4 and speech.admit_every_calls == 3 and speech.batch.prefill_graphs
         audio, rate = clip("en_hello")

@@ -1,8 +1,8 @@
 """Multi-session generation engine: engine-owned KV cache, continuous batching, chunked prefill.
 
 One background task on the caller's event loop runs *steps*. A step prefills waiting turns
-(while sessions are decoding: one forward of up to ``prefill_tokens`` padded tokens, at most
-``prefill_chunk`` per session; otherwise everything waiting), several sessions per forward with
+(while sessions are decoding: one forward of up to ``decoding_prefill_tokens`` padded tokens, at
+most ``prefill_chunk`` per session; otherwise everything waiting, ``prefill_tokens`` a forward), several sessions per forward with
 their rows padded to the longest, and then decodes one token for every session that is
 generating, all in one batch. Each session owns a cache slot for its whole conversation, so a new turn only
 prefills its new tokens. Named prefixes (a system prompt) are prefilled once and kept as
@@ -52,6 +52,7 @@ class Engine:
         stop_token_ids: Iterable[int],
         prefill_chunk: int = 256,
         prefill_tokens: int = 2048,
+        decoding_prefill_tokens: int | None = None,
         max_prefixes: int = 4,
         seed: int = 0,
         cuda_graphs: bool | None = None,
@@ -64,6 +65,7 @@ class Engine:
         self.scheduler = Scheduler(
             max_sessions=max_sessions, max_len=max_len, stop_token_ids=stop_token_ids,
             prefill_chunk=prefill_chunk, prefill_tokens=prefill_tokens, max_prefixes=max_prefixes,
+            decoding_prefill_tokens=decoding_prefill_tokens,
         )
         self.max_len = max_len
         self.prefill_chunk = prefill_chunk

@@ -73,9 +73,10 @@ class DecodePlan:
 class Scheduler:
     """Sessions in ``max_sessions`` cache slots of ``max_len`` positions, and the work of every step.
 
-    Prefill: while sessions are decoding, one forward per step of at most ``prefill_tokens``
-    padded tokens and ``prefill_chunk`` per session (so they keep streaming); otherwise forwards
-    until nothing waits (fewest forward calls to the first token).
+    Prefill: while sessions are decoding, one forward per step of at most ``decoding_prefill_tokens``
+    padded tokens (default ``prefill_tokens``) and ``prefill_chunk`` per session (so they keep
+    streaming: every decoding session waits for that forward); otherwise forwards of at most
+    ``prefill_tokens`` until nothing waits (fewest forward calls to the first token).
     """
 
     def __init__(
@@ -87,12 +88,14 @@ class Scheduler:
         prefill_chunk: int,
         prefill_tokens: int,
         max_prefixes: int,
+        decoding_prefill_tokens: int | None = None,
     ) -> None:
         self.max_sessions = max_sessions
         self.max_len = max_len
         self.stop_token_ids = frozenset(stop_token_ids)
         self.prefill_chunk = prefill_chunk
         self.prefill_tokens = max(prefill_tokens, prefill_chunk)
+        self.decoding_prefill_tokens = self.prefill_tokens if decoding_prefill_tokens is None else decoding_prefill_tokens
         self.max_prefixes = max_prefixes
         self.sessions: dict[str, Session] = {}
         self.free_slots = list(range(max_sessions))
@@ -223,17 +226,18 @@ class Scheduler:
 
     def prefill_rows(self, forwards_this_step: int) -> list[tuple[Session, int]]:
         """Waiting sessions (in order) for the next prefill forward and each one's chunk size ([] for
-        none): rows are padded to the longest chunk, within ``prefill_tokens`` and every row's slot."""
+        none): rows are padded to the longest chunk, within the token budget and every row's slot."""
         if not self.prefill_queue or (forwards_this_step and self.decoding):
             return []
         row_limit = self.prefill_chunk if self.decoding else self.max_len
+        budget = self.decoding_prefill_tokens if self.decoding else self.prefill_tokens
         rows: list[tuple[Session, int]] = []
         width = 0
         for session in self.prefill_queue:
             request = session.request
-            size = min(request.prompt_len - request.prefilled, row_limit, self.prefill_tokens)
+            size = min(request.prompt_len - request.prefilled, row_limit, budget)
             grown = max(width, size)
-            fits = (len(rows) + 1) * grown <= self.prefill_tokens and all(
+            fits = (len(rows) + 1) * grown <= budget and all(
                 s.length + grown <= self.max_len for s, _ in [*rows, (session, size)]
             )
             if rows and not fits:
