@@ -95,7 +95,7 @@ class Scheduler:
         self.stop_token_ids = frozenset(stop_token_ids)
         self.prefill_chunk = prefill_chunk
         self.prefill_tokens = max(prefill_tokens, prefill_chunk)
-        self.decoding_prefill_tokens = self.prefill_tokens if decoding_prefill_tokens is None else decoding_prefill_tokens
+        self.decoding_prefill_tokens = decoding_prefill_tokens or self.prefill_tokens
         self.max_prefixes = max_prefixes
         self.sessions: dict[str, Session] = {}
         self.free_slots = list(range(max_sessions))
