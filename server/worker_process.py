@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import itertools
 import logging
 import multiprocessing
+import os
 import queue
 import signal
 import threading
@@ -43,6 +45,7 @@ log = logging.getLogger("vita.worker")
 
 STOP_TIMEOUT_S = 15.0  # the child's own worker.stop() waits up to 10 s
 READY_POLL_S = 0.05
+STACKS_WAIT_S = 0.5  # for a failed child to write its threads' stacks before it is killed
 
 
 def new_worker(settings: ServerSettings, checkpoint: Path, is_tiny: bool) -> Worker:
@@ -124,9 +127,17 @@ class ProcessWorker(WorkerIdentity):
         log.info("worker_stopped")
 
     def restart(self) -> None:
-        """Kill the child (dead or hung: its sessions are gone) and start a new one, which loads the weights."""
+        """Kill the child (dead or hung: its sessions are gone) and start a new one, which loads the weights.
+        A child still alive first writes every thread's Python stack to its stderr, the server's log
+        (`faulthandler`, which needs no GIL: what a hung worker waits on)."""
         self.ready = False
         self.load_error = None
+        process = self._process
+        if process is not None and process.is_alive() and process.pid is not None:
+            log.error("worker_process_stacks pid=%s: written to stderr", process.pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGUSR1)
+            time.sleep(STACKS_WAIT_S)
         self._end_child()
         self._turns.clear()
         self.start()
@@ -251,6 +262,7 @@ def run_child(conn: Connection, settings: ServerSettings, checkpoint: Path, is_t
     from server.cli import configure_logging  # the child's own logging, as the server's
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the gateway stops the child
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `ProcessWorker.restart` asks for the stacks
     configure_logging(settings.log_format, settings.log_level)
     if settings.resolved_device() == "cpu":
         torch.set_num_threads(settings.cpu_threads)

@@ -66,3 +66,22 @@ def test_a_worker_process_that_dies_while_loading_reports_a_load_error(tiny_chec
         assert worker.load_error == "the worker process exited while loading the model (code -9)"
     finally:
         worker.stop()
+
+
+def test_a_restart_has_the_old_child_write_every_threads_stack_first(tiny_checkpoint: Path, tmp_path: Path,
+                                                                      capfd: pytest.CaptureFixture) -> None:
+    """What the watchdog does to a failed child: before it is killed, a child still alive writes the
+    Python stack of each of its threads to its stderr (the server's log); then a new child loads."""
+    worker = ProcessWorker(ServerSettings(cache_dir=tmp_path), tiny_checkpoint, True)
+    worker.start()
+    try:
+        wait_until(lambda: worker.ready or worker.load_error)
+        old = worker._process.pid
+        capfd.readouterr()
+        worker.restart()
+        stacks = capfd.readouterr().err
+        assert "most recent call first" in stacks and "run_child" in stacks and "_run_loop" in stacks
+        wait_until(lambda: worker.ready or worker.load_error)
+        assert worker.load_error is None and worker._process.pid != old
+    finally:
+        worker.stop()
