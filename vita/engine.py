@@ -1,14 +1,15 @@
 """Multi-session generation engine: engine-owned KV cache, continuous batching, chunked prefill.
 
-One background task on the caller's event loop runs *steps*. A step prefills waiting turns
-(while sessions are decoding: one forward of up to ``decoding_prefill_tokens`` padded tokens, at
-most ``prefill_chunk`` per session; otherwise everything waiting, in forwards of up to
+One background task on the caller's event loop runs *steps*. A step prefills waiting turns (while
+sessions are decoding: one forward of up to ``decoding_prefill_tokens`` padded tokens, at most
+``prefill_chunk`` per session; otherwise everything waiting, in forwards of up to
 ``prefill_tokens``), several sessions per forward with their rows padded to the longest, and then
-decodes one token for every session that is generating, all in one batch. Each session owns a cache slot for its whole conversation, so a new turn only
-prefills its new tokens. Named prefixes (a system prompt) are prefilled once and kept as
-compact key/value copies (the few most recently used); a session that starts from one gets
-those copied into its slot and prefills only what follows. Each decode step is launched before
-the previous step's tokens are read (ids carried on the device), so host work overlaps the GPU.
+decodes one token for every session that is generating, all in one batch. Each session owns a cache
+slot for its whole conversation, so a new turn only prefills its new tokens. Named prefixes (a
+system prompt) are prefilled once and kept as compact key/value copies (the few most recently used);
+a session that starts from one gets those copied into its slot and prefills only what follows. Each
+decode step is launched before the previous step's tokens are read (ids carried on the device), so
+host work overlaps the GPU.
 
 Three parts: ``Scheduler`` (vita/scheduler.py, plain Python) decides what each step runs and
 who gets which token; ``ModelRunner`` (vita/model_runner.py) holds the tensors and runs it (CUDA
