@@ -47,6 +47,19 @@ def test_random_replies_read_as_sentences(tokenizer: VitaTokenizer) -> None:
     assert 3 <= sum(units_per_reply) / len(units_per_reply) <= 8
 
 
+def test_replies_encode_back_to_about_as_many_tokens(tokenizer: VitaTokenizer) -> None:
+    """Filler words are one token each, so a reply's text (what the TTS encodes again) has about
+    as many tokens as the reply had ids, as real text has; punctuation splits off as in Qwen2."""
+    rng = random.Random(1)
+    vocab = tokenizer.tokenizer.get_vocab()
+    fillers = [token.replace("\u0120", " ") for token, i in vocab.items() if i >= 1000 and token.isalpha()]
+    words = rng.sample(fillers, 2000)
+    assert all(len(tokenizer.tokenizer.encode(word, add_special_tokens=False).ids) == 1 for word in words)
+    ids = [rng.randrange(QWEN2_REGULAR_TOKENS) for _ in range(2000)]
+    text = tokenizer.tokenizer.decode(ids)
+    assert len(tokenizer.tokenizer.encode(text, add_special_tokens=False).ids) <= 1.3 * len(ids)
+
+
 def test_writer_round_trips_with_stored_precisions(tmp_path: Path) -> None:
     """The full-size writer with small LLM dims but Qwen2's vocabulary: loads strictly, whale is
     stored fp32 and the rest bf16, the TTS has the full-size decoder."""

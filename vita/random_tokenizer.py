@@ -2,9 +2,10 @@
 
 The tiny tokenizer is trained on a few embedded sentences (about 1000 ids). The full-size one
 adds filler pseudo-words up to Qwen2's 151,643 regular ids, with the special tokens at Qwen2's
-ids, so embedding and output tables keep the real size. Fillers are never produced by encoding
-(no merges lead to them); they decode to words, some ending in punctuation, so random replies
-read as sentences of about ten tokens and the sentence chunker cuts them as it would real text.
+ids, so embedding and output tables keep the real size. Each filler word has merges that make
+it one token, so a reply's text encodes back to about as many tokens as it had (what the TTS
+sees, as with real text); twins ending in punctuation make random replies read as sentences of
+about ten tokens, which the sentence chunker cuts as it would real text.
 """
 
 from __future__ import annotations
@@ -45,9 +46,10 @@ TRAINING_TEXT = [
 
 FILLER_CONSONANTS = "bdfgklmnprstvz"
 FILLER_VOWELS = "aeiou"
-# Every 40 fillers: two end a sentence and one has a comma (about one token in 13 ends a unit).
-FILLER_ENDINGS = {0: ".", 13: ",", 26: "?"}
-FILLER_ENDING_PERIOD = 40
+FILLER_POOL = 145_000  # words drawn (about 150,000 tokens with their pieces); the last are dropped to fit
+# A twin (word + ending) for 3 of every 40 ids: one token in about 13 ends a sentence or clause.
+TWIN_SHARE = 3 / 40
+TWIN_ENDINGS = (".", ",", "?")
 WORD_START = "\u0120"  # byte-level BPE's picture of a leading space
 
 
@@ -74,31 +76,81 @@ def build_tiny_tokenizer(text: Sequence[str] = TRAINING_TEXT, vocab_size: int = 
     return tokenizer
 
 
-def filler_words(count: int, taken: set[str], seed: int) -> list[str]:
-    """`count` distinct byte-level pseudo-words not in `taken` (most with a leading space, some
-    ending in punctuation as `FILLER_ENDINGS` says)."""
+def filler_words(count: int, seed: int) -> list[str]:
+    """`count` distinct byte-level pseudo-words of two or three consonant-vowel syllables (the
+    single syllables come in as their pieces), most with a leading space."""
     rng = random.Random(seed)
-    words: list[str] = []
-    seen = set(taken)
+    syllables = [consonant + vowel for consonant in FILLER_CONSONANTS for vowel in FILLER_VOWELS]
+    words: dict[str, None] = {}
     while len(words) < count:
-        syllables = rng.choice((1, 2, 2, 3))
-        word = "".join(rng.choice(FILLER_CONSONANTS) + rng.choice(FILLER_VOWELS) for _ in range(syllables))
-        word = (WORD_START if rng.random() < 0.85 else "") + word
-        word += FILLER_ENDINGS.get(len(words) % FILLER_ENDING_PERIOD, "")
-        if word not in seen:
-            seen.add(word)
-            words.append(word)
-    return words
+        word = "".join(rng.choices(syllables, k=rng.choice((2, 3, 3, 3))))
+        words[(WORD_START if rng.random() < 0.85 else "") + word] = None
+    return list(words)
+
+
+def word_pieces(word: str) -> list[str]:
+    """Every syllable of `word` and every prefix of it that ends on a syllable boundary."""
+    start = 1 if word.startswith(WORD_START) else 0
+    ends = range(start + 2, len(word) + 1, 2)
+    return [word[end - 2:end] for end in ends] + [word[:end] for end in ends]
+
+
+def find_merges(spec: dict, strings: set[str]) -> list[tuple[str, str]]:
+    """Merges, in rank order after `spec`'s, that make each of `strings` one token.
+
+    Strings are taken shortest first. A string that the tokenizer so far encodes as several
+    tokens gets a merge of its first two, and is encoded again, until it is one token. Each new
+    merge ranks after all earlier ones, so it only acts where no earlier merge applies: strings
+    that are already one token stay so, and the others get at least one token shorter a pass.
+    """
+    vocab: dict[str, int] = dict(spec["model"]["vocab"])
+    merges: list[list[str]] = list(spec["model"]["merges"])
+    trial = dict(spec, model=dict(spec["model"], vocab=vocab, merges=merges))
+    found: list[tuple[str, str]] = []
+    for length in sorted({len(s) for s in strings}):
+        todo = sorted(s for s in strings if len(s) == length and s not in vocab)
+        while todo:
+            tokenizer = Tokenizer.from_str(json.dumps(trial))
+            encodings = tokenizer.encode_batch([s.replace(WORD_START, " ") for s in todo], add_special_tokens=False)
+            todo = [s for s, encoding in zip(todo, encodings) if len(encoding.tokens) > 1]
+            pairs = list(dict.fromkeys(tuple(e.tokens[:2]) for e in encodings if len(e.tokens) > 1))
+            for left, right in pairs:
+                vocab.setdefault(left + right, len(vocab))
+                merges.append([left, right])
+            found.extend(pairs)
+    return found
 
 
 def build_full_size_tokenizer(seed: int = 0) -> Tokenizer:
     """The tiny tokenizer grown to Qwen2's 151,643 regular ids with filler words; the special
-    tokens get Qwen2's ids (151643 `<|endoftext|>`, 151644 `<|im_start|>`, 151645 `<|im_end|>`)."""
+    tokens get Qwen2's ids (151643 `<|endoftext|>`, 151644 `<|im_start|>`, 151645 `<|im_end|>`).
+
+    Each filler word encodes to one token, as real words mostly do (the pieces that merge into
+    it are tokens too). Some words have a twin ending in punctuation, which encoding never gives
+    (text splits punctuation off, as Qwen2's does), so uniformly drawn ids read as sentences.
+    """
     spec = json.loads(build_tiny_tokenizer().to_str())
     vocab: dict[str, int] = spec["model"]["vocab"]
-    learned = len(vocab)
-    for offset, word in enumerate(filler_words(QWEN2_REGULAR_TOKENS - learned, set(vocab), seed)):
-        vocab[word] = learned + offset
+    pool = [word for word in filler_words(FILLER_POOL, seed) if word not in vocab]
+    merges = find_merges(spec, {piece for word in pool for piece in word_pieces(word)})
+    budget = QWEN2_REGULAR_TOKENS - len(vocab)
+    room = int(budget * (1 - TWIN_SHARE))
+    made = dict.fromkeys(left + right for left, right in merges)
+    pieces = {part for pair in merges for part in pair}
+    for word in reversed(pool):  # drop words no other token is made from, the last drawn first
+        if len(made) <= room:
+            break
+        if word not in pieces:
+            made.pop(word, None)
+    if len(made) != room:
+        raise RuntimeError(f"{len(made)} filler tokens for {room} places: change FILLER_POOL")
+    words = [word for word in pool if word in made]
+    twins = budget - room
+    for index in range(twins):
+        made[words[index * len(words) // twins] + TWIN_ENDINGS[index % len(TWIN_ENDINGS)]] = None
+    for token in made:
+        vocab[token] = len(vocab)
+    spec["model"]["merges"] += [[left, right] for left, right in merges if left + right in made]
     for offset, added in enumerate(spec["added_tokens"]):
         added["id"] = QWEN2_REGULAR_TOKENS + offset
     return Tokenizer.from_str(json.dumps(spec))
