@@ -50,7 +50,7 @@ MAX_DURATION_S = 600.0
 DEFAULT_WAV = Path(__file__).resolve().parents[2] / "shared" / "audio" / "en_hello.wav"  # shared/ beside the checkout
 Stats = dict[str, float | None]
 STAGES = ("started", "media_encoded", "first_token", "first_sentence", "speech_prefilled", "speech_first_window",
-          "speech_vocoder_call", "first_audio")  # TurnStageTimings
+          "speech_vocoder_call", "speech_first_segment", "first_audio")  # TurnStageTimings
 
 
 def percentiles(values: list[float]) -> Stats:

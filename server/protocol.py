@@ -361,6 +361,7 @@ class TurnStageTimings(_Event):
     speech_prefilled_ms: float | None = None
     speech_first_window_ms: float | None = None
     speech_vocoder_call_ms: float | None = None
+    speech_first_segment_ms: float | None = None
     first_audio_ms: float | None = None
 
 

@@ -130,7 +130,7 @@ async def test_a_turn_streams_text_then_audio_and_says_what_the_reference_says(
     assert finished.synthesis_seconds > 0
     stages = finished.stages  # every stage reached, in pipeline order
     times = [stages.started, stages.media_encoded, stages.first_token, stages.first_sentence, stages.speech_prefilled,
-             stages.speech_first_window, stages.speech_vocoder_call, stages.first_audio]
+             stages.speech_first_window, stages.speech_vocoder_call, stages.speech_first_segment, stages.first_audio]
     assert None not in times and times == sorted(times)
     await engine.close()
 

@@ -41,6 +41,7 @@ class TurnStages:
     speech_prefilled: float | None = None  # its utterance admitted to the speech decoder (prefill launched)
     speech_first_window: float | None = None  # its first codec window decoded, waiting for the vocoder
     speech_vocoder_call: float | None = None  # the vocoder call that decodes that window began
+    speech_first_segment: float | None = None  # its first segment reached the turn, before the leading-silence trim
     first_audio: float | None = None  # the first audio segment made
 
 

@@ -179,6 +179,10 @@ class VoiceTurn:
         trimmer = LeadingSilenceTrimmer()
         timeline: dict[str, float] = {}  # the first utterance's, from the speech service
 
+        def heard(segment: np.ndarray) -> None:
+            self._reached("speech_first_segment")
+            play(trimmer.push(segment))
+
         def play(pieces: list[np.ndarray]) -> None:
             nonlocal samples
             for piece in pieces:
@@ -192,7 +196,7 @@ class VoiceTurn:
             stream = self.speech.input_stream  # CUDA: the TTS waits for this lookup only, not the LLM's queued steps
             embeddings = self.chat.assistant.speech_embeddings(sentence, stream)
             for start in range(0, len(embeddings), max_rows):  # a unit too long for one utterance: cut between tokens
-                await speak(self.speech, embeddings[start : start + max_rows], lambda segment: play(trimmer.push(segment)),
+                await speak(self.speech, embeddings[start : start + max_rows], heard,
                             codec_chunk_size=chunk_size, embeddings_stream=stream,
                             timeline=timeline if chunk_size == FIRST_SENTENCE_CHUNK_SIZE else None)
                 chunk_size = CHUNK_SIZE
