@@ -51,7 +51,7 @@ log = logging.getLogger("vita.worker")
 
 STOP_TIMEOUT_S = 10.0
 CLEANUP_TIMEOUT_S = 5.0  # what a restart waits for the abandoned media encoder and speech service to stop
-WARM_UP_SESSIONS = ("warm-up", "warm-up-2")  # two at once where slots allow: see `_warm_up`
+WARM_UP_SESSION = "warm-up"
 WARM_UP_CODES = 60  # 1.5 s of audio: one full codec chunk with its padding
 
 
@@ -206,21 +206,15 @@ class ModelWorker(WorkerIdentity):
         """A quiet second of audio and a frame through every model, so the first user does not pay
         for lazy initialisation and a checkpoint that cannot answer fails before /readyz says ready.
         The LLM answers the audio alone: it prefills the audio system prompt once, and four video
-        frames (1024 tokens) would not fit a small ``max_context_tokens``. Two sessions answer at
-        once, so that prefill and decode also run rows of several sessions: ``torch.compile``
-        specialises a batch of one, and the first burst of users would wait for the recompile."""
+        frames (1024 tokens) would not fit a small ``max_context_tokens``."""
         noise = np.random.default_rng(0).normal(0.0, 1e-3, MODEL_SAMPLE_RATE).astype(np.float32)  # 1 s
         frame = Image.new("RGB", (448, 448))
         media = await asyncio.wrap_future(self.media_encoder.submit(MediaRequest(noise, [frame])))
-
-        async def answer(session_id: str) -> None:
-            chat = Chat(self.assistant, self.engine, session_id)
-            async with aclosing(chat.reply(TurnMedia(audio=media.audio), SamplingParams(max_tokens=2))) as ids:
-                async for _ in ids:
-                    pass
-            chat.close()
-
-        await asyncio.gather(*(answer(session) for session in WARM_UP_SESSIONS[: self.settings.max_sessions]))
+        chat = Chat(self.assistant, self.engine, WARM_UP_SESSION)
+        async with aclosing(chat.reply(TurnMedia(audio=media.audio), SamplingParams(max_tokens=2))) as token_ids:
+            async for _ in token_ids:
+                pass
+        chat.close()
         await speak(self.speech, self.assistant.speech_embeddings("hello."), lambda segment: None,
                     codec_chunk_size=FIRST_SENTENCE_CHUNK_SIZE, max_tokens=WARM_UP_CODES)
 
