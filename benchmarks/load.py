@@ -94,8 +94,8 @@ def summarize(clients: int, turns: int, results: list[ClientResult | BaseExcepti
         # as heard by a player with the web page's 80 ms jitter buffer; gaps under 20 ms are not counted
         "replies_with_gaps": sum(any(g >= 0.02 for g in gaps) for gaps in reply_gaps),
         "reply_gaps_ms": percentiles([1000 * sum(gaps) for gaps in reply_gaps]),
-        "server_stages_ms": {
-            stage: percentiles([v for s in timings if s.get("stages") and (v := s["stages"][f"{stage}_ms"]) is not None])
+        "server_stages_ms": {  # a server of an older version may lack a stage
+            stage: percentiles([v for s in timings if s.get("stages") and (v := s["stages"].get(f"{stage}_ms")) is not None])
             for stage in STAGES
         },
     }
