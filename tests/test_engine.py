@@ -1,7 +1,6 @@
 """Engine (continuous batching over a slot KV cache) against a no-cache greedy loop; batched sampling."""
 
 import asyncio
-import time
 
 import pytest
 import torch
@@ -171,53 +170,6 @@ async def test_cancel_during_prefill_drops_the_turn(model):
     assert await collect(engine, "a", follow_up) == reference_greedy(model, follow_up, 12)
     assert await other == reference_greedy(model, other_prompt, 12)
     await engine.close()
-
-
-class SlowEvent:
-    """Stands in for a CUDA event whose work takes a while: passed once ``synchronize`` returned."""
-
-    def __init__(self, windows: list[tuple[float, float]]) -> None:
-        self.windows = windows
-        self.passed = False
-
-    def query(self) -> bool:
-        return self.passed
-
-    def synchronize(self) -> None:
-        if not self.passed:
-            start = time.perf_counter()
-            time.sleep(0.02)
-            self.windows.append((start, time.perf_counter()))
-            self.passed = True
-
-
-async def test_the_loop_runs_other_work_while_the_engine_waits_for_the_device(model, monkeypatch):
-    """Waits on the device's events happen off the loop: other tasks run during them, and the
-    tokens are the same."""
-    engine = make_engine(model)
-    windows: list[tuple[float, float]] = []
-    to_host = engine.runner._to_host
-
-    def slow_to_host(rows, sampled):
-        launch = to_host(rows, sampled)
-        launch.ready = SlowEvent(windows)
-        return launch
-
-    monkeypatch.setattr(engine.runner, "_to_host", slow_to_host)
-    ticks: list[float] = []
-
-    async def tick() -> None:
-        while True:
-            ticks.append(time.perf_counter())
-            await asyncio.sleep(0.002)
-
-    ticker = asyncio.ensure_future(tick())
-    embeds = prompt(model, 6, seed=90)
-    reply = await collect(engine, "a", embeds)
-    ticker.cancel()
-    await engine.close()
-    assert reply == reference_greedy(model, embeds, 12)
-    assert len(windows) >= 12 and any(start < t < end for t in ticks for start, end in windows)
 
 
 async def test_single_token_turns_keep_the_conversation_consistent(model):

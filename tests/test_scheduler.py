@@ -22,25 +22,23 @@ class Driver:
         self.prefill_forwards: list[list[tuple[int, int, int]]] = []  # per forward: (slot, start, size) rows
         self.plans: list[DecodePlan] = []
 
-    def step(self, between=lambda: None) -> None:
-        """One step; ``between`` runs where the engine waits for the GPU (before anything is delivered)."""
-        scheduler, first_rows, first_tokens, forwards = self.scheduler, [], [], 0
+    def step(self) -> None:
+        scheduler, started, forwards = self.scheduler, [], 0
         while rows := scheduler.prefill_rows(forwards):
             self.prefill_forwards.append([(session.slot, session.length, size) for session, size in rows])
             forwards += 1
             for _, _, session in scheduler.prefilled(rows):
-                first_rows.append((session, session.request))
-                first_tokens.append(token_at(session.slot, session.length))
+                scheduler.deliver(session, token_at(session.slot, session.length))
+                started.append(session)
         previous, self.in_flight = self.in_flight, None
         plan = scheduler.plan_decode(previous[0].rows if previous else None)
         if plan is not None:
             self.check_inputs(plan, previous)
             self.plans.append(plan)
             self.in_flight = (plan, [token_at(slot, position + 1) for slot, position in zip(plan.slots, plan.positions)])
-        between()
         if previous is not None:
             scheduler.deliver_launch(previous[0].rows, previous[1])
-        scheduler.deliver_first_tokens(first_rows, first_tokens)
+        scheduler.start_decoding(started)
 
     @staticmethod
     def check_inputs(plan: DecodePlan, previous: tuple[DecodePlan, list[int]] | None) -> None:
@@ -177,31 +175,6 @@ def test_cancel_keeps_the_received_tokens_and_a_turn_without_any_leaves_no_trace
     scheduler.cancel("b")  # before its first token: the session is forgotten, its slot free again
     assert "b" not in scheduler.sessions and sorted(scheduler.free_slots) == [1]
     assert received(first_turn) == [END_OF_TURN] and scheduler.prefill_queue == []
-
-
-def test_turns_stopped_while_their_first_tokens_are_on_the_way_get_none():
-    """The engine waits for the GPU after a prefill, before handing out first tokens: a turn
-    cancelled then (a first turn: its session is forgotten) or discarded gets no token and does not
-    decode; a new turn of another session may take the freed slot meanwhile."""
-    scheduler = make_scheduler(max_sessions=2)
-    driver = Driver(scheduler)
-    submit(scheduler, "a", 5, max_tokens=4)
-    driver.run()
-    before = (scheduler.sessions["a"].length, scheduler.pending_token("a"))
-    second = submit(scheduler, "a", 3, max_tokens=4)
-    first_turn = submit(scheduler, "b", 6, max_tokens=4)
-
-    def stop_both() -> None:
-        scheduler.cancel("b")
-        scheduler.discard("a")
-        submit(scheduler, "c", 2, max_tokens=1)
-
-    driver.step(between=stop_both)
-    assert received(first_turn) == [END_OF_TURN] and received(second) == [END_OF_TURN]
-    assert "b" not in scheduler.sessions and scheduler.decoding == []
-    assert (scheduler.sessions["a"].length, scheduler.pending_token("a")) == before
-    driver.run()
-    assert received(scheduler.sessions["c"].turn) == [token_at(1, 2), END_OF_TURN]
 
 
 def test_discard_drops_the_latest_turn_even_after_it_ended():

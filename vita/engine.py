@@ -17,10 +17,8 @@ graphs on CUDA); ``Engine`` here is the asyncio front end that glues them into a
 streams each turn's tokens.
 
 All public methods must be called from the thread running the engine's event loop (another
-thread uses ``loop.call_soon_threadsafe``). A step yields to the loop while the GPU works, after
-queueing its forwards and before handing out tokens, so public methods may run there: the
-scheduler hands tokens only to turns still running, and queued GPU work on a freed slot is
-overwritten before anything attends to it.
+thread uses ``loop.call_soon_threadsafe``); a step never yields mid-way, so they always see the
+engine between steps.
 """
 
 from __future__ import annotations
@@ -29,7 +27,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -77,7 +74,6 @@ class Engine:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._activity = ActivityLog(logging.getLogger("vita.engine"), "engine")  # on the loop running it
-        self._waiter = ThreadPoolExecutor(1, thread_name_prefix="vita-engine-wait")  # waits on CUDA events
 
     @property
     def device(self) -> torch.device:
@@ -187,50 +183,41 @@ class Engine:
                 await self._wakeup.wait()
                 continue
             try:
-                await self._step()
+                with torch.inference_mode():
+                    self._step()
             except Exception as error:  # a failed step ends every open turn with the error
                 self._in_flight = None
                 self.scheduler.fail_all(error)
             await asyncio.sleep(0)
 
-    async def _step(self) -> None:
-        """Queue the prefill forwards the scheduler picks and the next decode step, then hand out the
-        tokens of the previous decode step and the prefills' first tokens as the GPU gets to them
-        (the loop runs other work meanwhile)."""
+    def _step(self) -> None:
+        """Prefill what the scheduler picks, launch the next decode step, then hand out the tokens
+        of the previous launch (read while the GPU already runs the next step)."""
+        starting = self._prefill()
         started = time.perf_counter()
-        with torch.inference_mode():
-            first_tokens, forwards = self._prefill()
-            queued = time.perf_counter()
-            previous, self._in_flight = self._in_flight, None
-            plan = self.scheduler.plan_decode(previous.rows if previous is not None else None)
-            if plan is not None:
-                self._in_flight = self.runner.launch(plan, previous)
+        previous, self._in_flight = self._in_flight, None
+        plan = self.scheduler.plan_decode(previous.rows if previous is not None else None)
+        if plan is not None:
+            self._in_flight = self.runner.launch(plan, previous)
         if previous is not None:
-            await self._ready(previous)
             self.scheduler.deliver_launch(previous.rows, self.runner.collect(previous))
-            self._activity.add("decode", time.perf_counter() - queued, len(previous.rows))
-        for launch in first_tokens:
-            await self._ready(launch)
-            self.scheduler.deliver_first_tokens(launch.rows, self.runner.collect(launch))
-        if forwards:
-            self._activity.add("prefill", time.perf_counter() - started, forwards)
+            self._activity.add("decode", time.perf_counter() - started, len(previous.rows))
+        self.scheduler.start_decoding(starting)
 
-    def _prefill(self) -> tuple[list[Launch], int]:
-        """Queue the prefill forwards the scheduler plans; returns the first tokens on their way (one
-        launch per forward that completed turns) and the number of forwards."""
-        first_tokens = []
+    def _prefill(self) -> list[Session]:
+        """Run the prefill forwards the scheduler plans; returns the sessions whose prefill completed
+        (first token delivered)."""
+        completed = []
         forwards = 0
+        started = time.perf_counter()
         while rows := self.scheduler.prefill_rows(forwards):
             hidden = self.runner.prefill(rows)
             forwards += 1
-            if finishing := self.scheduler.prefilled(rows):
-                first_tokens.append(self.runner.sample_last(hidden, finishing))
-        return first_tokens, forwards
-
-    async def _ready(self, launch: Launch) -> None:
-        """Wait for ``launch`` without holding up the loop (a thread waits on the CUDA event); off
-        CUDA just yield once, so that the loop sees the engine mid-step on every device."""
-        if launch.ready is None or launch.ready.query():
-            await asyncio.sleep(0)
-        else:
-            await asyncio.get_running_loop().run_in_executor(self._waiter, launch.ready.synchronize)
+            finishing = self.scheduler.prefilled(rows)
+            if finishing:
+                for (_, _, session), token in zip(finishing, self.runner.sample_last(hidden, finishing)):
+                    self.scheduler.deliver(session, token)
+                    completed.append(session)
+        if forwards:
+            self._activity.add("prefill", time.perf_counter() - started, forwards)
+        return completed

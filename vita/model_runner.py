@@ -5,7 +5,7 @@ Prefill runs eagerly. On CUDA the decode forward is replayed from CUDA graphs ca
 (batch bucket, attended-length bucket), with the model's fast kernels (compiled elementwise steps,
 Triton one-token attention). A decode step is launched without waiting for the previous one: rows
 carried over take their input ids from its device output, and its sampled ids are copied to the
-host behind an event, read by ``collect``; a prefill's first tokens come back the same way. The runner fuses the model's q/k/v and gate/up
+host behind an event, read by ``collect``. The runner fuses the model's q/k/v and gate/up
 projections in place (``Qwen2Model.prepare_for_inference``).
 """
 
@@ -29,8 +29,8 @@ SMALLEST_KV_BUCKET = 256  # attended lengths a forward is padded to: powers of t
 
 @dataclass
 class Launch:
-    """Sampled ids on their way (a decode step's, or a prefill's first tokens): each row's session
-    and turn, the ids on the device, and their host copy, readable once ``ready`` has passed."""
+    """A decode step on its way: each row's session and turn, the sampled ids on the device, and
+    their host copy, readable once ``ready`` has passed."""
 
     rows: LaunchRows
     ids: torch.Tensor
@@ -141,12 +141,11 @@ class ModelRunner:
         self.prefilled_tokens += sum(size for _, size in rows)
         return self.model(embeds, positions, self.cache, slots, kv_len)
 
-    def sample_last(self, hidden: torch.Tensor, finishing: list[tuple[int, int, Session]]) -> Launch:
-        """Queue the first tokens of the turns in ``finishing`` (row, index of its last input, session)
-        of a prefill's ``hidden``."""
+    def sample_last(self, hidden: torch.Tensor, finishing: list[tuple[int, int, Session]]) -> list[int]:
+        """First tokens of the turns in ``finishing`` (row, index of its last input, session) of a prefill's ``hidden``."""
         last = hidden[[row for row, _, _ in finishing], [index for _, index, _ in finishing]]
-        rows = [(session, session.request) for _, _, session in finishing]
-        return self._to_host(rows, sample_requests(self.lm_head(last), [r.params for _, r in rows], self.generator))
+        params = [session.request.params for _, _, session in finishing]
+        return sample_requests(self.lm_head(last), params, self.generator).tolist()
 
     def launch(self, plan: DecodePlan, previous: Launch | None) -> Launch:
         """Queue the decode step ``plan``; its carried rows take their ids from ``previous``."""
@@ -164,22 +163,18 @@ class ModelRunner:
         else:
             logits = self._decode_logits(inputs[0], inputs[1, :, None], inputs[2], kv_len)
         sampled = sample_requests(logits, [request.params for _, request in plan.rows], self.generator)
-        return self._to_host(plan.rows, sampled)
+        host_ids = torch.empty(len(plan.rows), dtype=torch.long, pin_memory=self.on_cuda)
+        host_ids.copy_(sampled, non_blocking=True)
+        ready = torch.cuda.Event() if self.on_cuda else None
+        if ready is not None:
+            ready.record()
+        return Launch(plan.rows, sampled, host_ids, ready)
 
     def collect(self, launch: Launch) -> list[int]:
         """Wait for ``launch``; its sampled ids."""
         if launch.ready is not None:
             launch.ready.synchronize()
         return launch.host_ids.tolist()
-
-    def _to_host(self, rows: LaunchRows, sampled: torch.Tensor) -> Launch:
-        """Copy ``sampled`` to pinned host memory behind an event, without waiting."""
-        host_ids = torch.empty(len(rows), dtype=torch.long, pin_memory=self.on_cuda)
-        host_ids.copy_(sampled, non_blocking=True)
-        ready = torch.cuda.Event() if self.on_cuda else None
-        if ready is not None:
-            ready.record()
-        return Launch(rows, sampled, host_ids, ready)
 
     def capture_graphs(self) -> None:
         """Capture every decode graph up front (otherwise each is captured on first use)."""

@@ -309,14 +309,9 @@ class Scheduler:
             self._finish(session)
             request.queue.put_nowait(END_OF_TURN)
 
-    def deliver_first_tokens(self, rows: LaunchRows, tokens: list[int]) -> None:
-        """Hand fully prefilled turns still running their first tokens; those that go on decode from
-        the next planned step."""
-        for (session, request), token in zip(rows, tokens):
-            if session.request is request and not request.done:
-                self.deliver(session, token)
-                if not request.done:
-                    self.decoding.append(session)
+    def start_decoding(self, sessions: list[Session]) -> None:
+        """Sessions that got their first token from prefill decode from the next step on (unless that ended them)."""
+        self.decoding += [session for session in sessions if not session.request.done]
 
     # ----------------------------------------------------------------- internals
 
