@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from server.allocation_log import AllocationLog
 from server.audio_input import MODEL_SAMPLE_RATE
 from server.images import decode_image
 from server.loop_bridge import LoopBridge
@@ -129,6 +130,7 @@ class ModelWorker(WorkerIdentity):
         self._last_beat = time.monotonic()  # when the loop last answered ``heartbeat``
         self.beat_lag_s: float | None = None  # the longest answer since the watchdog last took it: the loop's lag
         self._device_error: str | None = None  # the last heartbeat's device check failed with this
+        self._allocations: AllocationLog | None = None  # CUDA: the allocators' growth, logged at heartbeats
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -194,6 +196,8 @@ class ModelWorker(WorkerIdentity):
                                         prefill_graphs=self.settings.tts_prefill_graphs)
             self.speech.start()
             await self._warm_up()
+            if self.engine.device.type == "cuda":
+                self._allocations = AllocationLog(log, self.engine.device)
             self._last_beat = time.monotonic()
             self.ready = True
             log.info("model_loaded checkpoint=%s tiny=%s seconds=%.1f", self.checkpoint, self.is_tiny,
@@ -241,6 +245,8 @@ class ModelWorker(WorkerIdentity):
         if self.engine.device.type == "cuda":  # a launch on a device that hit a CUDA error raises it again
             try:
                 torch.empty(1, device=self.engine.device).fill_(0)
+                if self._allocations is not None:
+                    self._allocations.check()
             except RuntimeError as exc:
                 self._device_error = str(exc).splitlines()[0]
 
