@@ -15,7 +15,9 @@
 # `thread_activity` lines after each level (activity<clients>.txt). PROFILE=NAME records that side's
 # server with py-spy (its worker process included) during its first level, from PROFILE_DELAY_S
 # after the clients start for PROFILE_S seconds: every non-idle sample ($OUT/NAME/pyspy_all.txt) and
-# the GIL holder's (pyspy_gil.txt), as collapsed stacks per thread.
+# the GIL holder's (pyspy_gil.txt), as collapsed stacks per thread. A server's first burst of users
+# runs slower than later ones (benchmarks/README.md, calls 15 to 17): WARM_UP=64 first gives each
+# server one turn of 64 clients, written as warmup.{json,txt} and kept out of the levels.
 set -uo pipefail
 : "${OUT:?OUT (absolute) is needed}"
 CLIENTS=${CLIENTS:-64}
@@ -27,6 +29,7 @@ LIMIT_S=${LIMIT_S:-400}
 PROFILE=${PROFILE:-}
 PROFILE_DELAY_S=${PROFILE_DELAY_S:-4.5}
 PROFILE_S=${PROFILE_S:-4}
+WARM_UP=${WARM_UP:-}
 export VITA_MAX_CONTEXT_TOKENS=${VITA_MAX_CONTEXT_TOKENS:-2048}
 mkdir -p "$OUT"
 [ $# -ge 1 ] || { echo "usage: $0 NAME=TREE [NAME=TREE ...]"; exit 2; }
@@ -61,6 +64,14 @@ for i in "${!names[@]}"; do  # ready, and not some other process on its port
   kill -0 "${pids[$i]}" 2>/dev/null || { echo "${names[$i]}'s server exited:"; tail -20 "$OUT/${names[$i]}/server.log"; exit 1; }
 done
 echo "servers ready after $SECONDS s"
+if [ -n "$WARM_UP" ]; then
+  for i in "${!names[@]}"; do
+    python -m benchmarks.load --url "ws://127.0.0.1:${ports[$i]}/ws" --wav "$WAV" --clients "$WARM_UP" --turns 1 \
+      --json "$OUT/${names[$i]}/warmup.json" $LOAD_ARGS >"$OUT/${names[$i]}/warmup.txt" 2>&1
+    echo "== ${names[$i]}, warm-up of $WARM_UP clients, one turn (done at $SECONDS s)"
+    grep -v '^(\|^ srv\|^wrote' "$OUT/${names[$i]}/warmup.txt"
+  done
+fi
 
 for clients in ${CLIENTS//,/ }; do
   for i in "${!names[@]}"; do
