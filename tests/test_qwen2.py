@@ -3,7 +3,9 @@
 import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers.cache_utils import DynamicCache
 
+from reference_cache import CACHE_ARGUMENT
 from vita.qwen2 import LLMConfig, Qwen2Model, new_kv_cache
 
 VOCAB = 300
@@ -147,11 +149,10 @@ def test_cached_step_decode_matches_transformers_cache():
     ours, lm_head, reference = make_pair(torch.float32)
     ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(4))
     cache = new_kv_cache(ours.config, slots=1, max_len=16, device="cpu", dtype=torch.float32)
-    past = None
+    past = DynamicCache()
     with torch.no_grad():
         for t in range(ids.shape[1]):
-            out = reference(input_ids=ids[:, t : t + 1], past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = reference(input_ids=ids[:, t : t + 1], use_cache=True, **{CACHE_ARGUMENT: past})
             hidden = ours(ours.embed_tokens(ids[:, t : t + 1]), torch.tensor([[t]]), cache, torch.tensor([0]), 16)
             torch.testing.assert_close(lm_head(hidden)[0, 0], out.logits[0, -1], atol=1e-4, rtol=1e-4)
 

@@ -8,6 +8,7 @@ from transformers import LlamaConfig
 from transformers.cache_utils import DynamicCache
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
+from reference_cache import CACHE_ARGUMENT
 from tts.config import DecoderConfig
 from tts.batch import DecoderBatch
 from tts.decoder import DecoderLayer, LLM2TTSCodecAR, new_kv_cache, prefill_store, rotary_cos_sin, step_store
@@ -44,9 +45,9 @@ def test_decoder_layer_matches_transformers_llama_layer_with_cache():
     prompt, step = torch.randn(1, 7, 32), torch.randn(1, 1, 32)
     ref_cache = DynamicCache()
     ref_prompt = reference(prompt, position_embeddings=rotary(prompt, torch.arange(7)[None]),
-                           past_key_values=ref_cache, use_cache=True)
+                           use_cache=True, **{CACHE_ARGUMENT: ref_cache})
     ref_step = reference(step, position_embeddings=rotary(step, torch.tensor([[7]])),
-                         past_key_values=ref_cache, use_cache=True)
+                         use_cache=True, **{CACHE_ARGUMENT: ref_cache})
 
     cache = new_kv_cache(config, slots=2, capacity=16, device=torch.device("cpu"), dtype=torch.float32)
     cos, sin = rotary_cos_sin(torch.arange(7), config.head_dim, config.rope_theta, torch.float32)
@@ -88,13 +89,13 @@ def reference_logits(state: dict, config: DecoderConfig, text: torch.Tensor, fed
     cache = DynamicCache()
     pos = rotary(x, torch.arange(x.shape[1])[None])
     for layer in main:
-        x = layer(x, position_embeddings=pos, past_key_values=cache, use_cache=True)
+        x = layer(x, position_embeddings=pos, use_cache=True, **{CACHE_ARGUMENT: cache})
     logits = []
     for token in [config.sos_id, *fed]:
         x = embedding[token][None, None]
         pos = rotary(x, torch.tensor([[cache.get_seq_length()]]))
         for layer in main:
-            x = layer(x, position_embeddings=pos, past_key_values=cache, use_cache=True)
+            x = layer(x, position_embeddings=pos, use_cache=True, **{CACHE_ARGUMENT: cache})
         logits.append(torch.nn.functional.linear(norm(x), state["out_fnn.weight"], state["out_fnn.bias"])[0, 0])
     return logits
 
