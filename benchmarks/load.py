@@ -106,7 +106,6 @@ async def run_level(url: str, clients: int, audio: np.ndarray, rate: int, args: 
     """``clients`` concurrent conversations of ``args.turns`` utterances each, summarised; ``traced``:
     with ``args.kernel_trace`` recorded meanwhile."""
     gap = np.zeros((int(rate * args.gap_s),) + audio.shape[1:], dtype=np.int16)
-    conversation = np.concatenate([part for _ in range(args.turns) for part in (audio, gap)][:-1])
     update = {"generation": {"max_new_tokens": args.max_new_tokens, "respect_not_addressed": False,
                              "temperature": args.temperature, "top_p": 1.0}}
     if args.speculative_ms is not None:
@@ -115,12 +114,20 @@ async def run_level(url: str, clients: int, audio: np.ndarray, rate: int, args: 
     if args.started_file:
         args.started_file.touch()  # for tools that act at a time into the level (benchmarks/gpu_load.sh)
 
-    async def client(start_s: float) -> ClientResult:
-        await asyncio.sleep(start_s)
-        return await stream_audio(url, conversation, rate, session_update=update, expected_turns=args.turns,
+    def conversation(index: int) -> np.ndarray:
+        """Client ``index``'s utterances with the gaps between them; with ``args.vary_speech`` each
+        utterance is the clip cut to its own random share of 1 - vary_speech to 1 of its length."""
+        rng = np.random.default_rng(index)
+        shares = rng.uniform(1.0 - args.vary_speech, 1.0, args.turns)
+        utterances = [audio[: int(len(audio) * share)] for share in shares]
+        return np.concatenate([part for utterance in utterances for part in (utterance, gap)][:-1])
+
+    async def client(index: int) -> ClientResult:
+        await asyncio.sleep(index * args.stagger_s / clients)
+        return await stream_audio(url, conversation(index), rate, session_update=update, expected_turns=args.turns,
                                   reply_timeout_s=args.reply_timeout_s)
 
-    runs = [client(i * args.stagger_s / clients) for i in range(clients)]
+    runs = [client(i) for i in range(clients)]
     tracing = asyncio.create_task(record_kernels(args.trace_delay_s, args.trace_s)) if traced else None
     results = await asyncio.wait_for(asyncio.gather(*runs, return_exceptions=True), args.max_duration_s)
     wall_s = time.monotonic() - started
@@ -261,6 +268,9 @@ def main() -> None:
     parser.add_argument("--gap-s", type=float, default=6.0, help="silence between utterances")
     parser.add_argument("--stagger-s", type=float, default=0.0,
                         help="client i starts i/N of this later (0: all at once, every turn ends in the same burst)")
+    parser.add_argument("--vary-speech", type=float, default=0.0,
+                        help="cut each utterance to a random 1 - F to 1 of the clip's length, its own per client and "
+                             "turn, so that turns differ in length as real ones do (0: the whole clip every time)")
     parser.add_argument("--speculative-ms", type=int, help="the sessions' vad.speculative_ms (default: the server's)")
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="sampling temperature (random weights: sampling keeps replies varied, so they read "
@@ -322,6 +332,7 @@ def main() -> None:
         "temperature": args.temperature,
         "speculative_ms": args.speculative_ms,
         "stagger_s": args.stagger_s,
+        "vary_speech": args.vary_speech,
         "levels": results,
     }
     if args.json:
