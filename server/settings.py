@@ -55,8 +55,8 @@ class ServerSettings(BaseSettings):
     )
     tts_prefill_graphs: bool = Field(
         False, description="CUDA: TTS prefills replay from CUDA graphs, one per bucket of sentences and text rows "
-        "(captured at start; off until checked again: an H200 run at 64 clients hit an illegal memory access "
-        "with them, see benchmarks/README.md)"
+        "(captured at start; off by default: on H200s they lowered first audio p50 at 64 clients but raised "
+        "its p95, see benchmarks/README.md)"
     )
     worker_process: bool = Field(
         True, description="run the model worker in a child process, so the gateway (websockets, VAD, audio "

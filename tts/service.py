@@ -191,8 +191,8 @@ class SpeechService:
         every open utterance's steps, and a larger one costs little more (H200, 64 clients: 15 ms
         for 1.7 sentences, 26 ms for 4.1), so fewer, larger prefills cost less in a burst but make a
         sentence wait longer to start. `prefill_graphs`: on CUDA, prefills replay from CUDA graphs
-        (`tts/prefill_graphs.py`; off by default: faster on an H200, but a run with them hit an
-        illegal memory access before the capture streams of `layers/cuda_graphs.py`, benchmarks/README.md)."""
+        (`tts/prefill_graphs.py`; off by default: on H200s they lowered first audio p50 at 64 clients
+        but raised its p95, benchmarks/README.md)."""
         self.synthesizer = synthesizer
         device = synthesizer.decoder.embedding.weight.device
         self._on_cuda = device.type == "cuda"
