@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None) -> dict[str, Any]:
     parser.add_argument("--tts-admit-every-calls", type=int,
                         help="TTS prefills at most every this many decoder calls while utterances speak (default 1)")
     parser.add_argument("--tts-prefill-graphs", action=argparse.BooleanOptionalAction,
-                        help="CUDA: TTS prefills from CUDA graphs (default off; experimental)")
+                        help="CUDA: TTS prefills from CUDA graphs (default off: on H200s lower p50, higher p95 at 64 clients)")
     parser.add_argument("--worker-process", action=argparse.BooleanOptionalAction,
                         help="the model worker in a child process (default) or a thread of the server process")
     parser.add_argument("--ssl-certfile", type=Path)

@@ -80,7 +80,9 @@ class VoiceTurn:
         self._stages: dict[str, float] = {}  # TurnStages fields reached so far -> time.monotonic()
 
     def _reached(self, stage: str) -> None:
-        self._stages.setdefault(stage, time.monotonic())
+        """Note the first time the turn reaches `stage` (called per audio segment: no clock read after that)."""
+        if stage not in self._stages:
+            self._stages[stage] = time.monotonic()
 
     async def run(self) -> None:
         """Answer the turn through `emit`, last with `TurnFinished` or `TurnFailed` (unless cancelled)."""
