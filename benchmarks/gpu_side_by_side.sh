@@ -6,7 +6,8 @@
 #
 #   OUT=$PWD/out CLIENTS=64,32 bash benchmarks/gpu_side_by_side.sh main=$PWD branch=/tmp/b
 #
-# Each argument is NAME=TREE; NAME_ARGS (e.g. main_ARGS="--no-worker-process") adds server arguments.
+# Each argument is NAME=TREE; NAME_ARGS (e.g. main_ARGS="--no-worker-process") adds server arguments,
+# NAME_ENV (e.g. grow_ENV="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True") environment variables.
 # Levels run level by level, each side in turn (all sides at 64 before any at 32; a level named again
 # runs again, written as load64_r2.json and so on), and a level is
 # started only before LIMIT_S seconds (default 400) so that the run ends inside a 10-minute call.
@@ -43,12 +44,12 @@ fi
 names=() ports=() pids=()
 port=8765
 for side in "$@"; do
-  name=${side%%=*} tree=${side#*=} args_name=${side%%=*}_ARGS
+  name=${side%%=*} tree=${side#*=} args_name=${side%%=*}_ARGS env_name=${side%%=*}_ENV
   mkdir -p "$OUT/$name"
   if python -c "import socket; socket.create_connection(('127.0.0.1', $port), 1)" 2>/dev/null; then
     echo "port $port is taken (a server left running?)"; exit 1
   fi
-  (cd "$tree" && PYTHONPATH="$tree${PYTHONPATH:+:$PYTHONPATH}" exec python -m server.cli "${checkpoint[@]}" \
+  (cd "$tree" && PYTHONPATH="$tree${PYTHONPATH:+:$PYTHONPATH}" exec env ${!env_name:-} python -m server.cli "${checkpoint[@]}" \
     --device "$DEVICE" --max-sessions 64 --port $port ${!args_name:-} >"$OUT/$name/server.log" 2>&1) &
   names+=("$name") ports+=($port) pids+=($!)
   port=$((port + 1))
