@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from server.auth import Gatekeeper
+from server.gc_pauses import watch_gc
 from server.metrics import ServerMetrics
 from server.outgoing import Encoding, NativeEncoding, OutgoingQueue
 from server.protocol import CLOSE_CODES, MAX_MESSAGE_BYTES, OUTPUT_SAMPLE_RATE, ErrorCode, ErrorEvent
@@ -74,10 +75,14 @@ def create_app(settings: ServerSettings, worker: Worker) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         worker.start()
         watching = asyncio.create_task(worker_watchdog.run())
+        # the worker freezes and watches its own process: with a worker thread, this one too
+        gc_watch = asyncio.create_task(watch_gc(log)) if settings.worker_process else None
         try:
             yield
         finally:
             watching.cancel()
+            if gc_watch is not None:
+                gc_watch.cancel()
             worker.stop()
 
     app = FastAPI(title="vita-realtime", lifespan=lifespan)

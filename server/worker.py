@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import threading
 import time
@@ -30,6 +31,7 @@ import torch
 from PIL import Image
 from server.allocation_log import AllocationLog
 from server.audio_input import MODEL_SAMPLE_RATE
+from server.gc_pauses import GcPauses, freeze_start_up_objects
 from server.images import decode_image
 from server.loop_bridge import LoopBridge
 from server.protocol import GenerationSettings
@@ -131,6 +133,7 @@ class ModelWorker(WorkerIdentity):
         self.beat_lag_s: float | None = None  # the longest answer since the watchdog last took it: the loop's lag
         self._device_error: str | None = None  # the last heartbeat's device check failed with this
         self._allocations: AllocationLog | None = None  # CUDA: the allocators' growth, logged at heartbeats
+        self._gc_passes: GcPauses | None = None  # the garbage collector's passes, logged at heartbeats
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -198,6 +201,8 @@ class ModelWorker(WorkerIdentity):
             await self._warm_up()
             if self.engine.device.type == "cuda":
                 self._allocations = AllocationLog(log, self.engine.device)
+            freeze_start_up_objects(log)
+            self._gc_passes = GcPauses(log)
             self._last_beat = time.monotonic()
             self.ready = True
             log.info("model_loaded checkpoint=%s tiny=%s seconds=%.1f", self.checkpoint, self.is_tiny,
@@ -227,6 +232,10 @@ class ModelWorker(WorkerIdentity):
         for task in turns:
             task.cancel()
         await asyncio.gather(*turns, return_exceptions=True)
+        if self._gc_passes is not None:
+            self._gc_passes.close()
+            self._gc_passes = None
+            gc.unfreeze()  # what the next start-up does not keep can be collected again
         if self.ready:
             await self.engine.close()
             self.media_encoder.close()
@@ -242,6 +251,8 @@ class ModelWorker(WorkerIdentity):
     def _beat(self, asked: float) -> None:
         self._last_beat = time.monotonic()
         self.beat_lag_s = max(self.beat_lag_s or 0.0, self._last_beat - asked)
+        if self._gc_passes is not None:
+            self._gc_passes.check()
         if self.engine.device.type == "cuda":  # a launch on a device that hit a CUDA error raises it again
             try:
                 torch.empty(1, device=self.engine.device).fill_(0)
