@@ -7,7 +7,8 @@
 #   OUT=$PWD/out CLIENTS=64,32 bash benchmarks/gpu_side_by_side.sh main=$PWD branch=/tmp/b
 #
 # Each argument is NAME=TREE; NAME_ARGS (e.g. main_ARGS="--no-worker-process") adds server arguments,
-# NAME_ENV (e.g. grow_ENV="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True") environment variables.
+# NAME_ENV (e.g. grow_ENV="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True") environment variables,
+# NAME_LOAD_ARGS (e.g. off_LOAD_ARGS="--speculative-ms 0") load.py arguments after LOAD_ARGS.
 # Levels run level by level, each side in turn (all sides at 64 before any at 32; a level named again
 # runs again, written as load64_r2.json and so on), and a level is
 # started only before LIMIT_S seconds (default 400) so that the run ends inside a 10-minute call.
@@ -90,8 +91,9 @@ for clients in ${CLIENTS//,/ }; do
            >"$OUT/$name/pyspy_$kind.log" 2>&1) & spies+=($!)
       done
     fi
+    load_args_name=${name}_LOAD_ARGS
     python -m benchmarks.load --url "ws://127.0.0.1:${ports[$i]}/ws" --wav "$WAV" --clients "$clients" \
-      --started-file "$started" --json "$OUT/$name/load$run.json" $LOAD_ARGS >"$OUT/$name/load$run.txt" 2>&1
+      --started-file "$started" --json "$OUT/$name/load$run.json" $LOAD_ARGS ${!load_args_name:-} >"$OUT/$name/load$run.txt" 2>&1
     [ ${#spies[@]} -eq 0 ] || wait "${spies[@]}"
     grep -h thread_activity "$OUT/$name/server.log" | tail -12 >"$OUT/$name/activity$run.txt"
     echo "== $name, $clients clients (done at $SECONDS s)"
