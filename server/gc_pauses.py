@@ -9,7 +9,7 @@ caught the H200 worker stopped for about 250 ms in one allocation during a 64-cl
 `freeze_start_up_objects` moves it to the permanent generation, which no pass scans; a worker
 that stops thaws them (`gc.unfreeze`), so that a restarted worker's old objects can be collected.
 With it the H200 workers logged no full or slow pass under load (calls 21 and 22); their latencies
-did not move, which were not made by these stalls.
+did not move: those stalls were not what made them.
 """
 
 from __future__ import annotations
