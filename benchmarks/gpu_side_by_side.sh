@@ -14,7 +14,7 @@
 # started only before LIMIT_S seconds (default 400) so that the run ends inside a 10-minute call.
 # VITA_MAX_CONTEXT_TOKENS defaults to 2048 here (three full-size servers then take about 100 GiB
 # of an H200's 141). Writes $OUT/NAME/load<clients>.{json,txt,png}, server.log and the server's
-# `thread_activity` lines after each level (activity<clients>.txt). PROFILE=NAME records that side's
+# `thread_activity` lines and /metrics after each level (activity<clients>.txt, metrics<clients>.txt). PROFILE=NAME records that side's
 # server with py-spy (its worker process included) during its first level, from PROFILE_DELAY_S
 # after the clients start for PROFILE_S seconds: every non-idle sample ($OUT/NAME/pyspy_all.txt) and
 # the GIL holder's (pyspy_gil.txt), as collapsed stacks per thread. A server's first burst of users
@@ -96,6 +96,8 @@ for clients in ${CLIENTS//,/ }; do
       --started-file "$started" --json "$OUT/$name/load$run.json" $LOAD_ARGS ${!load_args_name:-} >"$OUT/$name/load$run.txt" 2>&1
     [ ${#spies[@]} -eq 0 ] || wait "${spies[@]}"
     grep -h thread_activity "$OUT/$name/server.log" | tail -12 >"$OUT/$name/activity$run.txt"
+    python -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:${ports[$i]}/metrics').read().decode())" \
+      >"$OUT/$name/metrics$run.txt" 2>&1  # cumulative since start-up (the worker loop lag histogram among them)
     echo "== $name, $clients clients (done at $SECONDS s)"
     grep -v '^(\|^ srv\|^wrote' "$OUT/$name/load$run.txt"
   done
