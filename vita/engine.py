@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from tts.activity_log import ActivityLog
-from vita.model_runner import Launch, ModelRunner
+from vita.model_runner import Launch, ModelRunner, gpu_seconds, timing_event
 from vita.qwen2 import Qwen2Model
 from vita.sampling import SamplingParams
 from vita.scheduler import END_OF_TURN, Request, Scheduler, Session
@@ -74,6 +74,8 @@ class Engine:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._activity = ActivityLog(logging.getLogger("vita.engine"), "engine")  # on the loop running it
+        # CUDA: (started, ended, forwards) of prefill steps whose GPU time is not read yet
+        self._gpu_prefills: list[tuple[torch.cuda.Event, torch.cuda.Event, int]] = []
 
     @property
     def device(self) -> torch.device:
@@ -202,6 +204,8 @@ class Engine:
         if previous is not None:
             self.scheduler.deliver_launch(previous.rows, self.runner.collect(previous))
             self._activity.add("decode", time.perf_counter() - started, len(previous.rows))
+            if previous.started is not None:
+                self._activity.add("decode_gpu", gpu_seconds(previous.started, previous.ready), len(previous.rows))
         self.scheduler.start_decoding(starting)
 
     def _prefill(self) -> list[Session]:
@@ -210,6 +214,7 @@ class Engine:
         completed = []
         forwards = 0
         started = time.perf_counter()
+        gpu_started = timing_event() if self.runner.on_cuda and self.scheduler.prefill_queue else None
         while rows := self.scheduler.prefill_rows(forwards):
             hidden = self.runner.prefill(rows)
             forwards += 1
@@ -220,4 +225,14 @@ class Engine:
                     completed.append(session)
         if forwards:
             self._activity.add("prefill", time.perf_counter() - started, forwards)
+            if gpu_started is not None:
+                self._gpu_prefills.append((gpu_started, timing_event(), forwards))
+        self._log_gpu_prefills()
         return completed
+
+    def _log_gpu_prefills(self) -> None:
+        """Account the GPU time of the prefill forwards whose work has finished (no waiting: a
+        forward that delivered no first token was not waited for)."""
+        while self._gpu_prefills and self._gpu_prefills[0][1].query():
+            gpu_started, ended, forwards = self._gpu_prefills.pop(0)
+            self._activity.add("prefill_gpu", gpu_seconds(gpu_started, ended), forwards)

@@ -30,12 +30,26 @@ SMALLEST_KV_BUCKET = 256  # attended lengths a forward is padded to: powers of t
 @dataclass
 class Launch:
     """A decode step on its way: each row's session and turn, the sampled ids on the device, and
-    their host copy, readable once ``ready`` has passed."""
+    their host copy, readable once ``ready`` has passed (``started`` marks where its GPU work begins)."""
 
     rows: LaunchRows
     ids: torch.Tensor
     host_ids: torch.Tensor
-    ready: torch.cuda.Event | None  # None off CUDA, where the copy is already done
+    started: torch.cuda.Event | None  # None off CUDA, where the copy is already done
+    ready: torch.cuda.Event | None
+
+
+def timing_event() -> torch.cuda.Event:
+    """A CUDA event recorded now on the current stream, for ``gpu_seconds``."""
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def gpu_seconds(started: torch.cuda.Event, ended: torch.cuda.Event) -> float:
+    """The GPU time between two passed timing events of one stream: the work queued between them,
+    from when the stream reached it (after what was queued before) to its end."""
+    return started.elapsed_time(ended) / 1000
 
 
 class _DecodeGraph:
@@ -149,6 +163,7 @@ class ModelRunner:
 
     def launch(self, plan: DecodePlan, previous: Launch | None) -> Launch:
         """Queue the decode step ``plan``; its carried rows take their ids from ``previous``."""
+        started = timing_event() if self.on_cuda else None
         inputs = to_device([plan.ids, plan.positions, plan.slots], self.device, torch.long)
         if plan.carried_rows:
             rows, sources = plan.carried_rows, plan.carried_sources
@@ -165,10 +180,8 @@ class ModelRunner:
         sampled = sample_requests(logits, [request.params for _, request in plan.rows], self.generator)
         host_ids = torch.empty(len(plan.rows), dtype=torch.long, pin_memory=self.on_cuda)
         host_ids.copy_(sampled, non_blocking=True)
-        ready = torch.cuda.Event() if self.on_cuda else None
-        if ready is not None:
-            ready.record()
-        return Launch(plan.rows, sampled, host_ids, ready)
+        ready = timing_event() if self.on_cuda else None
+        return Launch(plan.rows, sampled, host_ids, started, ready)
 
     def collect(self, launch: Launch) -> list[int]:
         """Wait for ``launch``; its sampled ids."""
