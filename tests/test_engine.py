@@ -1,6 +1,7 @@
 """Engine (continuous batching over a slot KV cache) against a no-cache greedy loop; batched sampling."""
 
 import asyncio
+import logging
 
 import pytest
 import torch
@@ -412,3 +413,23 @@ async def test_rows_are_not_padded_past_the_end_of_a_slot(model):
     context = torch.cat([history, token_embeds(model, first), turn])
     assert near_end == reference_greedy(model, context, 2)
     assert other == reference_greedy(model, fresh, 12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA timing events need a CUDA device")
+async def test_on_cuda_the_activity_lines_carry_the_gpu_time_of_prefill_and_decode(
+    model, caplog: pytest.LogCaptureFixture
+) -> None:
+    from copy import deepcopy
+
+    from tts.activity_log import ActivityLog
+
+    core, lm_head = (deepcopy(module).cuda() for module in model)
+    engine = make_engine((core, lm_head), device="cuda", cuda_graphs=False)
+    engine._activity = ActivityLog(logging.getLogger("test.engine"), "engine", interval_s=0.0)  # a line per step
+    with caplog.at_level(logging.INFO, logger="test.engine"):
+        await collect(engine, "a", prompt(model, 20, seed=1).cuda())
+        await engine.close()
+    text = caplog.text
+    for activity in ("prefill_gpu", "decode_gpu"):
+        times = [float(part.split("=")[1]) for part in text.split() if part.startswith(f"{activity}_ms=")]
+        assert times and all(ms > 0 for ms in times), activity
