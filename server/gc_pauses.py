@@ -4,8 +4,8 @@ and its passes are timed and logged.
 A pass over the oldest generation walks every object the collector tracks, and no other thread of
 the process runs Python meanwhile. After start-up the model worker holds hundreds of thousands of
 them (319k on the 2-core CPU with the tiny checkpoint, where one full pass took 136 ms), and py-spy
-caught the H200 worker stopped for about 250 ms in one allocation during a 64-client burst
-(benchmarks/README.md, call 20). What is alive once start-up is done lives as long as the process:
+caught the H200 worker at one allocation for about 250 ms during a 64-client burst, most likely in
+such a pass (benchmarks/README.md, call 20). What is alive once start-up is done lives as long as the process:
 `freeze_start_up_objects` moves it to the permanent generation, which no pass scans; a worker
 that stops thaws them (`gc.unfreeze`), so that a restarted worker's old objects can be collected.
 With it the H200 workers logged no full or slow pass under load (calls 21 and 22); their latencies
