@@ -1,7 +1,7 @@
 """Decode benchmark: the engine at full VITA-1.5 LLM dims (random bf16 weights) vs transformers' generate.
 
 Measures ms/token at several batch sizes, idle prefill latency, time to first token while other
-sessions decode, peak GPU memory, and Qwen2ForCausalLM.generate on the same weights. Prints a
+sessions decode (one long prompt; turns arriving one by one), peak GPU memory, and Qwen2ForCausalLM.generate on the same weights. Prints a
 table and writes JSON. ``--tiny`` runs the same code on small dims (smoke test, CPU is fine).
 
     PYTHONUNBUFFERED=1 python -m benchmarks.decode --out results.json
@@ -134,6 +134,45 @@ async def first_token_under_load(engine: Engine, core: Qwen2Model, others: int, 
     }
 
 
+async def arrivals_under_load(
+    engine: Engine, core: Qwen2Model, others: int, arrivals: int, prompt_len: int, spacing_s: float
+) -> dict:
+    """Turns arriving one by one (``spacing_s`` apart, as spread ends of users' turns do) while
+    ``others`` sessions keep decoding: each arrival's time to first token, and the decoding
+    sessions' token gaps meanwhile. The engine alone: no encoders, no TTS, no server."""
+    prompts = [random_prompt(core, 512, seed=300 + i) for i in range(others)]
+    runs = [[] for _ in range(others)]
+    background = [
+        asyncio.ensure_future(stream_times(engine, f"bg{i}", p, 1000, times))
+        for i, (p, times) in enumerate(zip(prompts, runs))
+    ]
+    while not all(runs):  # wait until all of them decode
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)
+
+    async def arrival(index: int) -> float:
+        await asyncio.sleep(index * spacing_s)
+        return await first_token_ms(engine, core, prompt_len, f"arrival{index}")
+
+    before = time.perf_counter()
+    ttfts = await asyncio.gather(*(arrival(i) for i in range(arrivals)))
+    after = time.perf_counter()
+    for i in range(others):
+        engine.cancel(f"bg{i}")
+    await asyncio.gather(*background)
+    for i in range(others):
+        engine.end_session(f"bg{i}")
+    gaps = sorted(b - a for times in runs for a, b in zip(times, times[1:]) if before <= a and b <= after)
+    steady = [b - a for times in runs for a, b in zip(times, times[1:]) if before - 0.2 <= a and b < before]
+    return {
+        "arrival_ttft_ms_p50": statistics.median(ttfts),
+        "arrival_ttft_ms_max": max(ttfts),
+        "others_gap_ms_p50": 1000 * statistics.median(gaps) if gaps else float("nan"),
+        "others_gap_ms_max": 1000 * gaps[-1] if gaps else float("nan"),
+        "others_median_gap_before_ms": 1000 * statistics.median(steady) if steady else float("nan"),
+    }
+
+
 def hf_generate_ms_per_token(hf: Qwen2ForCausalLM, batch: int, prompt_len: int, new_tokens: int) -> float:
     """(time for new_tokens - time for 1) / (new_tokens - 1), greedy, no early stop."""
     device = hf.lm_head.weight.device
@@ -197,6 +236,10 @@ async def engine_measurements(engine: Engine, core: Qwen2Model, args) -> dict:
     )
     results["under_load"] = await first_token_under_load(engine, core, 31, 600)
     print(f"prefill/ttft: {results['prefill_600_ttft_ms']:.1f} ms, under load {results['under_load']}", flush=True)
+    results["arrivals"] = await arrivals_under_load(
+        engine, core, args.arrival_others, args.arrivals, args.arrival_prompt_len, args.arrival_spacing_ms / 1000
+    )
+    print(f"spread arrivals: {results['arrivals']}", flush=True)
     return results
 
 
@@ -231,6 +274,10 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--max-len", type=int, default=2048)
+    parser.add_argument("--arrivals", type=int, default=16, help="turns arriving one by one while others decode")
+    parser.add_argument("--arrival-others", type=int, default=48, help="sessions decoding meanwhile")
+    parser.add_argument("--arrival-prompt-len", type=int, default=150, help="an arriving turn's tokens (a spoken turn)")
+    parser.add_argument("--arrival-spacing-ms", type=float, default=30.0)
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -244,7 +291,7 @@ def main() -> None:
     print(f"{machine}: engine == no-cache reference: {results['check_engine_equals_reference']}", flush=True)
 
     core, lm_head = build_model(config, device, dtype)
-    max_sessions = max(args.batches + [32])  # the under-load measurement runs 31 others + 1
+    max_sessions = max(args.batches + [32, args.arrival_others + args.arrivals])  # the load measurements' sessions
     engine = Engine(core, lm_head, max_sessions=max_sessions, max_len=args.max_len, device=device,
                     dtype=dtype, stop_token_ids=())
     if engine.use_graphs:
@@ -274,6 +321,12 @@ def main() -> None:
     print(f"| time to first token, 600-token prompt, 31 others decoding | {load['ttft_ms']:.1f} ms |")
     print(f"| others' longest token gap meanwhile (median before) | {load['others_max_gap_ms']:.1f} ms "
           f"({load['others_median_gap_before_ms']:.1f} ms) |")
+    arrivals = results["arrivals"]
+    print(f"| {args.arrivals} turns of {args.arrival_prompt_len} tokens arriving {args.arrival_spacing_ms:g} ms apart, "
+          f"{args.arrival_others} others decoding: first token p50 / max | {arrivals['arrival_ttft_ms_p50']:.1f} / "
+          f"{arrivals['arrival_ttft_ms_max']:.1f} ms |")
+    print(f"| others' token gaps meanwhile p50 / max (median before) | {arrivals['others_gap_ms_p50']:.1f} / "
+          f"{arrivals['others_gap_ms_max']:.1f} ms ({arrivals['others_median_gap_before_ms']:.1f} ms) |")
     if "engine_peak_gpu_memory_gib" in results:
         print(f"| engine peak GPU memory (weights + KV {max_sessions + 2} slots x {args.max_len}) "
               f"| {results['engine_peak_gpu_memory_gib']:.1f} GiB |")
