@@ -105,33 +105,46 @@ async def first_token_ms(engine: Engine, core: Qwen2Model, prompt_len: int, sess
     return 1000 * (times[0] - start)
 
 
-async def first_token_under_load(engine: Engine, core: Qwen2Model, others: int, prompt_len: int) -> dict:
-    """Time to first token of a new session while ``others`` sessions keep decoding."""
-    prompts = [random_prompt(core, 512, seed=200 + i) for i in range(others)]
-    runs = [[] for _ in range(others)]
-    background = [
-        asyncio.ensure_future(stream_times(engine, f"bg{i}", p, 400, times))
+async def background_decoding(engine: Engine, core: Qwen2Model, others: int, seed: int) -> tuple[list, list[list[float]]]:
+    """``others`` sessions decoding long replies, returned once every one of them streams: their
+    tasks and the arrival times of their tokens (growing)."""
+    prompts = [random_prompt(core, 512, seed=seed + i) for i in range(others)]
+    runs: list[list[float]] = [[] for _ in range(others)]
+    tasks = [
+        asyncio.ensure_future(stream_times(engine, f"bg{i}", p, 1000, times))
         for i, (p, times) in enumerate(zip(prompts, runs))
     ]
-    while not all(runs):  # wait until all of them decode
+    while not all(runs):
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.2)
+    return tasks, runs
+
+
+async def stop_background(engine: Engine, tasks: list, runs: list[list[float]], before: float, after: float) -> dict:
+    """End the background sessions; their token gaps between ``before`` and ``after`` (p50, max) and
+    the median gap in the 0.2 s before, in ms."""
+    for i in range(len(tasks)):
+        engine.cancel(f"bg{i}")
+    await asyncio.gather(*tasks)
+    for i in range(len(tasks)):
+        engine.end_session(f"bg{i}")
+    gaps = sorted(b - a for times in runs for a, b in zip(times, times[1:]) if before <= a and b <= after)
+    steady = [b - a for times in runs for a, b in zip(times, times[1:]) if before - 0.2 <= a and b < before]
+    nan = float("nan")
+    return {
+        "others_gap_ms_p50": 1000 * statistics.median(gaps) if gaps else nan,
+        "others_max_gap_ms": 1000 * gaps[-1] if gaps else nan,
+        "others_median_gap_before_ms": 1000 * statistics.median(steady) if steady else nan,
+    }
+
+
+async def first_token_under_load(engine: Engine, core: Qwen2Model, others: int, prompt_len: int) -> dict:
+    """Time to first token of a new session while ``others`` sessions keep decoding."""
+    tasks, runs = await background_decoding(engine, core, others, seed=200)
     before = time.perf_counter()
     ttft = await first_token_ms(engine, core, prompt_len, "newcomer")
     after = time.perf_counter()
-    for i in range(others):
-        engine.cancel(f"bg{i}")
-    await asyncio.gather(*background)
-    for i in range(others):
-        engine.end_session(f"bg{i}")
-    gaps = [b - a for times in runs for a, b in zip(times, times[1:]) if before <= a and b <= after]
-    steady = [b - a for times in runs for a, b in zip(times, times[1:]) if before - 0.2 <= a and b < before]
-    return {
-        "ttft_ms": ttft,
-        "others_max_gap_ms": 1000 * max(gaps, default=float("nan")),
-        "first_other_gaps_ms": [round(1000 * (b - a), 2) for a, b in zip(runs[0], runs[0][1:]) if before <= a <= after],
-        "others_median_gap_before_ms": 1000 * statistics.median(steady) if steady else float("nan"),
-    }
+    return {"ttft_ms": ttft, **await stop_background(engine, tasks, runs, before, after)}
 
 
 async def arrivals_under_load(
@@ -140,15 +153,7 @@ async def arrivals_under_load(
     """Turns arriving one by one (``spacing_s`` apart, as spread ends of users' turns do) while
     ``others`` sessions keep decoding: each arrival's time to first token, and the decoding
     sessions' token gaps meanwhile. The engine alone: no encoders, no TTS, no server."""
-    prompts = [random_prompt(core, 512, seed=300 + i) for i in range(others)]
-    runs = [[] for _ in range(others)]
-    background = [
-        asyncio.ensure_future(stream_times(engine, f"bg{i}", p, 1000, times))
-        for i, (p, times) in enumerate(zip(prompts, runs))
-    ]
-    while not all(runs):  # wait until all of them decode
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.2)
+    tasks, runs = await background_decoding(engine, core, others, seed=300)
 
     async def arrival(index: int) -> float:
         await asyncio.sleep(index * spacing_s)
@@ -157,20 +162,8 @@ async def arrivals_under_load(
     before = time.perf_counter()
     ttfts = await asyncio.gather(*(arrival(i) for i in range(arrivals)))
     after = time.perf_counter()
-    for i in range(others):
-        engine.cancel(f"bg{i}")
-    await asyncio.gather(*background)
-    for i in range(others):
-        engine.end_session(f"bg{i}")
-    gaps = sorted(b - a for times in runs for a, b in zip(times, times[1:]) if before <= a and b <= after)
-    steady = [b - a for times in runs for a, b in zip(times, times[1:]) if before - 0.2 <= a and b < before]
-    return {
-        "arrival_ttft_ms_p50": statistics.median(ttfts),
-        "arrival_ttft_ms_max": max(ttfts),
-        "others_gap_ms_p50": 1000 * statistics.median(gaps) if gaps else float("nan"),
-        "others_gap_ms_max": 1000 * gaps[-1] if gaps else float("nan"),
-        "others_median_gap_before_ms": 1000 * statistics.median(steady) if steady else float("nan"),
-    }
+    return {"arrival_ttft_ms_p50": statistics.median(ttfts), "arrival_ttft_ms_max": max(ttfts),
+            **await stop_background(engine, tasks, runs, before, after)}
 
 
 def hf_generate_ms_per_token(hf: Qwen2ForCausalLM, batch: int, prompt_len: int, new_tokens: int) -> float:
@@ -326,7 +319,7 @@ def main() -> None:
           f"{args.arrival_others} others decoding: first token p50 / max | {arrivals['arrival_ttft_ms_p50']:.1f} / "
           f"{arrivals['arrival_ttft_ms_max']:.1f} ms |")
     print(f"| others' token gaps meanwhile p50 / max (median before) | {arrivals['others_gap_ms_p50']:.1f} / "
-          f"{arrivals['others_gap_ms_max']:.1f} ms ({arrivals['others_median_gap_before_ms']:.1f} ms) |")
+          f"{arrivals['others_max_gap_ms']:.1f} ms ({arrivals['others_median_gap_before_ms']:.1f} ms) |")
     if "engine_peak_gpu_memory_gib" in results:
         print(f"| engine peak GPU memory (weights + KV {max_sessions + 2} slots x {args.max_len}) "
               f"| {results['engine_peak_gpu_memory_gib']:.1f} GiB |")
