@@ -1,7 +1,7 @@
 """Shared fixtures: one tiny VITA-1.5 checkpoint per test session.
 
-Triton kernels run in Triton's CPU interpreter here; the switch must be set before triton is
-first imported (transformers or torch may import it while tests are collected).
+Without a GPU, Triton kernels run in Triton's CPU interpreter; the switch must be set before triton
+is first imported (transformers may import it while tests are collected; ``import torch`` does not).
 """
 
 from __future__ import annotations
@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -44,7 +44,7 @@ def reference_greedy(model, embeds: torch.Tensor, max_tokens: int, stop_ids=()) 
             tokens.append(token)
             if token in stop_ids:
                 break
-            embeds = torch.cat([embeds, core.embed_tokens(torch.tensor([token]))])
+            embeds = torch.cat([embeds, core.embed_tokens(torch.tensor([token], device=embeds.device))])
     return tokens
 
 
@@ -413,6 +413,52 @@ async def test_rows_are_not_padded_past_the_end_of_a_slot(model):
     context = torch.cat([history, token_embeds(model, first), turn])
     assert near_end == reference_greedy(model, context, 2)
     assert other == reference_greedy(model, fresh, 12)
+
+
+def test_a_padded_prefill_writes_only_its_real_inputs_even_past_the_end_of_a_slot(model):
+    """Rows padded in width (one past the end of its slot) and a padding row give the real inputs
+    the hidden states and cache entries of unpadded forwards, and leave every other position as it was."""
+    from vita.model_runner import ModelRunner
+
+    def runner() -> ModelRunner:
+        made = ModelRunner(*model, max_sessions=3, max_len=32, device="cpu", dtype=torch.float32)
+        with torch.inference_mode():  # slot 1 holds 28 positions: its next 4 inputs fill it
+            made._prefill_forward(prompt(model, 28, seed=80)[None], *torch.tensor([[0], [28], [1]]), 32)
+        return made
+
+    rows = [(0, 5, 0), (28, 4, 1)]  # start, size, slot
+    inputs = [prompt(model, size, seed=81 + row) for row, (_, size, _) in enumerate(rows)]
+    reference, padded = runner(), runner()
+    embeds = torch.randn(3, 16, model[0].config.hidden_size)  # padding inputs are arbitrary
+    for row, part in enumerate(inputs):
+        embeds[row, : part.shape[0]] = part
+    layout = torch.tensor([[*column, padding] for column, padding in zip(zip(*rows), (0, 0, padded.padding_slot))])
+    with torch.inference_mode():
+        hidden = padded._prefill_forward(embeds, *layout, 32)
+        for row, ((start, size, slot), part) in enumerate(zip(rows, inputs)):
+            alone = reference._prefill_forward(part[None], *torch.tensor([[start], [size], [slot]]), 32)
+            torch.testing.assert_close(hidden[row, :size], alone[0])
+    for ours, theirs in zip(padded.cache.layers, reference.cache.layers):
+        torch.testing.assert_close(ours[: reference.padding_slot], theirs[: reference.padding_slot])
+        assert not ours[0, 5:].any() and not ours[2].any()  # never written
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+async def test_on_cuda_prefills_replayed_from_graphs_give_the_reference_tokens(model) -> None:
+    """Turns prefilled alone and in padded graph rows while others decode, against a no-cache greedy loop."""
+    from copy import deepcopy
+
+    cuda_model = tuple(deepcopy(module).cuda() for module in model)
+    engine = make_engine(cuda_model, device="cuda", cuda_graphs=True, max_sessions=5, prefill_tokens=16)
+    prompts = {f"s{i}": prompt(model, n, seed=90 + i).cuda() for i, n in enumerate((37, 3, 5, 7, 12))}
+    early = asyncio.ensure_future(collect(engine, "s0", prompts["s0"]))
+    await asyncio.sleep(0.05)
+    results = await asyncio.gather(*(collect(engine, sid, p) for sid, p in list(prompts.items())[1:]))
+    results.insert(0, await early)
+    await engine.close()
+    for (sid, embeds), tokens in zip(prompts.items(), results):
+        assert tokens == reference_greedy(cuda_model, embeds, 12), sid
+    assert engine.runner._prefill_graphs  # some prefills were replayed from graphs
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA timing events need a CUDA device")

@@ -61,7 +61,7 @@ class Engine:
     ):
         self.runner = ModelRunner(
             model_core, lm_head, max_sessions=max_sessions, max_len=max_len, device=device, dtype=dtype,
-            seed=seed, cuda_graphs=cuda_graphs, fast_kernels=fast_kernels,
+            seed=seed, cuda_graphs=cuda_graphs, fast_kernels=fast_kernels, prefill_chunk=prefill_chunk,
         )
         self.scheduler = Scheduler(
             max_sessions=max_sessions, max_len=max_len, stop_token_ids=stop_token_ids,
@@ -152,7 +152,7 @@ class Engine:
         return self.scheduler.prefix_length(key)
 
     def capture_graphs(self) -> None:
-        """Capture every decode graph up front (otherwise each is captured on first use)."""
+        """Capture every decode and prefill graph up front (otherwise each is captured on first use)."""
         self.runner.capture_graphs()
 
     async def close(self) -> None:

@@ -1,9 +1,12 @@
 """The engine's tensors: the KV cache, prefix copies, prefill and decode forwards, CUDA graphs,
 shape buckets and sampling. It runs what ``vita.scheduler.Scheduler`` plans and decides nothing.
 
-Prefill runs eagerly. On CUDA the decode forward is replayed from CUDA graphs captured per
-(batch bucket, attended-length bucket), with the model's fast kernels (compiled elementwise steps,
-Triton one-token attention). A decode step is launched without waiting for the previous one: rows
+On CUDA the decode forward is replayed from CUDA graphs captured per (batch bucket, attended-length
+bucket), with the model's fast kernels (compiled elementwise steps, Triton one-token attention), and
+a prefill forward of up to ``LARGEST_PREFILL_GRAPH_ROWS`` rows of up to a chunk's inputs from graphs
+per (rows bucket, width bucket) attending over whole slots: launched eagerly, its thousand small
+kernels cost the host 10 to 90 ms (more while other threads hold the GIL) for a few milliseconds of
+GPU work. Larger prefills run eagerly. A decode step is launched without waiting for the previous one: rows
 carried over take their input ids from its device output, and its sampled ids are copied to the
 host behind an event, read by ``collect``. The runner fuses the model's q/k/v and gate/up
 projections in place (``Qwen2Model.prepare_for_inference``).
@@ -25,6 +28,8 @@ from vita.sampling import sample_requests
 from vita.scheduler import DecodePlan, LaunchRows, Session
 
 SMALLEST_KV_BUCKET = 256  # attended lengths a forward is padded to: powers of two from here, then max_len
+SMALLEST_PREFILL_WIDTH = 16  # inputs per row a prefill graph is padded to: powers of two from here to the chunk
+LARGEST_PREFILL_GRAPH_ROWS = 8  # prefills of more rows run eagerly
 
 
 @dataclass
@@ -61,7 +66,7 @@ class _DecodeGraph:
         self.padding_slot = padding_slot
 
         self.graph, self.logits = capture(
-            lambda: step(self.inputs[0], self.inputs[1, :, None], self.inputs[2], kv_len), "llm_decode", device, pool
+            lambda: step(self.inputs[0], self.inputs[1, :, None], self.inputs[2], kv_len), "llm", device, pool
         )
 
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -72,6 +77,28 @@ class _DecodeGraph:
         self.inputs[2, n:] = self.padding_slot
         self.graph.replay()
         return self.logits[:n]
+
+
+class _PrefillGraph:
+    """A CUDA graph of one prefill forward over ``rows`` rows of ``width`` input embeddings."""
+
+    def __init__(self, forward: Callable, rows: int, width: int, hidden_size: int, dtype: torch.dtype,
+                 padding_slot: int, device: torch.device, pool):
+        self.embeds = torch.zeros(rows, width, hidden_size, dtype=dtype, device=device)
+        self.layout = torch.zeros(3, rows, dtype=torch.long, device=device)  # starts, sizes, slots
+        self.layout[2] = padding_slot
+        self.padding_slot = padding_slot
+        self.graph, self.hidden = capture(lambda: forward(self.embeds, *self.layout), "llm", device, pool)
+
+    def __call__(self, layout: torch.Tensor) -> torch.Tensor:
+        """Hidden states of the first n rows of ``embeds`` (filled by the caller) laid out by
+        ``layout [3, n]``; the rows after them are padding."""
+        n = layout.shape[1]
+        self.layout[:, :n].copy_(layout, non_blocking=True)
+        self.layout[:2, n:] = 0
+        self.layout[2, n:] = self.padding_slot
+        self.graph.replay()
+        return self.hidden[:n]
 
 
 class ModelRunner:
@@ -89,6 +116,7 @@ class ModelRunner:
         seed: int = 0,
         cuda_graphs: bool | None = None,
         fast_kernels: bool | None = None,
+        prefill_chunk: int = 256,
     ) -> None:
         self.model = model_core
         self.lm_head = lm_head
@@ -104,6 +132,9 @@ class ModelRunner:
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.use_graphs = self.on_cuda if cuda_graphs is None else cuda_graphs
         self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
+        self._prefill_rows = batch_buckets(LARGEST_PREFILL_GRAPH_ROWS)
+        self._prefill_widths = span_buckets(prefill_chunk, smallest=min(SMALLEST_PREFILL_WIDTH, prefill_chunk))
+        self._prefill_graphs: dict[tuple[int, int], _PrefillGraph] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._prefixes: dict[str, list[torch.Tensor]] = {}  # per layer [length, 2 * kv_heads, head_dim]
 
@@ -125,7 +156,10 @@ class ModelRunner:
         with torch.inference_mode():
             embeds = embeds.to(self.device, self.cache.dtype)
             for start in range(0, embeds.shape[0], chunk):
-                self._forward_chunk(self.prefix_slot, start, embeds[start : start + chunk])
+                inputs = embeds[start : start + chunk]
+                self.prefilled_tokens += inputs.shape[0]
+                layout = to_device([[start], [inputs.shape[0]], [self.prefix_slot]], self.device)
+                self._prefill_forward(inputs[None], *layout, padded(start + inputs.shape[0], self._kv_buckets))
         length = embeds.shape[0]
         self._prefixes[key] = [layer[self.prefix_slot, :length].clone() for layer in self.cache.layers]
 
@@ -140,20 +174,23 @@ class ModelRunner:
     # ----------------------------------------------------------------- steps
 
     def prefill(self, rows: list[tuple[Session, int]]) -> torch.Tensor:
-        """One forward over each session's next ``size`` inputs, rows zero-padded to the longest;
-        returns hidden states ``[rows, width, hidden]``. Padding positions lie past the turn's end:
-        their cache writes are overwritten before anything attends to them."""
+        """One forward over each session's next ``size`` inputs, rows padded to the longest (on CUDA
+        to a graph's rows and width); returns hidden states ``[rows, width, hidden]``."""
         width = max(size for _, size in rows)
-        embeds = torch.zeros(len(rows), width, self.model.config.hidden_size, device=self.device, dtype=self.cache.dtype)
+        layout = [[session.length for session, _ in rows], [size for _, size in rows], [session.slot for session, _ in rows]]
+        self.prefilled_tokens += sum(layout[1])
+        graph = self._prefill_graph(len(rows), width) if self.use_graphs else None
+        if graph is not None:
+            embeds = graph.embeds
+        else:
+            embeds = torch.zeros(len(rows), width, self.model.config.hidden_size, device=self.device, dtype=self.cache.dtype)
         for row, (session, size) in enumerate(rows):
             request = session.request
             embeds[row, :size] = request.inputs[request.prefilled : request.prefilled + size]
-        starts, slots = to_device([[session.length for session, _ in rows], [session.slot for session, _ in rows]],
-                                  self.device)
-        positions = starts[:, None] + torch.arange(width, device=self.device)
-        kv_len = padded(max(session.length for session, _ in rows) + width, self._kv_buckets)
-        self.prefilled_tokens += sum(size for _, size in rows)
-        return self.model(embeds, positions, self.cache, slots, kv_len)
+        layout = to_device(layout, self.device)
+        if graph is not None:
+            return graph(layout)
+        return self._prefill_forward(embeds, *layout, padded(max(s.length for s, _ in rows) + width, self._kv_buckets))
 
     def sample_last(self, hidden: torch.Tensor, finishing: list[tuple[int, int, Session]]) -> list[int]:
         """First tokens of the turns in ``finishing`` (row, index of its last input, session) of a prefill's ``hidden``."""
@@ -190,23 +227,46 @@ class ModelRunner:
         return launch.host_ids.tolist()
 
     def capture_graphs(self) -> None:
-        """Capture every decode graph up front (otherwise each is captured on first use)."""
+        """Capture every decode and prefill graph up front (otherwise each is captured on first use)."""
         for batch in self._batch_buckets:
             for kv_len in self._kv_buckets:
                 self._graph(batch, kv_len)
+        for rows in self._prefill_rows:
+            for width in self._prefill_widths:
+                self._prefill_graph(rows, width)
 
     # ----------------------------------------------------------------- model calls
 
-    def _forward_chunk(self, slot: int, start: int, embeds: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(start, start + embeds.shape[0], device=self.device)[None]
-        slots = to_device([slot], self.device)
-        kv_len = padded(start + embeds.shape[0], self._kv_buckets)
-        self.prefilled_tokens += embeds.shape[0]
-        return self.model(embeds[None], positions, self.cache, slots, kv_len)
+    def _prefill_forward(
+        self, embeds: torch.Tensor, starts: torch.Tensor, sizes: torch.Tensor, slots: torch.Tensor, kv_len: int
+    ) -> torch.Tensor:
+        """The forward of ``embeds [R, W, hidden]`` whose row r holds ``sizes[r]`` inputs of slot
+        ``slots[r]`` from position ``starts[r]`` on; the keys and values of the padding after them
+        go to the padding slot, so a row may be padded past the end of its slot."""
+        offsets = torch.arange(embeds.shape[1], device=embeds.device)
+        positions = starts[:, None] + offsets
+        real = (offsets < sizes[:, None]).reshape(-1)
+        spare = self.cache.flat_index(torch.full_like(slots, self.padding_slot), offsets.expand_as(positions))
+        flat_index = torch.where(real, self.cache.flat_index(slots, positions), spare)
+        return self.model(embeds, positions, self.cache, slots, kv_len, flat_index)
 
     def _decode_logits(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, kv_len: int) -> torch.Tensor:
         hidden = self.model(self.model.embed_tokens(ids)[:, None], positions, self.cache, slots, kv_len)
         return self.lm_head(hidden[:, 0])
+
+    def _prefill_graph(self, rows: int, width: int) -> _PrefillGraph | None:
+        """The graph for a prefill of ``rows`` rows of ``width`` inputs (None: too large, run it
+        eagerly); it attends over whole slots."""
+        if rows > self._prefill_rows[-1] or width > self._prefill_widths[-1]:
+            return None
+        key = (padded(rows, self._prefill_rows), padded(width, self._prefill_widths))
+        if key not in self._prefill_graphs:
+            with torch.inference_mode():
+                self._prefill_graphs[key] = _PrefillGraph(
+                    lambda *inputs: self._prefill_forward(*inputs, self.cache.max_len), *key,
+                    self.model.config.hidden_size, self.cache.dtype, self.padding_slot, self.device, self._graph_pool,
+                )
+        return self._prefill_graphs[key]
 
     def _graph(self, batch: int, kv_len: int) -> _DecodeGraph:
         key = (batch, kv_len)

@@ -329,15 +329,19 @@ class Qwen2Model(nn.Module):
         cache: KVCache,
         slot_ids: torch.Tensor,
         kv_len: int,
+        flat_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run ``inputs_embeds [B, T, hidden]`` at ``positions [B, T]`` of slots ``slot_ids [B]``.
 
-        New keys/values are written into ``cache``; each query attends to the cached positions
-        ``<=`` its own, within the first ``kv_len`` positions of its slot.
+        New keys/values are written into ``cache`` (at each row's slot and positions, or at the rows
+        ``flat_index [B * T]`` of ``KVCache.flat_index`` names); each query attends to the cached
+        positions ``<=`` its own, within the first ``kv_len`` positions of its slot.
         """
         key_positions = torch.arange(kv_len, device=positions.device)
         allowed = (key_positions <= positions[:, :, None])[:, None]
-        access = CacheAccess(cache, slot_ids, cache.flat_index(slot_ids, positions), kv_len, positions[:, -1] + 1)
+        if flat_index is None:
+            flat_index = cache.flat_index(slot_ids, positions)
+        access = CacheAccess(cache, slot_ids, flat_index, kv_len, positions[:, -1] + 1)
         return self._run_layers(inputs_embeds, positions, allowed, access)
 
     def forward_reference(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
