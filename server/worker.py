@@ -180,6 +180,8 @@ class ModelWorker(WorkerIdentity):
         try:
             started = time.perf_counter()
             device = self.settings.resolved_device()
+            if device.startswith("cuda"):  # the LLM's kernels first when the SMs are shared (the loop thread's stream)
+                torch.cuda.set_stream(torch.cuda.Stream(device, priority=-1))
             if self._synthesizer is None:  # the first start; a restart reuses the weights
                 self.assistant = VitaAssistant.load(self.checkpoint, device=device, dtype=self.settings.torch_dtype())
                 self._synthesizer = Synthesizer.load(self.checkpoint / TTS_DIR, device=device,

@@ -96,7 +96,8 @@ class MediaEncoder:
         self.model = model
         self.max_batch = max_batch
         self.on_cuda = model.device.type == "cuda"
-        self.stream = torch.cuda.Stream(model.device) if self.on_cuda else None
+        # high priority, as the LLM's stream: a turn's media is on the way to its first token
+        self.stream = torch.cuda.Stream(model.device, priority=-1) if self.on_cuda else None
         self._requests: queue.SimpleQueue[tuple[MediaRequest, Future, torch.cuda.Stream | None] | None] = (
             queue.SimpleQueue()
         )
