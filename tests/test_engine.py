@@ -445,12 +445,16 @@ def test_a_padded_prefill_writes_only_its_real_inputs_even_past_the_end_of_a_slo
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 async def test_on_cuda_prefills_replayed_from_graphs_give_the_reference_tokens(model) -> None:
-    """Turns prefilled alone and in padded graph rows while others decode, against a no-cache greedy loop."""
+    """Turns prefilled alone and in padded graph rows while others decode (one long enough to cross
+    the graphs' attended-length buckets), against a no-cache greedy loop."""
     from copy import deepcopy
 
     cuda_model = tuple(deepcopy(module).cuda() for module in model)
-    engine = make_engine(cuda_model, device="cuda", cuda_graphs=True, max_sessions=5, prefill_tokens=16)
-    prompts = {f"s{i}": prompt(model, n, seed=90 + i).cuda() for i, n in enumerate((37, 3, 5, 7, 12))}
+    engine = make_engine(
+        cuda_model, device="cuda", cuda_graphs=True, max_sessions=6, max_len=2048, prefill_chunk=16, prefill_tokens=16
+    )
+    lengths = (37, 3, 5, 7, 12, 1100)
+    prompts = {f"s{i}": prompt(model, n, seed=90 + i).cuda() for i, n in enumerate(lengths)}
     early = asyncio.ensure_future(collect(engine, "s0", prompts["s0"]))
     await asyncio.sleep(0.05)
     results = await asyncio.gather(*(collect(engine, sid, p) for sid, p in list(prompts.items())[1:]))
@@ -458,7 +462,7 @@ async def test_on_cuda_prefills_replayed_from_graphs_give_the_reference_tokens(m
     await engine.close()
     for (sid, embeds), tokens in zip(prompts.items(), results):
         assert tokens == reference_greedy(cuda_model, embeds, 12), sid
-    assert engine.runner._prefill_graphs  # some prefills were replayed from graphs
+    assert {kv_len for _, _, kv_len in engine.runner._prefill_graphs} == {1024, 2048}  # replayed from graphs
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA timing events need a CUDA device")

@@ -4,11 +4,11 @@ shape buckets and sampling. It runs what ``vita.scheduler.Scheduler`` plans and 
 On CUDA the decode forward is replayed from CUDA graphs captured per (batch bucket, attended-length
 bucket), with the model's fast kernels (compiled elementwise steps, Triton one-token attention), and
 a prefill forward of up to ``LARGEST_PREFILL_GRAPH_ROWS`` rows of up to a chunk's inputs from graphs
-per (rows bucket, width bucket) attending over whole slots: launched eagerly, its thousand small
+per (rows bucket, width bucket, attended-length bucket): launched eagerly, its thousand small
 kernels cost the host 10 to 90 ms (more while other threads hold the GIL) for a few milliseconds of
-GPU work. Larger prefills run eagerly. A decode step is launched without waiting for the previous one: rows
-carried over take their input ids from its device output, and its sampled ids are copied to the
-host behind an event, read by ``collect``. The runner fuses the model's q/k/v and gate/up
+GPU work. Larger prefills run eagerly. A decode step is launched without waiting for the previous
+one: rows carried over take their input ids from its device output, and its sampled ids are copied
+to the host behind an event, read by ``collect``. The runner fuses the model's q/k/v and gate/up
 projections in place (``Qwen2Model.prepare_for_inference``).
 """
 
@@ -30,6 +30,7 @@ from vita.scheduler import DecodePlan, LaunchRows, Session
 SMALLEST_KV_BUCKET = 256  # attended lengths a forward is padded to: powers of two from here, then max_len
 SMALLEST_PREFILL_WIDTH = 16  # inputs per row a prefill graph is padded to: powers of two from here to the chunk
 LARGEST_PREFILL_GRAPH_ROWS = 8  # prefills of more rows run eagerly
+SMALLEST_PREFILL_KV_BUCKET = 1024  # attended lengths of prefill graphs: powers of two from here, then max_len
 
 
 @dataclass
@@ -80,15 +81,16 @@ class _DecodeGraph:
 
 
 class _PrefillGraph:
-    """A CUDA graph of one prefill forward over ``rows`` rows of ``width`` input embeddings."""
+    """A CUDA graph of one prefill forward over ``rows`` rows of ``width`` input embeddings, attending
+    over the first ``kv_len`` positions of each row's slot."""
 
-    def __init__(self, forward: Callable, rows: int, width: int, hidden_size: int, dtype: torch.dtype,
-                 padding_slot: int, device: torch.device, pool):
+    def __init__(self, forward: Callable, rows: int, width: int, kv_len: int, hidden_size: int,
+                 dtype: torch.dtype, padding_slot: int, device: torch.device, pool):
         self.embeds = torch.zeros(rows, width, hidden_size, dtype=dtype, device=device)
         self.layout = torch.zeros(3, rows, dtype=torch.long, device=device)  # starts, sizes, slots
         self.layout[2] = padding_slot
         self.padding_slot = padding_slot
-        self.graph, self.hidden = capture(lambda: forward(self.embeds, *self.layout), "llm", device, pool)
+        self.graph, self.hidden = capture(lambda: forward(self.embeds, *self.layout, kv_len), "llm", device, pool)
 
     def __call__(self, layout: torch.Tensor) -> torch.Tensor:
         """Hidden states of the first n rows of ``embeds`` (filled by the caller) laid out by
@@ -134,7 +136,8 @@ class ModelRunner:
         self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
         self._prefill_rows = batch_buckets(LARGEST_PREFILL_GRAPH_ROWS)
         self._prefill_widths = span_buckets(prefill_chunk, smallest=min(SMALLEST_PREFILL_WIDTH, prefill_chunk))
-        self._prefill_graphs: dict[tuple[int, int], _PrefillGraph] = {}
+        self._prefill_kv_buckets = span_buckets(max_len, smallest=min(SMALLEST_PREFILL_KV_BUCKET, max_len))
+        self._prefill_graphs: dict[tuple[int, int, int], _PrefillGraph] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._prefixes: dict[str, list[torch.Tensor]] = {}  # per layer [length, 2 * kv_heads, head_dim]
 
@@ -179,7 +182,8 @@ class ModelRunner:
         width = max(size for _, size in rows)
         layout = [[session.length for session, _ in rows], [size for _, size in rows], [session.slot for session, _ in rows]]
         self.prefilled_tokens += sum(layout[1])
-        graph = self._prefill_graph(len(rows), width) if self.use_graphs else None
+        attended = max(session.length + size for session, size in rows)
+        graph = self._prefill_graph(len(rows), width, attended) if self.use_graphs else None
         if graph is not None:
             embeds = graph.embeds
         else:
@@ -190,7 +194,7 @@ class ModelRunner:
         layout = to_device(layout, self.device)
         if graph is not None:
             return graph(layout)
-        return self._prefill_forward(embeds, *layout, padded(max(s.length for s, _ in rows) + width, self._kv_buckets))
+        return self._prefill_forward(embeds, *layout, padded(attended, self._kv_buckets))
 
     def sample_last(self, hidden: torch.Tensor, finishing: list[tuple[int, int, Session]]) -> list[int]:
         """First tokens of the turns in ``finishing`` (row, index of its last input, session) of a prefill's ``hidden``."""
@@ -233,7 +237,8 @@ class ModelRunner:
                 self._graph(batch, kv_len)
         for rows in self._prefill_rows:
             for width in self._prefill_widths:
-                self._prefill_graph(rows, width)
+                for kv_len in self._prefill_kv_buckets:
+                    self._prefill_graph(rows, width, kv_len)
 
     # ----------------------------------------------------------------- model calls
 
@@ -254,17 +259,18 @@ class ModelRunner:
         hidden = self.model(self.model.embed_tokens(ids)[:, None], positions, self.cache, slots, kv_len)
         return self.lm_head(hidden[:, 0])
 
-    def _prefill_graph(self, rows: int, width: int) -> _PrefillGraph | None:
-        """The graph for a prefill of ``rows`` rows of ``width`` inputs (None: too large, run it
-        eagerly); it attends over whole slots."""
+    def _prefill_graph(self, rows: int, width: int, attended: int) -> _PrefillGraph | None:
+        """The graph for a prefill of ``rows`` rows of ``width`` inputs whose real inputs attend to at
+        most ``attended`` positions (None: too large, run it eagerly)."""
         if rows > self._prefill_rows[-1] or width > self._prefill_widths[-1]:
             return None
-        key = (padded(rows, self._prefill_rows), padded(width, self._prefill_widths))
+        key = (padded(rows, self._prefill_rows), padded(width, self._prefill_widths),
+               padded(attended, self._prefill_kv_buckets))
         if key not in self._prefill_graphs:
             with torch.inference_mode():
                 self._prefill_graphs[key] = _PrefillGraph(
-                    lambda *inputs: self._prefill_forward(*inputs, self.cache.max_len), *key,
-                    self.model.config.hidden_size, self.cache.dtype, self.padding_slot, self.device, self._graph_pool,
+                    self._prefill_forward, *key, self.model.config.hidden_size, self.cache.dtype, self.padding_slot,
+                    self.device, self._graph_pool,
                 )
         return self._prefill_graphs[key]
 
