@@ -443,25 +443,51 @@ def test_a_padded_prefill_writes_only_its_real_inputs_even_past_the_end_of_a_slo
         assert not ours[0, 5:].any() and not ours[2].any()  # never written
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-async def test_on_cuda_prefills_replayed_from_graphs_give_the_reference_tokens(model) -> None:
-    """Turns prefilled alone and in padded graph rows while others decode (one long enough to cross
-    the graphs' attended-length buckets), against a no-cache greedy loop."""
-    from copy import deepcopy
-
-    cuda_model = tuple(deepcopy(module).cuda() for module in model)
-    engine = make_engine(
-        cuda_model, device="cuda", cuda_graphs=True, max_sessions=6, max_len=2048, prefill_chunk=16, prefill_tokens=16
-    )
-    lengths = (37, 3, 5, 7, 12, 1100)
-    prompts = {f"s{i}": prompt(model, n, seed=90 + i).cuda() for i, n in enumerate(lengths)}
+async def turns_joining_others_match_the_reference(model, device: str) -> Engine:
+    """Graph-shaped engine on ``device``: one turn, then five more while it decodes (one of 1100
+    tokens, crossing the prefill graphs' attended-length buckets), each against a no-cache greedy loop."""
+    engine = make_engine(model, device=device, cuda_graphs=True, max_sessions=6, max_len=2048, prefill_chunk=16,
+                         prefill_tokens=16)
+    prompts = {f"s{i}": prompt(model, n, seed=90 + i).to(device) for i, n in enumerate((37, 3, 5, 7, 12, 1100))}
     early = asyncio.ensure_future(collect(engine, "s0", prompts["s0"]))
     await asyncio.sleep(0.05)
     results = await asyncio.gather(*(collect(engine, sid, p) for sid, p in list(prompts.items())[1:]))
     results.insert(0, await early)
     await engine.close()
     for (sid, embeds), tokens in zip(prompts.items(), results):
-        assert tokens == reference_greedy(cuda_model, embeds, 12), sid
+        assert tokens == reference_greedy(model, embeds, 12), sid
+    return engine
+
+
+class RerunGraph:
+    """Stands in for a CUDA graph on the CPU: each replay runs the captured function again into the
+    same output, so the runner's fixed-shape rows, padding and buckets are what gets tested."""
+
+    def __init__(self, run):
+        self.run = run
+        self.output = run()
+
+    def replay(self) -> None:
+        self.output.copy_(self.run())
+
+
+async def test_graph_shaped_prefills_and_decodes_give_the_reference_tokens(model, monkeypatch) -> None:
+    """On the CPU, with every graph replay re-running its function: padded rows and widths, the
+    padding slot and the attended-length buckets give the tokens of a no-cache greedy loop."""
+    import vita.model_runner
+
+    monkeypatch.setattr(vita.model_runner, "capture", lambda run, *_: (graph := RerunGraph(run), graph.output))
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    engine = await turns_joining_others_match_the_reference(model, "cpu")
+    assert {(rows, kv_len) for rows, _, kv_len in engine.runner._prefill_graphs} == {(1, 1024), (2, 1024), (1, 2048)}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+async def test_on_cuda_prefills_replayed_from_graphs_give_the_reference_tokens(model) -> None:
+    """The same with real CUDA graphs (and the fast kernels)."""
+    from copy import deepcopy
+
+    engine = await turns_joining_others_match_the_reference(tuple(deepcopy(module).cuda() for module in model), "cuda")
     assert {kv_len for _, _, kv_len in engine.runner._prefill_graphs} == {1024, 2048}  # replayed from graphs
 
 

@@ -58,49 +58,48 @@ def gpu_seconds(started: torch.cuda.Event, ended: torch.cuda.Event) -> float:
     return started.elapsed_time(ended) / 1000
 
 
-class _DecodeGraph:
-    """A CUDA graph of one decode forward (ids -> logits) at a fixed batch size and attended length."""
+class _RowsGraph:
+    """A CUDA graph over a fixed number of rows, each described by three values in ``rows [3, n]``,
+    the last one its cache slot; rows past the n given are padding in the padding slot."""
 
-    def __init__(self, step: Callable, batch: int, kv_len: int, padding_slot: int, device: torch.device, pool):
-        self.inputs = torch.zeros(3, batch, dtype=torch.long, device=device)  # ids, positions, slots
-        self.inputs[2] = padding_slot
+    graph: torch.cuda.CUDAGraph
+    output: torch.Tensor
+
+    def __init__(self, rows: int, padding_slot: int, device: torch.device):
+        self.rows = torch.zeros(3, rows, dtype=torch.long, device=device)
+        self.rows[2] = padding_slot
         self.padding_slot = padding_slot
 
-        self.graph, self.logits = capture(
-            lambda: step(self.inputs[0], self.inputs[1, :, None], self.inputs[2], kv_len), "llm", device, pool
-        )
-
-    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
-        """``inputs [3, n]`` (n <= batch); padding rows decode garbage in the padding slot."""
-        n = inputs.shape[1]
-        self.inputs[:, :n].copy_(inputs, non_blocking=True)
-        self.inputs[:2, n:] = 0
-        self.inputs[2, n:] = self.padding_slot
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        """Replay for the n rows of ``rows [3, n]``; the output's first n rows."""
+        n = rows.shape[1]
+        self.rows[:, :n].copy_(rows, non_blocking=True)
+        self.rows[:2, n:] = 0
+        self.rows[2, n:] = self.padding_slot
         self.graph.replay()
-        return self.logits[:n]
+        return self.output[:n]
 
 
-class _PrefillGraph:
-    """A CUDA graph of one prefill forward over ``rows`` rows of ``width`` input embeddings, attending
-    over the first ``kv_len`` positions of each row's slot."""
+class _DecodeGraph(_RowsGraph):
+    """A CUDA graph of one decode forward (rows: ids, positions, slots -> logits) at a fixed batch
+    size and attended length; padding rows decode garbage in the padding slot."""
+
+    def __init__(self, step: Callable, batch: int, kv_len: int, padding_slot: int, device: torch.device, pool):
+        super().__init__(batch, padding_slot, device)
+        ids, positions, slots = self.rows
+        self.graph, self.output = capture(lambda: step(ids, positions[:, None], slots, kv_len), "llm", device, pool)
+
+
+class _PrefillGraph(_RowsGraph):
+    """A CUDA graph of one prefill forward over ``rows`` rows of ``width`` input embeddings (rows:
+    starts, sizes, slots -> hidden states), attending over the first ``kv_len`` positions of each
+    row's slot. The caller fills ``embeds`` before each call."""
 
     def __init__(self, forward: Callable, rows: int, width: int, kv_len: int, hidden_size: int,
                  dtype: torch.dtype, padding_slot: int, device: torch.device, pool):
+        super().__init__(rows, padding_slot, device)
         self.embeds = torch.zeros(rows, width, hidden_size, dtype=dtype, device=device)
-        self.layout = torch.zeros(3, rows, dtype=torch.long, device=device)  # starts, sizes, slots
-        self.layout[2] = padding_slot
-        self.padding_slot = padding_slot
-        self.graph, self.hidden = capture(lambda: forward(self.embeds, *self.layout, kv_len), "llm", device, pool)
-
-    def __call__(self, layout: torch.Tensor) -> torch.Tensor:
-        """Hidden states of the first n rows of ``embeds`` (filled by the caller) laid out by
-        ``layout [3, n]``; the rows after them are padding."""
-        n = layout.shape[1]
-        self.layout[:, :n].copy_(layout, non_blocking=True)
-        self.layout[:2, n:] = 0
-        self.layout[2, n:] = self.padding_slot
-        self.graph.replay()
-        return self.hidden[:n]
+        self.graph, self.output = capture(lambda: forward(self.embeds, *self.rows, kv_len), "llm", device, pool)
 
 
 class ModelRunner:
