@@ -1,7 +1,10 @@
-"""Triton flash-decoding (vita/decode_attention.py) against gather + SDPA, in Triton's CPU interpreter."""
+"""Triton flash-decoding (vita/decode_attention.py) against gather + SDPA: on the GPU if there is
+one, else in Triton's CPU interpreter (tests/conftest.py)."""
 
 import pytest
 import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 from vita.decode_attention import BLOCK_KEYS, decode_attention, splits_for
 from vita.qwen2 import LLMConfig, attention_bias, grouped_attention, new_kv_cache
@@ -21,7 +24,8 @@ def test_matches_gather_and_sdpa(dtype, max_keys):
     lengths = torch.tensor([1, max_keys, max_keys // 2 + 5])
     q = torch.randn(3, 1, 14, 16, generator=generator).to(dtype)
 
-    out = decode_attention(q[:, 0], cache.layers[0], slot_ids, lengths, max_keys)
+    out = decode_attention(q[:, 0].to(DEVICE), cache.layers[0].to(DEVICE), slot_ids.to(DEVICE), lengths.to(DEVICE),
+                           max_keys).cpu()
 
     allowed = (torch.arange(max_keys) < lengths[:, None])[:, None, None]
     k, v = cache.read(0, slot_ids, max_keys)

@@ -174,16 +174,20 @@ def test_prepare_for_inference_keeps_the_checkpoint_tensors_in_place():
 
 
 def test_fast_kernels_match_transformers():
-    """The kernels CUDA runs (compiled elementwise steps, Triton one-token attention in Triton's CPU
-    interpreter) through prefill and cached decode."""
+    """The kernels CUDA runs (compiled elementwise steps, Triton one-token attention; without a GPU
+    in Triton's CPU interpreter) through prefill and cached decode."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     ours, lm_head, reference = make_pair(torch.float32)
+    ours, lm_head = ours.to(device), lm_head.to(device)
     ours.prepare_for_inference(use_fast_kernels=True)
     ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
-    cache = new_kv_cache(ours.config, slots=3, max_len=32, device="cpu", dtype=torch.float32)
-    slots = torch.tensor([2, 0])
+    cache = new_kv_cache(ours.config, slots=3, max_len=32, device=device, dtype=torch.float32)
+    slots = torch.tensor([2, 0], device=device)
     with torch.no_grad():
         expected = reference(input_ids=ids).logits
-        prefill = ours(ours.embed_tokens(ids[:, :8]), torch.arange(8).expand(2, 8), cache, slots, kv_len=32)
-        step = ours(ours.embed_tokens(ids[:, 8:]), torch.tensor([[8], [8]]), cache, slots, kv_len=32)
-        torch.testing.assert_close(lm_head(prefill), expected[:, :8], atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(lm_head(step), expected[:, 8:], atol=1e-4, rtol=1e-4)
+        on_device = ids.to(device)
+        positions = torch.arange(8, device=device).expand(2, 8)
+        prefill = ours(ours.embed_tokens(on_device[:, :8]), positions, cache, slots, kv_len=32)
+        step = ours(ours.embed_tokens(on_device[:, 8:]), torch.tensor([[8], [8]], device=device), cache, slots, kv_len=32)
+        torch.testing.assert_close(lm_head(prefill).cpu(), expected[:, :8], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(lm_head(step).cpu(), expected[:, 8:], atol=1e-4, rtol=1e-4)
