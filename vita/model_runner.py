@@ -182,7 +182,7 @@ class ModelRunner:
         layout = [[session.length for session, _ in rows], [size for _, size in rows], [session.slot for session, _ in rows]]
         self.prefilled_tokens += sum(layout[1])
         attended = max(session.length + size for session, size in rows)
-        graph = self._prefill_graph(len(rows), width, attended) if self.use_graphs else None
+        graph = self._prefill_graph(len(rows), width, attended)
         if graph is not None:
             embeds = graph.embeds
         else:
@@ -260,8 +260,8 @@ class ModelRunner:
 
     def _prefill_graph(self, rows: int, width: int, attended: int) -> _PrefillGraph | None:
         """The graph for a prefill of ``rows`` rows of ``width`` inputs whose real inputs attend to at
-        most ``attended`` positions (None: too large, run it eagerly)."""
-        if rows > self._prefill_rows[-1] or width > self._prefill_widths[-1]:
+        most ``attended`` positions (None: no graphs, or too large: run it eagerly)."""
+        if not self.use_graphs or rows > self._prefill_rows[-1] or width > self._prefill_widths[-1]:
             return None
         key = (padded(rows, self._prefill_rows), padded(width, self._prefill_widths),
                padded(attended, self._prefill_kv_buckets))
