@@ -16,7 +16,12 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
 
 @pytest.fixture(scope="module")
 def model() -> tuple[Qwen2Model, torch.nn.Linear]:
-    """Tiny model with weights large enough that greedy output depends on the whole history."""
+    return tiny_model()
+
+
+def tiny_model(device: str = "cpu") -> tuple[Qwen2Model, torch.nn.Linear]:
+    """Tiny model with weights large enough that greedy output depends on the whole history (a new
+    one per device: an engine fuses its projections in place, which moving it afterwards breaks)."""
     torch.manual_seed(0)
     config = LLMConfig.tiny(vocab_size=VOCAB)
     core, lm_head = Qwen2Model(config).eval(), torch.nn.Linear(config.hidden_size, VOCAB, bias=False)
@@ -25,13 +30,13 @@ def model() -> tuple[Qwen2Model, torch.nn.Linear]:
             for name, param in module.named_parameters():
                 if "norm" not in name:
                     param.normal_(0, 0.2)
-    return core, lm_head
+    return core.to(device), lm_head.to(device)
 
 
 def prompt(model, length: int, seed: int) -> torch.Tensor:
     ids = torch.randint(0, VOCAB, (length,), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        return model[0].embed_tokens(ids)
+        return model[0].embed_tokens(ids.to(model[0].embed_tokens.weight.device))
 
 
 def reference_greedy(model, embeds: torch.Tensor, max_tokens: int, stop_ids=()) -> list[int]:
@@ -483,27 +488,23 @@ async def test_graph_shaped_prefills_and_decodes_give_the_reference_tokens(model
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-async def test_on_cuda_prefills_replayed_from_graphs_give_the_reference_tokens(model) -> None:
+async def test_on_cuda_prefills_replayed_from_graphs_give_the_reference_tokens() -> None:
     """The same with real CUDA graphs (and the fast kernels)."""
-    from copy import deepcopy
-
-    engine = await turns_joining_others_match_the_reference(tuple(deepcopy(module).cuda() for module in model), "cuda")
+    engine = await turns_joining_others_match_the_reference(tiny_model("cuda"), "cuda")
     assert {kv_len for _, _, kv_len in engine.runner._prefill_graphs} == {1024, 2048}  # replayed from graphs
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA timing events need a CUDA device")
 async def test_on_cuda_the_activity_lines_carry_the_gpu_time_of_prefill_and_decode(
-    model, caplog: pytest.LogCaptureFixture
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from copy import deepcopy
-
     from tts.activity_log import ActivityLog
 
-    core, lm_head = (deepcopy(module).cuda() for module in model)
-    engine = make_engine((core, lm_head), device="cuda", cuda_graphs=False)
+    model = tiny_model("cuda")
+    engine = make_engine(model, device="cuda", cuda_graphs=False)
     engine._activity = ActivityLog(logging.getLogger("test.engine"), "engine", interval_s=0.0)  # a line per step
     with caplog.at_level(logging.INFO, logger="test.engine"):
-        await collect(engine, "a", prompt(model, 20, seed=1).cuda())
+        await collect(engine, "a", prompt(model, 20, seed=1))
         await engine.close()
     text = caplog.text
     for activity in ("prefill_gpu", "decode_gpu"):
