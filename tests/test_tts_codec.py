@@ -80,6 +80,30 @@ def test_a_code_only_changes_audio_within_the_receptive_field(codec, variant):
     assert diff[j * 600 : (j + 1) * 600].max() > 0
 
 
+@pytest.mark.parametrize("variant", ["tiny", "resblock2"])
+def test_kept_frames_are_the_whole_windows_samples_computed_for_less(codec, variant):
+    """`decode(codes, keep)` gives frames [start, stop) of the whole window's audio, while the last
+    layer is given only the samples of those frames and its own reach."""
+    codec = codec if variant == "tiny" else resblock2_codec()
+    generator = torch.Generator().manual_seed(4)
+    post_inputs = []
+    post = codec.generator.conv_post
+    hook = post.register_forward_pre_hook(lambda _, args: post_inputs.append(args[0].shape[-1]))
+    try:
+        for length, (start, stop) in [(60, (10, 50)), (30, (0, 20)), (40, (10, 30)), (60, (45, 60)), (25, (0, 25)),
+                                      (9, (4, 5)), (1, (0, 1))]:
+            codes = torch.randint(0, codec.config.n_codes, (2, length, codec.config.codes_per_frame), generator=generator)
+            whole = codec.decode(codes)
+            kept = codec.decode(codes, (start, stop))
+            torch.testing.assert_close(kept, whole[:, start * 600 : stop * 600], atol=1e-6, rtol=0)
+            assert post_inputs[-1] <= (stop - start) * 600 + 2 * post.padding[0]
+    finally:
+        hook.remove()
+    for keep in [(0, 0), (5, 3), (-1, 4), (0, 61)]:
+        with pytest.raises(ValueError, match="not a range"):
+            codec.decode(codes, keep)
+
+
 def test_multi_code_frames_sum_residual_layers_of_grouped_codebooks():
     codec = resblock2_codec()
     codes = torch.randint(0, codec.config.n_codes, (2, 5, 4))

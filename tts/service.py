@@ -9,8 +9,8 @@ nothing to do:
   every open utterance (`DecoderBatch`: on CUDA a CUDA graph of `steps_per_call` steps and one read
   back) and hands each codec window that became ready to the vocoder thread;
 - "vita-vocoder" decodes the windows waiting, on CUDA those of all utterances together (a codec
-  call per window length, `decode_windows`, replayed from a CUDA graph per batch size and length of
-  first and middle windows, `CodecGraphs`), and hands out the segments and the ends. On the CPU,
+  call per window length, `decode_windows`, replayed from a CUDA graph per batch size, length of
+  first and middle windows and frames kept, `CodecGraphs`), and hands out the segments and the ends. On the CPU,
   where batches are no faster and the codec is most of the work, `vocoder_threads` threads
   ("vita-vocoder", "vita-vocoder-1", ...) instead take one window at a time as they come free
   (`next_window`), so the codec uses every core.
@@ -45,7 +45,7 @@ from layers.shapes import batch_buckets
 from tts.activity_log import ActivityLog
 from tts.batch import DecoderBatch, Stream, UtteranceText
 from tts.codec_graphs import CodecGraphs
-from tts.codec_windows import Chunker, CodecWindow, decode_windows, window_lengths
+from tts.codec_windows import Chunker, CodecWindow, decode_windows, shared_window_keeps, window_lengths
 from tts.synthesizer import CHUNK_SIZE, FIRST_SENTENCE_CHUNK_SIZE, PADDING, TOP_K, Synthesizer
 
 log = logging.getLogger("vita.tts")
@@ -248,7 +248,7 @@ class SpeechService:
         for thread in self._threads:
             thread.start()
         planned.wait()
-        self._fit_lengths = frozenset(length for _, length in self._codec.shapes)
+        self._fit_lengths = frozenset(length for _, length, _ in self._codec.shapes)
 
     def alive(self) -> bool:
         """Whether all its threads run (False before `start`, once closed, or if one died)."""
@@ -422,7 +422,9 @@ class SpeechService:
         try:
             if self._on_cuda:  # PyTorch keeps cuDNN convolution plans per thread: plan and capture in this one
                 self.synthesizer.plan_codec_windows(self._chunk_sizes, self._padding)  # last windows, eager
-                self._codec.capture((batch, length) for batch in self._codec_batches for length in self._batched_lengths)
+                keeps = shared_window_keeps(self._chunk_sizes, self._padding)
+                self._codec.capture((batch, length, keep) for batch in self._codec_batches
+                                    for length, length_keeps in keeps.items() for keep in length_keeps)
         except Exception:
             log.exception("codec_graph_capture_failed: the vocoder decodes eagerly")
         finally:
