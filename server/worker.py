@@ -181,7 +181,7 @@ class ModelWorker(WorkerIdentity):
             started = time.perf_counter()
             device = self.settings.resolved_device()
             if device.startswith("cuda"):  # the LLM's kernels first when the SMs are shared (the loop thread's stream)
-                torch.cuda.set_stream(torch.cuda.Stream(device, priority=-1))
+                torch.cuda.set_stream(torch.cuda.Stream(device, priority=-2))
             if self._synthesizer is None:  # the first start; a restart reuses the weights
                 self.assistant = VitaAssistant.load(self.checkpoint, device=device, dtype=self.settings.torch_dtype())
                 self._synthesizer = Synthesizer.load(self.checkpoint / TTS_DIR, device=device,

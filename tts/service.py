@@ -198,7 +198,11 @@ class SpeechService:
         self._on_cuda = device.type == "cuda"
         self.batch = DecoderBatch(synthesizer.decoder, max_streams, capacity, steps_per_call=steps_per_call,
                                   prefill_graphs=prefill_graphs)
-        self._streams = [torch.cuda.Stream(device) for _ in range(2)] if self._on_cuda else [None, None]
+        # (CUDA) the decoder's steps, then the vocoder's windows: the decoder's stream goes first when
+        # they share the SMs (both below the LLM's, whose stream the worker sets at priority -2)
+        self._streams = [None, None]
+        if self._on_cuda:
+            self._streams = [torch.cuda.Stream(device, priority=-1), torch.cuda.Stream(device)]
         # (CUDA) a stream for callers to make utterance embeddings on: an utterance made on the caller's
         # usual stream waits for everything queued there before it (the LLM's launched steps)
         self.input_stream = torch.cuda.Stream(device) if self._on_cuda else None

@@ -97,7 +97,7 @@ class MediaEncoder:
         self.max_batch = max_batch
         self.on_cuda = model.device.type == "cuda"
         # high priority, as the LLM's stream: a turn's media is on the way to its first token
-        self.stream = torch.cuda.Stream(model.device, priority=-1) if self.on_cuda else None
+        self.stream = torch.cuda.Stream(model.device, priority=-2) if self.on_cuda else None
         self._requests: queue.SimpleQueue[tuple[MediaRequest, Future, torch.cuda.Stream | None] | None] = (
             queue.SimpleQueue()
         )
