@@ -501,10 +501,11 @@ def test_new_conversation_silences_the_reply_at_once(tab: Tab, server_url: str) 
 def test_talking_over_the_reply_stops_it_at_once(
     playwright: sync_api.Playwright, server_url: str, tmp_path: Path
 ) -> None:
-    # The clip, 0.5 s of silence, the clip again: the second utterance starts about 1.5 s into
-    # the reply to the first one (several seconds of audio).
+    # The clip, 1.5 s of silence, the clip again: the second utterance starts about 2.5 s into
+    # the reply to the first one (several seconds of audio), so a first reply that starts late on a
+    # busy machine is still playing when it is talked over.
     clip, rate = sf.read(SPEECH_WAV, dtype="int16")
-    sf.write(tmp_path / "twice.wav", np.concatenate([clip, np.zeros(rate // 2, np.int16), clip]), rate)
+    sf.write(tmp_path / "twice.wav", np.concatenate([clip, np.zeros(3 * rate // 2, np.int16), clip]), rate)
     browser = launch(playwright, tmp_path / "twice.wav")
     try:
         tab = Tab(browser)
