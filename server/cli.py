@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,13 @@ from server.app import WEBSOCKET_OPTIONS, create_app
 from server.settings import ServerSettings
 from server.worker import resolve_checkpoint
 from server.worker_process import new_worker
+
+# PyTorch's CPU convolutions (oneDNN) keep 1024 primitives by default, one per convolution and input
+# shape, and the codec alone meets its 54 to 78 convolutions at every window length (1 to 60 frames)
+# and kept range. With the default each window re-created its primitives: 54 to 60 ms a window
+# against 31 to 40 ms with this many, in 24- and 32-client loads on the 2-core CPU (tiny codec in
+# bfloat16, benchmarks/README.md), for about 150 MB more memory.
+ONEDNN_PRIMITIVE_CACHE_CAPACITY = 16384
 
 
 class JsonLinesFormatter(logging.Formatter):
@@ -117,13 +125,20 @@ def banner(settings: ServerSettings, checkpoint: Path, is_tiny: bool) -> str:
     return "\n".join(lines)
 
 
+def configure_cpu(settings: ServerSettings) -> None:
+    """On the CPU device: torch threads per operation, and oneDNN's primitive cache (unless the
+    environment sizes it), set before the first convolution; a spawned worker process inherits it."""
+    if settings.resolved_device() == "cpu":
+        torch.set_num_threads(settings.cpu_threads)
+        os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_PRIMITIVE_CACHE_CAPACITY))
+
+
 def main(argv: list[str] | None = None) -> None:
     settings = ServerSettings(**parse_args(argv))
     configure_logging(settings.log_format, settings.log_level)
     checkpoint, is_tiny = resolve_checkpoint(settings)
     print(banner(settings, checkpoint, is_tiny), flush=True)
-    if settings.resolved_device() == "cpu":
-        torch.set_num_threads(settings.cpu_threads)
+    configure_cpu(settings)
     app = create_app(settings, new_worker(settings, checkpoint, is_tiny))
     uvicorn.run(
         app,
