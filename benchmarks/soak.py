@@ -33,7 +33,7 @@ import soxr
 import websockets
 
 from benchmarks.load import machine
-from server.client import FRAME_MS, ReplyCollector, pcm_frames, read_wav
+from server.client import ReplyCollector, pcm_frames, read_wav
 from server.local_cluster import free_port
 
 AUDIO_DIR = Path(os.environ.get("VITA_SHARED_DIR") or Path(__file__).resolve().parents[2] / "shared") / "audio"
@@ -99,12 +99,12 @@ async def talk(url: str, clips: list[np.ndarray], first: int, gap_s: float, unti
             started = time.monotonic()
             collector = ReplyCollector(started, speed=1.0)
             receiver = asyncio.create_task(receive(ws, collector, soak))
-            sent = 0
+            sent_s = 0.0  # audio sent, in seconds (a clip's last frame is shorter than the others)
             while time.monotonic() < until and not receiver.done():
                 for frame in pcm_frames(clips[turn % len(clips)], RATE) + silence:
                     await ws.send(frame)
-                    sent += 1
-                    delay = started + sent * FRAME_MS / 1000 - time.monotonic()
+                    sent_s += len(frame) / 2 / RATE
+                    delay = started + sent_s - time.monotonic()
                     if delay > 0:
                         await asyncio.sleep(delay)
                     if time.monotonic() >= until or receiver.done():
